@@ -1,0 +1,17 @@
+"""minilora: LoRA and QLoRA from scratch on PyTorch. The public API, and nothing else."""
+
+from .config import ARTICLE_BANDS, Band, LoraConfig
+from .lora import LoRALinear
+from .model import LoraModel, get_peft_model
+from .params import format_breakdown
+
+__all__ = [
+    "ARTICLE_BANDS",
+    "Band",
+    "LoRALinear",
+    "LoraConfig",
+    "LoraModel",
+    "format_breakdown",
+    "get_peft_model",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""LoraConfig: PEFT's field names and defaults, plus minilora's layer bands.
+
+A config says *where* adapters go and *how big* they are; it never touches a model. Resolution
+against a concrete model (which modules, which layers, which rank) happens in `surgery.py`.
+
+Rank and alpha of one adapted module are decided in this order, first match wins:
+
+    rank_pattern / alpha_pattern  (PEFT: module-name suffix or regex)
+    component_ranks               (encoder-decoder: "encoder_self", "decoder_self", "cross")
+    layer_bands                   (the band whose depth range holds the module's layer)
+    r / lora_alpha                (the default)
+
+Layer bands are fractions of depth, so one line scales to any model:
+
+    layers  0 ........ L/2 ........ 3L/4 ........ L
+            no LoRA     | r=8, α=16  | r=16, α=32 |   + LM head trainable, embeddings frozen
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Union
+
+
+@dataclass(frozen=True)
+class Band:
+    """A slice of the model's depth that gets LoRA of one rank."""
+
+    start: float  # first layer of the band, as a fraction of depth (0.0 = layer 0), inclusive
+    end: float  # end of the band, as a fraction of depth (1.0 = past the last layer), exclusive
+    r: int  # rank inside the band
+    lora_alpha: float  # alpha inside the band; scaling is lora_alpha / r
+
+    def __post_init__(self):
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(
+                f"Band(start={self.start}, end={self.end}) is not a depth range: "
+                "expected 0.0 <= start < end <= 1.0, as fractions of the model's depth"
+            )
+
+    def layers(self, depth: int) -> range:
+        """The layer indices of this band in a model with `depth` layers."""
+        return range(round(self.start * depth), round(self.end * depth))
+
+
+# The article's plan: lower half untouched, a low-rank middle band, a higher-rank upper band.
+ARTICLE_BANDS = (Band(0.5, 0.75, r=8, lora_alpha=16), Band(0.75, 1.0, r=16, lora_alpha=32))
+
+
+@dataclass
+class LoraConfig:
+    """Where LoRA goes and how big it is. Field names and defaults are PEFT's."""
+
+    # --- PEFT's fields, with PEFT's meaning ---
+    r: int = 8  # rank of B·A
+    lora_alpha: float = 8  # scaling = lora_alpha / r (or / sqrt(r) with use_rslora)
+    target_modules: Union[list[str], str, None] = None  # names, suffixes, a regex, "all-linear" or roles
+    exclude_modules: Union[list[str], str, None] = None  # same matching rules; wins over targets
+    lora_dropout: float = 0.0  # dropout on the LoRA path's input only
+    fan_in_fan_out: bool = False  # True for GPT-2's Conv1D (weight stored (in, out)); set automatically
+    bias: Literal["none", "all", "lora_only"] = "none"  # which biases train
+    use_rslora: bool = False  # rank-stabilized scaling lora_alpha / sqrt(r)
+    modules_to_save: Union[list[str], None] = None  # modules trained in full, one copy per adapter
+    init_lora_weights: Union[bool, str] = True  # True: kaiming-uniform A; "gaussian": N(0, 1/r); False: B random too
+    layers_to_transform: Union[list[int], int, None] = None  # only these layer indices
+    layers_pattern: Union[list[str], str, None] = None  # name of the layer list ("h", "layers", "block")
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module suffix/regex -> rank
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module suffix/regex -> alpha
+    task_type: Union[str, None] = None  # "CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", ...
+    base_model_name_or_path: Union[str, None] = None  # recorded in saved adapters
+    inference_mode: bool = False  # adapters loaded frozen
+    peft_type: str = "LORA"  # always LORA; kept so saved configs load in PEFT
+
+    # --- minilora's extensions (PEFT ignores unknown keys) ---
+    layer_bands: Union[tuple[Band, ...], None] = None  # per-depth rank plan; implies which layers
+    component_ranks: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # ^ encoder-decoder: {"encoder_self": (r, alpha), "decoder_self": (r, alpha), "cross": (r, alpha)}
+
+    def __post_init__(self):
+        self._check()
+
+    def _check(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got r={self.r!r}; typical values are 4, 8, 16")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}; a common choice is 2 * r")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+        for key, alpha in self.alpha_pattern.items():
+            if alpha <= 0:
+                raise ValueError(f"alpha_pattern[{key!r}] must be > 0, got {alpha!r}")
+        for key, (rank, alpha) in self.component_ranks.items():
+            if key not in COMPONENTS:
+                raise ValueError(f"component_ranks key {key!r} is unknown; use one of {sorted(COMPONENTS)}")
+            if rank <= 0 or alpha <= 0:
+                raise ValueError(f"component_ranks[{key!r}] = ({rank}, {alpha}): rank and alpha must be > 0")
+        if self.layer_bands is not None:
+            self.layer_bands = tuple(
+                b if isinstance(b, Band) else Band(**b) if isinstance(b, dict) else Band(*b)
+                for b in self.layer_bands
+            )
+            if self.layers_to_transform is not None:
+                raise ValueError(
+                    "layer_bands already decides which layers get LoRA; drop layers_to_transform "
+                    "or drop layer_bands"
+                )
+            for b in self.layer_bands:
+                if b.r <= 0 or b.lora_alpha <= 0:
+                    raise ValueError(f"{b}: rank and alpha must be > 0")
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+
+    @classmethod
+    def article(cls, target_modules=("q", "v"), bands=ARTICLE_BANDS, head=True, **overrides) -> "LoraConfig":
+        """The article's plan in one line: Q and V of the upper half, rank rising with depth,
+        embeddings frozen, LM head trainable (untied from the embeddings if they are shared)."""
+        top = bands[-1]
+        return cls(
+            r=top.r,
+            lora_alpha=top.lora_alpha,
+            target_modules=list(target_modules),
+            layer_bands=tuple(bands),
+            modules_to_save=["lm_head"] if head else None,
+            **overrides,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with PEFT's keys (bands as lists)."""
+        out = asdict(self)
+        if self.layer_bands is not None:
+            out["layer_bands"] = [asdict(b) for b in self.layer_bands]
+        out["component_ranks"] = {k: list(v) for k, v in self.component_ranks.items()}
+        return out
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+# Components of an encoder-decoder model that `component_ranks` can size separately.
+COMPONENTS = {"encoder_self", "decoder_self", "cross"}

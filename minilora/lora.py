@@ -1,0 +1,179 @@
+r"""LoRALinear: a frozen Linear (or GPT-2 Conv1D) plus low-rank adapters.
+
+The math (Hu et al., 2021, "LoRA", section 4.1), one convention for the whole project:
+
+    W' = W + (alpha / r) · B · A          A ∈ R^{r × d_in},  B ∈ R^{d_out × r}
+    y  = x Wᵀ + b + (alpha / r) · (dropout(x) Aᵀ) Bᵀ
+
+B starts at zero, so a fresh adapter changes nothing, bit for bit. With `use_rslora` the scale is
+alpha / sqrt(r) (Kalajdzievski, 2023), which keeps the update's size steady as r grows.
+
+                 ┌──────────── W (frozen) ────────────┐
+       x ───┬───►│  x Wᵀ + b                           │──────────► (+) ──► y
+            │    └─────────────────────────────────────┘             ▲
+            └──► dropout ──► Aᵀ (d_in → r) ──► Bᵀ (r → d_out) ──► × α/r
+
+Fused projections. GPT-2 computes q, k and v with one matrix, `c_attn`: its output is
+[ q | k | v ]. Putting LoRA on Q and V only means one (A, B) pair per chosen *part*, each writing
+into its own columns of y; K's columns are never touched, not in the forward pass and not by
+merge. The low-rank path runs on activations; the dense ΔW is built only by `merge()`.
+
+    y = [ q | k | v ]      q += α/r · (x A_qᵀ) B_qᵀ      v += α/r · (x A_vᵀ) B_vᵀ      k as it was
+
+A whole (unsliced) layer is the special case of a single part, named "full", covering all columns.
+
+Shape legend for this file: N = tokens (batch × time, flattened), d_in / d_out = the base
+layer's features, r = rank, d_part = the columns of one part.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .roles import features
+
+FULL = "full"  # the part name of an adapter that covers the whole output
+
+
+class LoRALinear(nn.Module):
+    """A frozen base layer plus any number of named adapters, each over one or more output parts."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores W as (d_in, d_out)
+        self.in_features, self.out_features = features(base_layer)
+        self.lora_A = nn.ModuleDict()  # adapter -> {part -> Linear(d_in, r)}     weight (r, d_in)
+        self.lora_B = nn.ModuleDict()  # adapter -> {part -> Linear(r, d_part)}   weight (d_part, r)
+        self.lora_dropout = nn.ModuleDict()  # adapter -> Dropout or Identity
+        self.scaling: dict[str, dict[str, float]] = {}  # adapter -> {part -> alpha / r}
+        self.spans: dict[str, dict[str, tuple[int, int]]] = {}  # adapter -> {part -> (first, end) column}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False  # True inside LoraModel.disable_adapter()
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(
+        self,
+        name: str,
+        parts: dict[str, tuple[tuple[int, int], int, float]],  # part -> ((first, end), r, alpha)
+        lora_dropout: float = 0.0,
+        init_lora_weights=True,
+        use_rslora: bool = False,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Create adapter `name`: for each part, A (r, d_in) and B (d_part, r), B = 0."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        weight = self.base_layer.weight
+        if dtype is None:  # half-precision bases train fp32 adapters, as PEFT does
+            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        if not weight.is_floating_point():  # a quantized base stores codes, not values
+            dtype = torch.float32
+        A, B = nn.ModuleDict(), nn.ModuleDict()
+        self.scaling[name], self.spans[name] = {}, {}
+        for part, ((first, end), r, alpha) in parts.items():
+            d_part = end - first
+            if not 0 <= first < end <= self.out_features:
+                raise ValueError(f"part {part!r} covers columns [{first}, {end}) outside 0..{self.out_features}")
+            if r > min(self.in_features, d_part):
+                raise ValueError(
+                    f"rank r={r} for part {part!r} is larger than min(d_in={self.in_features}, "
+                    f"d_out={d_part}); a rank above that adds parameters but no expressiveness: lower r"
+                )
+            A[part] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+            B[part] = nn.Linear(r, d_part, bias=False, device=weight.device, dtype=dtype)
+            self.scaling[name][part] = alpha / math.sqrt(r) if use_rslora else alpha / r
+            self.spans[name][part] = (first, end)
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.reset_adapter(name, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init_lora_weights=True) -> None:
+        """A ~ kaiming-uniform(a=√5) (PEFT's default) or N(0, 1/r); B = 0 unless init is False."""
+        for part, A in self.lora_A[name].items():
+            B = self.lora_B[name][part]
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(A.weight, std=1 / A.out_features)
+            else:
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            if init_lora_weights is False:  # a non-zero B: for tests that need the adapter to act
+                nn.init.kaiming_uniform_(B.weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(B.weight)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[name]
+        del self.scaling[name], self.spans[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)  # (..., d_out)
+        if self.disabled:
+            return y
+        for name in self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                y = self._add_lora(y, x, name)
+        return y
+
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """y[:, part] += (alpha/r) · (dropout(x) Aᵀ) Bᵀ for each part, in place on y's columns."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(next(iter(A.values())).weight.dtype))  # (..., d_in)
+        y = y.contiguous()
+        y2d = y.view(-1, self.out_features)  # (N, d_out)
+        for part, (first, end) in self.spans[name].items():
+            h = A[part](x).reshape(-1, A[part].out_features).to(y.dtype)  # (N, d_in) @ (d_in, r) -> (N, r)
+            # one fused GEMM adds into y's own columns: (N, r) @ (r, d_part) -> (N, d_part)
+            y2d[:, first:end].addmm_(h, B[part].weight.t().to(y.dtype), alpha=self.scaling[name][part])
+        return y
+
+    # ------------------------------------------------------------------ merge
+    def delta_weight(self, name: str, part: str) -> torch.Tensor:
+        """(alpha/r) · B · A: (d_part, r) @ (r, d_in) -> (d_part, d_in), computed in fp32."""
+        A = self.lora_A[name][part].weight.float()
+        B = self.lora_B[name][part].weight.float()
+        return self.scaling[name][part] * (B @ A)
+
+    @torch.no_grad()
+    def _fold(self, name: str, sign: float) -> None:
+        W = self.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
+        for part, (first, end) in self.spans[name].items():
+            delta = sign * self.delta_weight(name, part)  # (d_part, d_in)
+            if self.fan_in_fan_out:
+                W[:, first:end] = (W[:, first:end].float() + delta.T).to(W.dtype)  # Conv1D: transpose
+            else:
+                W[first:end] = (W[first:end].float() + delta).to(W.dtype)
+
+    def merge(self, adapter_names: Optional[list[str]] = None) -> None:
+        """W ← W + (alpha/r)·B·A for each adapter not merged yet. Merging twice is a no-op."""
+        if not self.base_layer.weight.is_floating_point():
+            raise TypeError("cannot merge into a quantized base weight; dequantize the model first")
+        for name in adapter_names or self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                self._fold(name, +1.0)
+                self.merged_adapters.append(name)
+
+    def unmerge(self, adapter_names: Optional[list[str]] = None) -> None:
+        """W ← W − (alpha/r)·B·A for merged adapters, latest first. Unmerging twice is a no-op."""
+        for name in reversed(list(self.merged_adapters)):
+            if adapter_names is None or name in adapter_names:
+                self._fold(name, -1.0)
+                self.merged_adapters.remove(name)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def extra_repr(self) -> str:
+        parts = {n: {p: self.lora_A[n][p].out_features for p in self.spans[n]} for n in self.spans}
+        return f"in={self.in_features}, out={self.out_features}, adapters(rank per part)={parts}"

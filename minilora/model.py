@@ -1,0 +1,196 @@
+"""LoraModel: a Hugging Face model with named LoRA adapters, and PEFT's API around it.
+
+    model = get_peft_model(hf_model, LoraConfig(...))      # wraps in place, freezes the base
+    model(**batch); model.generate(...)                    # the HF model's own forward / generate
+    model.add_adapter("legal", cfg); model.set_adapter("legal")
+    with model.disable_adapter(): ...                      # exactly the base model
+    model.merge_adapter(); model.unmerge_adapter()         # fold (alpha/r)·B·A into W and back
+    base = model.merge_and_unload()                        # a plain HF model again
+
+Attributes the wrapper doesn't have are looked up on the HF model (`model.config`, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Optional, Union
+
+import torch.nn as nn
+
+from .config import LoraConfig
+from .lora import LoRALinear
+from .params import format_trainable, parameter_breakdown
+from .surgery import (
+    ModulesToSave,
+    _set_submodule,
+    adapter_layers,
+    inject_adapter,
+    mark_trainable,
+    wrap_modules_to_save,
+)
+
+
+class LoraModel(nn.Module):
+    """A HF model whose target layers carry LoRA adapters. `self.model` is the HF model."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self._active: list[str] = []
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # ------------------------------------------------------------------ passthrough
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def base_model(self) -> "LoraModel":
+        """PEFT's `peft_model.base_model.model` path reaches the HF model here too."""
+        return self
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        return self._active[0] if self._active else None
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Add an adapter (not active until `set_adapter`); targets are resolved on this model."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first or pick "
+                f"another name (existing: {sorted(self.peft_config)})"
+            )
+        config = copy.deepcopy(config)
+        inject_adapter(self.model, config, adapter_name)
+        wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+        self.peft_config[adapter_name] = config
+        self._apply_active()
+
+    def _check_exists(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r}; available adapters: {sorted(self.peft_config)}")
+
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        """Make these adapters the active (and trainable) ones; the others stay but sleep."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_exists(names)
+        self._active = names
+        self._apply_active()
+
+    def _apply_active(self) -> None:
+        for layer in adapter_layers(self.model):
+            if isinstance(layer, LoRALinear):
+                layer.active_adapters = [n for n in self._active if n in layer.lora_A]
+            else:
+                layer.active_adapter = next((n for n in self._active if n in layer.modules_to_save), None)
+        trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
+        bias = self.peft_config[self._active[0]].bias if self._active else "none"
+        mark_trainable(self.model, trainable, bias)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and free its weights. If it was active, the first remaining one is."""
+        self._check_exists([adapter_name])
+        for layer in adapter_layers(self.model):
+            if isinstance(layer, LoRALinear) and adapter_name in layer.lora_A:
+                layer.delete_adapter(adapter_name)
+            elif isinstance(layer, ModulesToSave) and adapter_name in layer.modules_to_save:
+                del layer.modules_to_save[adapter_name]
+        del self.peft_config[adapter_name]
+        self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
+        self._apply_active()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside this block the model computes exactly what the base model computes."""
+        layers = adapter_layers(self.model)
+        merged = [l for l in layers if isinstance(l, LoRALinear) and l.merged]
+        if merged:
+            raise RuntimeError("adapters are merged into the weights; call unmerge_adapter() before disabling")
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+    # ------------------------------------------------------------------ merging
+    def _lora_layers(self) -> list[LoRALinear]:
+        return [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the (active, or named) adapters into the base weights. Idempotent."""
+        names = adapter_names or self.active_adapters
+        self._check_exists(names)
+        for layer in self._lora_layers():
+            layer.merge([n for n in names if n in layer.lora_A])
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter back out of the base weights. Idempotent."""
+        for layer in self._lora_layers():
+            layer.unmerge()
+
+    def _unload(self, merge: bool, adapter_names: Optional[list[str]] = None) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names)
+        else:
+            self.unmerge_adapter()
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, LoRALinear):
+                _set_submodule(self.model, name, module.base_layer)
+            elif isinstance(module, ModulesToSave):
+                _set_submodule(self.model, name, module.active_module if merge else module.original_module)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self.model
+
+    def merge_and_unload(self, adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """The plain HF model with the adapters folded in (and the trained head copies in place)."""
+        return self._unload(merge=True, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """The plain HF model as it was before any adapter: LoRA removed, nothing merged."""
+        return self._unload(merge=False)
+
+    # ------------------------------------------------------------------ counting
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        print(format_trainable(*self.get_nb_trainable_parameters()))
+
+    def parameter_breakdown(self) -> dict[str, dict[str, float]]:
+        """Parameters per component (embeddings, attention, ffn, norm, head, lora, other)."""
+        return parameter_breakdown(self.model)
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+    """PEFT's entry point: wrap `model` (in place) with one adapter, active and trainable."""
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"peft_config must be a minilora LoraConfig, got {type(peft_config).__name__}")
+    return LoraModel(model, peft_config, adapter_name)

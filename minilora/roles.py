@@ -1,0 +1,223 @@
+"""Which module is q, k, v, o, up, down or gate, in each model family, and at which depth.
+
+`classify(model)` walks a Hugging Face model once and returns a `Site` for every Linear or
+GPT-2 Conv1D: its role, its layer index, its stack (encoder/decoder) and whether it is self- or
+cross-attention. Fused projections (GPT-2's `c_attn`, Phi-3's `qkv_proj` and `gate_up_proj`)
+carry the sizes of their parts, so LoRA can cover single slices of them:
+
+    c_attn: x (B, T, d) -> [ q (B, T, d) | k (B, T, d) | v (B, T, d) ]      parts: q, k, v
+
+Role selectors in `target_modules` are: q k v o up down gate ffn, each optionally narrowed by
+`self_` / `cross_` (attention kind) and `encoder.` / `decoder.` (stack), e.g. "decoder.cross_v".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.nn as nn
+
+ATTENTION_ROLES = ("q", "k", "v", "o")
+FFN_ROLES = ("up", "down", "gate")
+ROLES = ATTENTION_ROLES + FFN_ROLES
+
+# (regex searched at the end of the module path, role). A fused role names its parts with "_".
+_GPT2 = [
+    (r"attn\.c_attn", "q_k_v"),
+    (r"attn\.c_proj", "o"),
+    (r"mlp\.c_fc", "up"),
+    (r"mlp\.c_proj", "down"),
+]
+_LLAMA = [
+    (r"self_attn\.q_proj", "q"),
+    (r"self_attn\.k_proj", "k"),
+    (r"self_attn\.v_proj", "v"),
+    (r"self_attn\.o_proj", "o"),
+    (r"self_attn\.qkv_proj", "q_k_v"),
+    (r"mlp\.gate_proj", "gate"),
+    (r"mlp\.up_proj", "up"),
+    (r"mlp\.down_proj", "down"),
+    (r"mlp\.gate_up_proj", "gate_up"),
+]
+_BERT = [
+    (r"attention\.self\.query", "q"),
+    (r"attention\.self\.key", "k"),
+    (r"attention\.self\.value", "v"),
+    (r"attention\.output\.dense", "o"),
+    (r"intermediate\.dense", "up"),
+    (r"\d+\.output\.dense", "down"),
+]
+_T5 = [
+    (r"(?:Self|EncDec)Attention\.q", "q"),
+    (r"(?:Self|EncDec)Attention\.k", "k"),
+    (r"(?:Self|EncDec)Attention\.v", "v"),
+    (r"(?:Self|EncDec)Attention\.o", "o"),
+    (r"DenseReluDense\.wi", "up"),
+    (r"DenseReluDense\.wi_0", "gate"),
+    (r"DenseReluDense\.wi_1", "up"),
+    (r"DenseReluDense\.wo", "down"),
+]
+_BART = [
+    (r"(?:self|encoder)_attn\.q_proj", "q"),
+    (r"(?:self|encoder)_attn\.k_proj", "k"),
+    (r"(?:self|encoder)_attn\.v_proj", "v"),
+    (r"(?:self|encoder)_attn\.out_proj", "o"),
+    (r"fc1", "up"),
+    (r"fc2", "down"),
+]
+
+FAMILIES = {"gpt2": _GPT2, "llama": _LLAMA, "bert": _BERT, "t5": _T5, "bart": _BART}
+MODEL_TYPES = {
+    "gpt2": "gpt2",
+    **{t: "llama" for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")},
+    **{t: "bert" for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+    **{t: "t5" for t in ("t5", "mt5", "umt5")},
+    **{t: "bart" for t in ("bart", "mbart", "marian", "pegasus", "blenderbot")},
+}
+_CROSS_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention")
+
+
+@dataclass(frozen=True)
+class Site:
+    """What one Linear / Conv1D is in its model."""
+
+    name: str  # module path, e.g. "transformer.h.3.attn.c_attn"
+    role: Optional[str]  # q k v o up down gate, a fused "q_k_v" / "gate_up", or None if unknown
+    parts: Optional[tuple[tuple[str, int], ...]]  # fused outputs in order: (("q", 768), ("k", 768), ...)
+    layer: Optional[int]  # index in the layer list, None outside it (lm_head, pooler)
+    stack: Optional[str]  # "encoder" / "decoder" in encoder-decoder models, else None
+    attention: Optional[str]  # "self" / "cross" for attention projections, else None
+
+    @property
+    def component(self) -> Optional[str]:
+        """encoder_self / decoder_self / cross, for `component_ranks`."""
+        if self.attention == "cross":
+            return "cross"
+        if self.attention == "self" and self.stack is not None:
+            return f"{self.stack}_self"
+        return None
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A parsed role selector such as "decoder.cross_v" or "ffn"."""
+
+    roles: tuple[str, ...]  # base roles it covers
+    attention: Optional[str]  # "self" / "cross" / None (both)
+    stack: Optional[str]  # "encoder" / "decoder" / None (both)
+
+    def matches(self, site: Site, role: str) -> bool:
+        return (
+            role in self.roles
+            and (self.attention is None or site.attention == self.attention)
+            and (self.stack is None or site.stack == self.stack)
+        )
+
+
+def parse_selector(text: str) -> Optional[Selector]:
+    """A role selector, or None if `text` is not one (then it is a module name)."""
+    stack = None
+    for prefix in ("encoder.", "decoder."):
+        if text.startswith(prefix):
+            stack, text = prefix[:-1], text[len(prefix):]
+    attention = None
+    for prefix in ("self_", "cross_"):
+        if text.startswith(prefix):
+            attention, text = prefix[:-1], text[len(prefix):]
+    if text == "ffn" and attention is None:
+        return Selector(FFN_ROLES, None, stack)
+    if text in ATTENTION_ROLES or (text in FFN_ROLES and attention is None):
+        return Selector((text,), attention, stack)
+    return None
+
+
+def family_of(model: nn.Module) -> Optional[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return MODEL_TYPES.get(model_type)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or transformers' GPT-2 Conv1D (a Linear whose weight is stored (in, out))."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or Conv1D."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features  # nn.Linear and quantized Linears
+    d_in, d_out = module.weight.shape  # Conv1D stores (in, out)
+    return d_in, d_out
+
+
+def layer_index(name: str, layers_pattern=None) -> Optional[int]:
+    """The first integer path component (h.3, layers.3, block.3), or after `layers_pattern`."""
+    if layers_pattern:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        match = re.search(rf"(?:^|\.)(?:{'|'.join(map(re.escape, patterns))})\.(\d+)(?:\.|$)", name)
+    else:
+        match = re.search(r"\.(\d+)(?:\.|$)", name)
+    return int(match.group(1)) if match else None
+
+
+def classify(model: nn.Module, layers_pattern=None) -> dict[str, Site]:
+    """A Site for every Linear / Conv1D in `model`, keyed by module path."""
+    family = family_of(model)
+    rules = FAMILIES.get(family, _LLAMA + _BERT)  # unknown family: the common names, nothing fused
+    config = getattr(model, "config", None)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    sites = {}
+    inside = ()  # prefixes of adapter wrappers: their internals are not sites
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if hasattr(module, "original_module"):  # a trained copy (modules_to_save): never a target
+            inside = (*inside, name + ".")
+            continue
+        if hasattr(module, "base_layer"):  # already wrapped by LoRA: the site is the wrapper
+            inside = (*inside, name + ".")
+        elif not is_linear(module):
+            continue
+        role = None
+        for pattern, candidate in rules:
+            if re.search(rf"(?:^|\.){pattern}$", name):
+                role = candidate  # later rules are more specific (wi_0 after wi)
+        parts = _fused_parts(role, features(module)[1], config) if role and "_" in role else None
+        if role and "_" in role and parts is None:
+            role = None  # a fused layer whose split we cannot know is not sliced
+        attention = None
+        if role and (role in ATTENTION_ROLES or role == "q_k_v"):
+            attention = "cross" if any(m in name for m in _CROSS_MARKERS) else "self"
+        stack = None
+        if encoder_decoder:
+            stack = "decoder" if "decoder." in name else "encoder" if "encoder." in name else None
+        sites[name] = Site(name, role, parts, layer_index(name, layers_pattern), stack, attention)
+    return sites
+
+
+def _fused_parts(role: str, d_out: int, config) -> Optional[tuple[tuple[str, int], ...]]:
+    """Output sizes of a fused projection's parts, from the model config."""
+    names = role.split("_")
+    if role == "q_k_v":
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        if heads:
+            head_dim = getattr(config, "head_dim", None) or (d_out // (heads + 2 * kv_heads))
+            sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+            if sum(sizes) == d_out:
+                return tuple(zip(names, sizes))
+    if d_out % len(names) == 0:
+        return tuple((n, d_out // len(names)) for n in names)
+    return None
+
+
+def supported_roles(model: nn.Module) -> list[str]:
+    """The base roles this model actually has, for error messages."""
+    found = set()
+    for site in classify(model).values():
+        if site.parts:
+            found.update(p for p, _ in site.parts)
+        elif site.role:
+            found.add(site.role)
+    return [r for r in ROLES if r in found]
