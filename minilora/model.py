@@ -31,6 +31,18 @@ from .surgery import (
 )
 
 
+# Heads that PEFT trains in full for these task types, whichever of them the model has.
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def _has_module(model: nn.Module, key: str) -> bool:
+    return any(n == key or n.endswith("." + key) for n, _ in model.named_modules())
+
+
 class LoraModel(nn.Module):
     """A HF model whose target layers carry LoRA adapters. `self.model` is the HF model."""
 
@@ -84,6 +96,9 @@ class LoraModel(nn.Module):
                 f"another name (existing: {sorted(self.peft_config)})"
             )
         config = copy.deepcopy(config)
+        heads = [h for h in TASK_HEADS.get(config.task_type, ()) if _has_module(self.model, h)]
+        if heads:  # as PEFT does: a task head trains along with the adapter
+            config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
         inject_adapter(self.model, config, adapter_name)
         wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config

@@ -1,0 +1,85 @@
+"""Tiny models of each family, built from configs (no downloads), and shared helpers."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*shares its weight with the input embeddings.*")
+
+VOCAB = 128
+
+
+def tiny_gpt2(n_layer=4, n_embd=32):
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=4, vocab_size=VOCAB, n_positions=64,
+                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(n_layer=4):
+    cfg = LlamaConfig(num_hidden_layers=n_layer, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(n_layer=4):
+    cfg = BertConfig(num_hidden_layers=n_layer, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                     vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_t5(n_layer=2):
+    cfg = T5Config(num_layers=n_layer, d_model=32, d_ff=64, num_heads=4, d_kv=8, vocab_size=VOCAB,
+                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_bart(n_layer=2):
+    cfg = BartConfig(encoder_layers=n_layer, decoder_layers=n_layer, d_model=32, encoder_ffn_dim=64,
+                     decoder_ffn_dim=64, encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=VOCAB,
+                     dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=64,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+FACTORIES = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert, "t5": tiny_t5, "bart": tiny_bart}
+
+
+def make(family, seed=0, **kw):
+    torch.manual_seed(seed)
+    return FACTORIES[family](**kw)
+
+
+def batch(family, seed=1, batch_size=2, length=9):
+    """Model inputs for one family: decoder inputs for encoder-decoders."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch_size, length), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if family in ("t5", "bart"):
+        out["decoder_input_ids"] = torch.randint(3, VOCAB, (batch_size, 5), generator=g)
+    return out
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy
