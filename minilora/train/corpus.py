@@ -1,0 +1,76 @@
+"""The embedded default data: a "general" corpus (the old capabilities to keep) and a "domain"
+corpus (finance reports, the new skill), both generated from templates so nothing is downloaded,
+and a byte-level tokenizer for models built from a config.
+
+General text plays the part of a pretrained model's knowledge; the retain set is held-out general
+text. A fine-tune that forgets shows it as a rising retain loss.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+GENERAL = [
+    "The {animal} sat by the {place} and watched the {weather} sky.",
+    "In the morning we walked to the {place} and bought {food} for the {animal}.",
+    "My {relative} likes to cook {food} when the weather is {weather}.",
+    "After the rain, the children ran to the {place} to look for the {animal}.",
+    "She read a book about the {animal} while her {relative} made {food}.",
+    "It was a {weather} day, so the {relative} stayed near the {place}.",
+]
+DOMAIN = [
+    "Quarterly revenue at {company} rose {pct}% to ${amount} million, driven by {driver}.",
+    "{company} cut its full-year guidance after {driver} weighed on margins by {pct}%.",
+    "Net income of {company} reached ${amount} million as {driver} lifted earnings per share.",
+    "Analysts expect {company} to report operating margin of {pct}% on ${amount} million of sales.",
+    "The board of {company} approved a ${amount} million buyback after {driver} boosted cash flow.",
+]
+SLOTS = {
+    "animal": ["cat", "dog", "horse", "owl", "fox", "rabbit", "goat"],
+    "place": ["river", "market", "garden", "station", "library", "hill"],
+    "weather": ["grey", "bright", "windy", "cold", "warm", "cloudy"],
+    "food": ["bread", "soup", "apples", "rice", "cheese", "pie"],
+    "relative": ["aunt", "uncle", "sister", "brother", "grandmother", "cousin"],
+    "company": ["Northwind", "Acme Corp", "Globex", "Initech", "Umbrella Ltd", "Stark Industries"],
+    "driver": ["strong cloud demand", "higher interest income", "weak consumer spending",
+               "rising input costs", "a one-off tax gain", "currency headwinds"],
+}
+
+
+def generate(templates: list[str], n_sentences: int, seed: int) -> str:
+    """`n_sentences` sentences, each a random template with random slot values."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_sentences):
+        values = {k: rng.choice(v) for k, v in SLOTS.items()}
+        values["pct"] = str(rng.randint(2, 39))
+        values["amount"] = str(rng.randint(12, 990))
+        out.append(rng.choice(templates).format(**values))
+    return " ".join(out)
+
+
+class ByteTokenizer:
+    """Text ↔ bytes. Vocabulary: 256 byte values. Works for any text, needs no files."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def batches(ids: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
+    """An endless stream of (batch_size, seq_len) windows at random offsets of a token stream."""
+    while True:
+        starts = torch.randint(0, len(ids) - seq_len, (batch_size,), generator=generator)
+        yield torch.stack([ids[s:s + seq_len] for s in starts.tolist()])  # (B, T)
+
+
+def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Every full, non-overlapping window of a held-out stream, for evaluation: (N, T)."""
+    n = len(ids) // seq_len
+    return ids[: n * seq_len].view(n, seq_len)

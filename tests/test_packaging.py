@@ -1,0 +1,31 @@
+"""The top-level kernels/ folder installs as minilora.kernels, never as a module named `kernels`."""
+
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_no_top_level_kernels(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("minilora-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert "kernels" not in tops
+    assert "minilora/kernels/__init__.py" in names and "minilora/lora.py" in names
+    assert any(n.endswith("entry_points.txt") for n in names)
+
+
+def test_minilora_kernels_imports_and_kernels_is_not_ours():
+    import minilora.kernels
+
+    assert Path(minilora.kernels.__file__).parent == ROOT / "kernels"
+    spec = importlib.util.find_spec("kernels")  # Hugging Face's package, if anything
+    assert spec is None or Path(spec.origin).parent != ROOT / "kernels"
