@@ -126,16 +126,17 @@ class LoRALinear(nn.Module):
         return y
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """y[:, part] += (alpha/r) · (dropout(x) Aᵀ) Bᵀ for each part, in place on y's columns."""
+        """y[..., part] + (alpha/r) · (dropout(x) Aᵀ) Bᵀ for each part of adapter `name`."""
         A, B = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(next(iter(A.values())).weight.dtype))  # (..., d_in)
-        y = y.contiguous()
-        y2d = y.view(-1, self.out_features)  # (N, d_out)
-        for part, (first, end) in self.spans[name].items():
-            h = A[part](x).reshape(-1, A[part].out_features).to(y.dtype)  # (N, d_in) @ (d_in, r) -> (N, r)
-            # one fused GEMM adds into y's own columns: (N, r) @ (r, d_part) -> (N, d_part)
-            y2d[:, first:end].addmm_(h, B[part].weight.t().to(y.dtype), alpha=self.scaling[name][part])
-        return y
+        spans, scales, factors = [], [], []
+        for part, span in self.spans[name].items():
+            h = A[part](x).reshape(-1, A[part].out_features)  # (N, d_in) @ (d_in, r) -> (N, r)
+            spans.append(span)
+            scales.append(self.scaling[name][part])
+            factors += [h.to(y.dtype), B[part].weight.to(y.dtype)]  # h (N, r), B (d_part, r)
+        y2d = y.reshape(-1, self.out_features)  # (N, d_out)
+        return LowRankAdd.apply(y2d, tuple(spans), tuple(scales), *factors).view(y.shape)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, name: str, part: str) -> torch.Tensor:
@@ -177,3 +178,47 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         parts = {n: {p: self.lora_A[n][p].out_features for p in self.spans[n]} for n in self.spans}
         return f"in={self.in_features}, out={self.out_features}, adapters(rank per part)={parts}"
+
+
+class LowRankAdd(torch.autograd.Function):
+    r"""out = y, plus s_p · h_p B_pᵀ added into the columns of each part p; the backward written out.
+
+    Forward, per part p with columns [first, end):   (N, r) @ (r, d_part) -> (N, d_part)
+        out[:, first:end] = y[:, first:end] + s_p · h_p B_pᵀ
+
+    Backward, with G = dL/dout (N, d_out) and G_p = G[:, first:end]:
+        dL/dy   = G                        the add is the identity on y: no copy, no zeros
+        dL/dh_p = s_p · G_p B_p            (N, d_part) @ (d_part, r) -> (N, r)
+        dL/dB_p = s_p · G_pᵀ h_p           (d_part, N) @ (N, r) -> (d_part, r)
+    and autograd carries dL/dh_p on through h_p = x A_pᵀ to A_p and x.
+
+    Written by hand because the generic route (in-place adds on column views of y) makes autograd
+    copy the whole of G once per part in the backward pass; here the only copy is one clone of y
+    in the forward pass, and none at all when a single part covers every column (one fused GEMM).
+    """
+
+    @staticmethod
+    def forward(ctx, y, spans, scales, *factors):  # y (N, d_out); factors: h_1, B_1, h_2, B_2, ...
+        with torch.autocast(y.device.type, enabled=False):  # the caller already chose the dtype
+            if len(spans) == 1 and spans[0] == (0, y.shape[1]):
+                h, B = factors
+                out = torch.addmm(y, h, B.t(), alpha=scales[0])  # y + s·h Bᵀ in one GEMM
+            else:
+                out = y.clone()
+                for (first, end), scale, h, B in zip(spans, scales, factors[::2], factors[1::2]):
+                    out[:, first:end].addmm_(h, B.t(), alpha=scale)
+        ctx.save_for_backward(*factors)
+        ctx.spans, ctx.scales = spans, scales
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (N, d_out)
+        factors = ctx.saved_tensors
+        grads = []
+        for i, ((first, end), scale) in enumerate(zip(ctx.spans, ctx.scales)):
+            h, B = factors[2 * i], factors[2 * i + 1]
+            G = grad_out[:, first:end]  # (N, d_part)
+            grad_h = (G @ B).mul_(scale) if ctx.needs_input_grad[3 + 2 * i] else None  # (N, r)
+            grad_B = (G.t() @ h).mul_(scale) if ctx.needs_input_grad[4 + 2 * i] else None  # (d_part, r)
+            grads += [grad_h, grad_B]
+        return (grad_out, None, None, *grads)
