@@ -19,6 +19,7 @@ import os
 import resource
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -139,8 +140,8 @@ def pretrained_base(s: DemoSettings, general: torch.Tensor, log) -> GPT2LMHeadMo
     return model
 
 
-def strategy_model(name: str, base: GPT2LMHeadModel):
-    """(model, trainable params, peak lr) for one strategy, on a copy of the base."""
+def strategy_model(name: str, base: GPT2LMHeadModel, log: Callable[[str], None] = print):
+    """(model, trainable params) for one strategy, on a copy of the base."""
     model = copy.deepcopy(base)
     if name == "full":
         return model, list(model.parameters())
@@ -150,7 +151,11 @@ def strategy_model(name: str, base: GPT2LMHeadModel):
     }
     if name not in configs:
         raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
-    wrapped = get_peft_model(model, configs[name])
+    with warnings.catch_warnings(record=True) as caught:  # told once, as a log line
+        warnings.simplefilter("always")
+        wrapped = get_peft_model(model, configs[name])
+    for w in caught:
+        log(f"{name}: {w.message}")
     return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
 
 
@@ -172,7 +177,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
         torch.manual_seed(s.seed)
         _reset_peak_rss()
         start = time.perf_counter()
-        model, params = strategy_model(name, base)
+        model, params = strategy_model(name, base, log)
         lr = s.lr_full if name == "full" else s.lr_lora
         stream = batches(domain, s.batch_size, s.seq_len, torch.Generator().manual_seed(s.seed))
         curve = _train(model, params, stream, s.finetune_steps, lr, evaluate(model), s.eval_every)
