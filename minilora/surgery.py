@@ -74,12 +74,15 @@ def _nearest(entry: str, sites: dict[str, Site]) -> list[str]:
 
 
 def _unmatched_error(entry: str, model: nn.Module, sites: dict[str, Site], why: str) -> ValueError:
-    family = family_of(model) or "an unknown family (module names only)"
-    roles = supported_roles(model) if family_of(model) else []
+    family = family_of(model)
+    if family:
+        roles = f"Roles for {family}: {', '.join(supported_roles(model))}."
+    else:
+        roles = (f"{type(model).__name__} is of no family minilora knows, so role names (q, v, ffn, ...) "
+                 "are unavailable: use module names.")
     return ValueError(
         f"target_modules entry {entry!r} {why} in {type(model).__name__}. "
-        f"Nearest module names: {', '.join(_nearest(entry, sites))}. "
-        f"Roles for {family}: {', '.join(roles) or 'none'}. Fix target_modules."
+        f"Nearest module names: {', '.join(_nearest(entry, sites))}. {roles} Fix target_modules."
     )
 
 

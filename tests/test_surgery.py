@@ -190,3 +190,32 @@ def test_gradients_reach_only_adapters_and_modules_to_save():
     with_grad = {n for n, p in pm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad and all("lora_" in n or ".modules_to_save.default." in n for n in with_grad)
     assert any("classifier.modules_to_save" in n for n in with_grad)
+
+
+def test_phi3_fused_qkv_and_gate_up_are_sliced_by_the_config_sizes():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(num_hidden_layers=2, hidden_size=32, intermediate_size=48,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                       pad_token_id=0, bos_token_id=0, eos_token_id=0)).eval()
+    p = resolve_targets(model, LoraConfig(r=2, target_modules=["v", "up"]))
+    qkv = {part: span for part, (span, _, _) in p["model.layers.0.self_attn.qkv_proj"].items()}
+    assert qkv == {"v": (32 + 16, 32 + 16 + 16)}  # q: 4 heads × 8, k and v: 2 heads × 8
+    gate_up = {part: span for part, (span, _, _) in p["model.layers.0.mlp.gate_up_proj"].items()}
+    assert gate_up == {"up": (48, 96)}
+    ids = torch.randint(0, 64, (1, 6))
+    expected = logits(model, {"input_ids": ids})
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["v", "up"], init_lora_weights=False))
+    assert not torch.allclose(logits(pm, {"input_ids": ids}), expected)
+
+
+def test_unknown_family_uses_module_names_and_says_roles_are_unavailable():
+    model = torch.nn.Sequential()
+    model.add_module("encoder_proj", torch.nn.Linear(8, 8))
+    model.add_module("head", torch.nn.Linear(8, 4))
+    assert set(resolve_targets(model, LoraConfig(r=2, target_modules=["encoder_proj"]))) == {"encoder_proj"}
+    with pytest.raises(ValueError, match="'q' matched no module.*no family minilora knows.*use module names"):
+        resolve_targets(model, LoraConfig(r=2, target_modules=["q"]))
+    with pytest.raises(ValueError, match="target_modules is required"):
+        resolve_targets(model, LoraConfig(r=2))
