@@ -50,7 +50,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()  # adapter -> {part -> Linear(d_in, r)}     weight (r, d_in)
         self.lora_B = nn.ModuleDict()  # adapter -> {part -> Linear(r, d_part)}   weight (d_part, r)
         self.lora_dropout = nn.ModuleDict()  # adapter -> Dropout or Identity
-        self.scaling: dict[str, dict[str, float]] = {}  # adapter -> {part -> alpha / r}
+        self.r: dict[str, dict[str, int]] = {}  # adapter -> {part -> rank}
+        self.lora_alpha: dict[str, dict[str, float]] = {}  # adapter -> {part -> alpha}
+        self.scaling: dict[str, dict[str, float]] = {}  # adapter -> {part -> alpha / r (or alpha / sqrt(r))}
         self.spans: dict[str, dict[str, tuple[int, int]]] = {}  # adapter -> {part -> (first, end) column}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -75,7 +77,7 @@ class LoRALinear(nn.Module):
         if not weight.is_floating_point():  # a quantized base stores codes, not values
             dtype = torch.float32
         A, B = nn.ModuleDict(), nn.ModuleDict()
-        self.scaling[name], self.spans[name] = {}, {}
+        self.r[name], self.lora_alpha[name], self.scaling[name], self.spans[name] = {}, {}, {}, {}
         for part, ((first, end), r, alpha) in parts.items():
             d_part = end - first
             if not 0 <= first < end <= self.out_features:
@@ -87,6 +89,7 @@ class LoRALinear(nn.Module):
                 )
             A[part] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
             B[part] = nn.Linear(r, d_part, bias=False, device=weight.device, dtype=dtype)
+            self.r[name][part], self.lora_alpha[name][part] = r, alpha
             self.scaling[name][part] = alpha / math.sqrt(r) if use_rslora else alpha / r
             self.spans[name][part] = (first, end)
         self.lora_A[name], self.lora_B[name] = A, B
@@ -112,7 +115,7 @@ class LoRALinear(nn.Module):
             self.unmerge([name])
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
-        del self.scaling[name], self.spans[name]
+        del self.r[name], self.lora_alpha[name], self.scaling[name], self.spans[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     # ------------------------------------------------------------------ forward

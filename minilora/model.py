@@ -19,40 +19,32 @@ from typing import Iterator, Optional, Union
 import torch.nn as nn
 
 from .config import LoraConfig
+from .io import load_adapter, save_adapters
 from .lora import LoRALinear
 from .params import format_trainable, parameter_breakdown
 from .surgery import (
+    TASK_HEADS,
     ModulesToSave,
     _set_submodule,
     adapter_layers,
+    has_module,
     inject_adapter,
     mark_trainable,
     wrap_modules_to_save,
 )
 
 
-# Heads that PEFT trains in full for these task types, whichever of them the model has.
-TASK_HEADS = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
-
-
-def _has_module(model: nn.Module, key: str) -> bool:
-    return any(n == key or n.endswith("." + key) for n, _ in model.named_modules())
-
-
 class LoraModel(nn.Module):
     """A HF model whose target layers carry LoRA adapters. `self.model` is the HF model."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, config: Optional[LoraConfig], adapter_name: str = "default"):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = []
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        if config is not None:  # None: adapters come later, from files (`from_pretrained`)
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ passthrough
     def forward(self, *args, **kwargs):
@@ -96,7 +88,7 @@ class LoraModel(nn.Module):
                 f"another name (existing: {sorted(self.peft_config)})"
             )
         config = copy.deepcopy(config)
-        heads = [h for h in TASK_HEADS.get(config.task_type, ()) if _has_module(self.model, h)]
+        heads = [h for h in TASK_HEADS.get(config.task_type, ()) if has_module(self.model, h)]
         if heads:  # as PEFT does: a task head trains along with the adapter
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
         inject_adapter(self.model, config, adapter_name)
@@ -152,6 +144,27 @@ class LoraModel(nn.Module):
         finally:
             for layer in layers:
                 layer.disabled = False
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, save_directory, selected_adapters: Optional[list[str]] = None, **_ignored) -> None:
+        """PEFT's layout: adapter_config.json + adapter_model.safetensors; non-default adapters in
+        subdirectories. Extra PEFT keyword arguments (safe_serialization, ...) are accepted and ignored:
+        minilora always writes safetensors."""
+        save_adapters(self, save_directory, selected_adapters)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default",
+                        is_trainable: bool = False, **_ignored) -> "LoraModel":
+        """Wrap `model` with the adapter saved in `model_id` (by minilora or by PEFT), active.
+        Frozen and in eval mode unless `is_trainable`."""
+        wrapped = cls(model, None)
+        load_adapter(wrapped, model_id, adapter_name, is_trainable)
+        wrapped.set_adapter(adapter_name)
+        return wrapped if is_trainable else wrapped.eval()
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, **_ignored) -> None:
+        """Add the adapter saved in `model_id` under `adapter_name`; active adapters don't change."""
+        load_adapter(self, model_id, adapter_name, is_trainable)
 
     # ------------------------------------------------------------------ merging
     def _lora_layers(self) -> list[LoRALinear]:

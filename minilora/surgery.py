@@ -32,12 +32,24 @@ DEFAULT_TARGETS = {
     "bart": ["q_proj", "v_proj"],
 }
 
+# Heads that PEFT trains in full for these task types, whichever of them the model has.
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
 Parts = dict[str, tuple[tuple[int, int], int, float]]  # part -> ((first, end) columns, r, alpha)
 
 
 def _name_matches(name: str, key: str) -> bool:
     """PEFT's list rule: the exact path, or a suffix after a dot."""
     return name == key or name.endswith("." + key)
+
+
+def has_module(model: nn.Module, key: str) -> bool:
+    """Whether any module's path is `key` or ends with "." + `key`."""
+    return any(_name_matches(n, key) for n, _ in model.named_modules())
 
 
 def _pattern_matches(name: str, key: str) -> bool:

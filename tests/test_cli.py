@@ -23,7 +23,9 @@ def test_finetune_writes_a_report_and_learns_the_domain(tmp_path):
     assert report["full"]["trainable_params"] == report["full"]["total_params"]
     assert max(report[n]["trainable_params"] for n in ("lora_all", "lora_article")) < report["full"]["total_params"] // 4
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "adapters" / "lora_article" / "adapter_weights.safetensors").exists()
+    for name in ("lora_all", "lora_article"):
+        assert {f.name for f in (tmp_path / "adapters" / name).iterdir()} == {"adapter_config.json",
+                                                                            "adapter_model.safetensors"}
     assert not list(tmp_path.rglob(".*.tmp*"))  # atomic writes leave no temporaries
 
     # a second run reuses the cached base model and reproduces the numbers exactly

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import resource
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -29,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ..config import LoraConfig
+from ..io import atomic_write
 from ..model import LoraModel, get_peft_model
 from .corpus import DOMAIN, GENERAL, ByteTokenizer, batches, generate, windows
 from .schedule import warmup_cosine
@@ -52,21 +51,6 @@ class DemoSettings:
     lr_full: float = 3e-4  # peak learning rate for full fine-tuning
     lr_lora: float = 3e-3  # peak learning rate for LoRA
     seed: int = 0
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same directory, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _reset_peak_rss() -> None:
@@ -160,7 +144,8 @@ def strategy_model(name: str, base: GPT2LMHeadModel, log: Callable[[str], None] 
 
 
 def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
-    """Run every strategy; write <out>/report.json, <out>/curves.png and one adapter per LoRA run."""
+    """Run every strategy; write <out>/report.json, <out>/curves.png and each LoRA run's adapter
+    (PEFT format) in <out>/adapters/<strategy>."""
     out = Path(s.out)
     tok = ByteTokenizer()
     general = tok.encode(generate(GENERAL, 6000, seed=s.seed))
@@ -194,8 +179,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
         }
         curves[name] = curve
         if isinstance(model, LoraModel):
-            trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            atomic_write(out / "adapters" / name / "adapter_weights.safetensors", lambda p: save_file(trained, p))
+            model.save_pretrained(out / "adapters" / name)  # PEFT's format
         r = report[name]
         log(f"{name:>13}: domain {r['domain_loss_before']:.3f} -> {r['domain_loss_after']:.3f}  "
             f"retain {r['retain_loss_before']:.3f} -> {r['retain_loss_after']:.3f}  "
