@@ -117,9 +117,16 @@ def _export_layer(layer: LoRALinear, name: str, rslora: bool) -> tuple[torch.Ten
     return A, B, r_total, alpha
 
 
-def _strip(path: str) -> str:
-    """A parameter's path as PEFT writes it: wrapper names removed."""
-    return path.replace(".base_layer", "")
+def _trained_biases(model: "LoraModel", bias: str) -> dict[str, torch.nn.Parameter]:
+    """The biases an adapter trains, by parameter path: PEFT keeps `.base_layer.` in their keys."""
+    if bias == "none":
+        return {}
+    owners = {f"{p}.base_layer.bias" for p, m in model.model.named_modules() if isinstance(m, LoRALinear)}
+    return {
+        path: param for path, param in model.model.named_parameters()
+        if path.endswith("bias") and "lora_" not in path and ".modules_to_save." not in path
+        and ".original_module." not in path and (bias == "all" or path in owners)
+    }
 
 
 def adapter_state_dict(model: "LoraModel", name: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
@@ -132,15 +139,11 @@ def adapter_state_dict(model: "LoraModel", name: str) -> tuple[dict[str, torch.T
             tensors[f"{PREFIX}{path}.lora_A.weight"] = A
             tensors[f"{PREFIX}{path}.lora_B.weight"] = B
             ranks[path] = (r, alpha)
-            if bias == "lora_only" and module.base_layer.bias is not None:
-                tensors[f"{PREFIX}{path}.bias"] = module.base_layer.bias.detach()
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             for param, value in module.modules_to_save[name].state_dict().items():
                 tensors[f"{PREFIX}{path}.{param}"] = value.detach()
-    if bias == "all":
-        for path, value in model.model.named_parameters():
-            if path.endswith("bias") and "lora_" not in path and ".modules_to_save." not in path:
-                tensors[PREFIX + _strip(path).replace(".original_module", "")] = value.detach()
+    for path, param in _trained_biases(model, bias).items():
+        tensors[PREFIX + path] = param.detach()
     return {k: v.contiguous() for k, v in tensors.items()}, ranks
 
 
@@ -299,15 +302,11 @@ def _fill(model: "LoraModel", name: str, tensors: dict[str, torch.Tensor], direc
         if isinstance(module, LoRALinear) and name in module.lora_A:
             A, B = tensors[f"{PREFIX}{path}.lora_A.weight"], tensors[f"{PREFIX}{path}.lora_B.weight"]
             _import_layer(module, name, A, B, path, rslora)
-            if f"{PREFIX}{path}.bias" in tensors:
-                module.base_layer.bias.copy_(tensors[f"{PREFIX}{path}.bias"])
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             copy = module.modules_to_save[name]
             copy.load_state_dict({p: tensors[f"{PREFIX}{path}.{p}"] for p in copy.state_dict()})
-    for path, param in model.model.named_parameters():
-        key = PREFIX + _strip(path).replace(".original_module", "")
-        if path.endswith("bias") and key in tensors and "lora_" not in path and ".modules_to_save." not in path:
-            param.copy_(tensors[key])
+    for path, param in _trained_biases(model, model.peft_config[name].bias).items():
+        param.copy_(tensors[PREFIX + path])  # the base's own bias: shared by every adapter, as in PEFT
 
 
 def _import_layer(layer: LoRALinear, name: str, A: torch.Tensor, B: torch.Tensor, path: str, rslora: bool) -> None:

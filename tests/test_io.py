@@ -28,18 +28,21 @@ CASES = {
                                   init_lora_weights=False)),
     "bert": ("bert", LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",
                                 init_lora_weights=False)),
+    "bert_bias_lora_only": ("bert", LoraConfig(r=4, target_modules=["q", "v"], bias="lora_only",
+                                               init_lora_weights=False)),
+    "gpt2_bias_all": ("gpt2", LoraConfig(r=4, target_modules=["c_attn"], bias="all", init_lora_weights=False)),
     "t5": ("t5", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], rank_pattern={"EncDecAttention.q": 2},
                             init_lora_weights=False)),
 }
 
 
 def trained(family, config):
-    """A wrapped model whose adapter acts (B random, head copies perturbed), and its inputs."""
+    """A wrapped model whose adapter acts (B random, head copies and trained biases perturbed)."""
     torch.manual_seed(3)
     model = get_peft_model(make(family), config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".modules_to_save." in name:
+            if ".modules_to_save." in name or (p.requires_grad and name.endswith("bias")):
                 p.add_(torch.randn_like(p) * 0.05)
     return model, batch(family)
 
