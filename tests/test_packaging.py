@@ -19,7 +19,9 @@ def test_wheel_installs_no_top_level_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert "kernels" not in tops
-    assert "minilora/kernels/__init__.py" in names and "minilora/lora.py" in names
+    sources = {f"minilora/{p.relative_to(ROOT / 'minilora').as_posix()}" for p in (ROOT / "minilora").rglob("*.py")}
+    sources |= {f"minilora/kernels/{p.relative_to(ROOT / 'kernels').as_posix()}" for p in (ROOT / "kernels").rglob("*.py")}
+    assert sources - set(names) == set()  # every source file ships: no subpackage forgotten in pyproject.toml
     assert any(n.endswith("entry_points.txt") for n in names)
 
 
