@@ -4,6 +4,7 @@ from .config import ARTICLE_BANDS, Band, LoraConfig
 from .lora import LoRALinear
 from .model import LoraModel, get_peft_model
 from .params import format_breakdown
+from .quant import NF4Config, load_quantized, memory_report, quantize_model
 
 __all__ = [
     "ARTICLE_BANDS",
@@ -11,7 +12,11 @@ __all__ = [
     "LoRALinear",
     "LoraConfig",
     "LoraModel",
+    "NF4Config",
     "format_breakdown",
     "get_peft_model",
+    "load_quantized",
+    "memory_report",
+    "quantize_model",
 ]
 __version__ = "0.1.0"

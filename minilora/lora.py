@@ -45,7 +45,6 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores W as (d_in, d_out)
         self.in_features, self.out_features = features(base_layer)
         self.lora_A = nn.ModuleDict()  # adapter -> {part -> Linear(d_in, r)}     weight (r, d_in)
         self.lora_B = nn.ModuleDict()  # adapter -> {part -> Linear(r, d_part)}   weight (d_part, r)
@@ -57,6 +56,11 @@ class LoRALinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False  # True inside LoraModel.disable_adapter()
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """True for GPT-2's Conv1D, which stores W as (d_in, d_out)."""
+        return type(self.base_layer).__name__ == "Conv1D"
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
@@ -161,7 +165,10 @@ class LoRALinear(nn.Module):
     def merge(self, adapter_names: Optional[list[str]] = None) -> None:
         """W ← W + (alpha/r)·B·A for each adapter not merged yet. Merging twice is a no-op."""
         if not self.base_layer.weight.is_floating_point():
-            raise TypeError("cannot merge into a quantized base weight; dequantize the model first")
+            raise TypeError(
+                "cannot merge into a quantized (4-bit) base weight; use merge_and_unload(), which dequantizes "
+                "the base first, or keep the adapter unmerged"
+            )
         for name in adapter_names or self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 self._fold(name, +1.0)

@@ -16,12 +16,14 @@ import contextlib
 import copy
 from typing import Iterator, Optional, Union
 
+import torch
 import torch.nn as nn
 
 from .config import LoraConfig
 from .io import load_adapter, save_adapters
 from .lora import LoRALinear
 from .params import format_trainable, parameter_breakdown
+from .quant import Linear4bit, NF4Config
 from .surgery import (
     TASK_HEADS,
     ModulesToSave,
@@ -196,9 +198,33 @@ class LoraModel(nn.Module):
             p.requires_grad_(False)
         return self.model
 
-    def merge_and_unload(self, adapter_names: Optional[list[str]] = None) -> nn.Module:
-        """The plain HF model with the adapters folded in (and the trained head copies in place)."""
-        return self._unload(merge=True, adapter_names=adapter_names)
+    def merge_and_unload(self, adapter_names: Optional[list[str]] = None,
+                         requantize: Union[bool, NF4Config] = False) -> nn.Module:
+        """The plain HF model with the adapters folded in (and the trained head copies in place).
+
+        A 4-bit (QLoRA) base is dequantized first, so the result is W_hat + (α/r)·B·A in full
+        precision, exact with respect to the dequantized base. With `requantize` (True, or an
+        NF4Config) those layers are quantized again and `self.merge_report` says what that cost:
+        the relative error ‖Q(W') − W'‖ / ‖W'‖ per layer."""
+        quantized = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoRALinear) and isinstance(module.base_layer, Linear4bit):
+                quantized[name] = module.base_layer.config
+                module.base_layer = module.base_layer.to_float()
+        merged = self._unload(merge=True, adapter_names=adapter_names)
+        if requantize and quantized:
+            errors = {}
+            for name, config in quantized.items():
+                dense = merged.get_submodule(name)
+                layer = Linear4bit.from_float(dense, requantize if isinstance(requantize, NF4Config) else config)
+                W = dense.weight.detach().float()
+                W = W.t() if layer.from_conv1d else W  # (out, in)
+                errors[name] = ((layer.dequantized_weight(torch.float32) - W).norm() / W.norm()).item()
+                _set_submodule(merged, name, layer)
+            self.merge_report = {"requantized_layers": len(errors), "relative_error": errors,
+                                 "max_relative_error": max(errors.values()),
+                                 "mean_relative_error": sum(errors.values()) / len(errors)}
+        return merged
 
     def unload(self) -> nn.Module:
         """The plain HF model as it was before any adapter: LoRA removed, nothing merged."""

@@ -139,8 +139,9 @@ def family_of(model: nn.Module) -> Optional[str]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or transformers' GPT-2 Conv1D (a Linear whose weight is stored (in, out))."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """nn.Linear, transformers' GPT-2 Conv1D (a Linear whose weight is stored (in, out)), or a
+    quantized linear layer (marked LINEAR_LIKE)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or getattr(module, "LINEAR_LIKE", False)
 
 
 def features(module: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,139 @@
+r"""Linear4bit: a frozen Linear whose weight is stored in NF4 (4-bit codes + block scales).
+
+    y = x · dequant(W)ᵀ + b             computed in `compute_dtype` through minilora.kernels
+    ∂L/∂x = ∂L/∂y · dequant(W)          W rebuilt in the backward pass, never kept in between
+
+W never trains (QLoRA freezes the base), so the backward pass needs only the input gradient,
+and the dense W exists only for the duration of one product. LoRA wraps a Linear4bit exactly as
+it wraps an nn.Linear: that is QLoRA,
+
+    y = x · dequant(W_nf4)ᵀ + b + (α/r) · (x Aᵀ) Bᵀ        A, B in fp32/bf16, trained
+
+GPT-2's Conv1D (weight stored (in, out)) is transposed once, at quantization time, so every
+Linear4bit stores (out, in) and computes the same way; `to_float()` restores the original kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from minilora.kernels import nf4_dequant, nf4_matmul, nf4_matmul_grad_input
+
+from .nf4 import NF4State, check_blocksize, nf4_quantize
+
+
+@dataclass
+class NF4Config:
+    """How to quantize a model's linear layers."""
+
+    blocksize: int = 64  # values per absmax block (a power of two, 32..4096)
+    double_quant: bool = True  # quantize the absmax vector too (4.127 instead of 4.5 bits per weight)
+    compute_dtype: Optional[torch.dtype] = None  # dtype of the product; None: the input's dtype
+
+    def __post_init__(self):
+        check_blocksize(self.blocksize)
+        if self.compute_dtype is not None and not self.compute_dtype.is_floating_point:
+            raise ValueError(f"compute_dtype must be a floating dtype, got {self.compute_dtype}")
+
+
+class _NF4Linear(torch.autograd.Function):
+    """y = x · dequant(W)ᵀ whose backward rebuilds W instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, absmax2, offset, state: NF4State, backend: str):
+        ctx.save_for_backward(packed, absmax, absmax2, offset)  # 4-bit codes and scales only
+        ctx.state, ctx.backend = state, backend
+        return nf4_matmul(x, packed, state, backend)  # (..., K) @ (K, N) -> (..., N)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        packed, _, _, _ = ctx.saved_tensors
+        grad_x = nf4_matmul_grad_input(grad_y, packed, ctx.state, ctx.backend) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None, None
+
+
+class Linear4bit(nn.Module):
+    """A frozen NF4 linear layer. Buffers: weight (packed uint8), absmax, absmax2, offset."""
+
+    LINEAR_LIKE = True  # surgery treats it as a Linear: LoRA can wrap it
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, config: NF4Config = NF4Config(),
+                 device=None, dtype: torch.dtype = torch.float32, from_conv1d: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.config = config
+        self.weight_dtype = dtype  # dtype of the original weight
+        self.from_conv1d = from_conv1d  # restore a GPT-2 Conv1D on to_float()
+        self.backend = "auto"
+        n_blocks = -(-in_features * out_features // config.blocksize)
+        self.register_buffer("weight", torch.zeros((in_features * out_features + 1) // 2, dtype=torch.uint8, device=device))
+        dq = config.double_quant
+        self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8 if dq else torch.float32, device=device))
+        self.register_buffer("absmax2", torch.zeros(-(-n_blocks // 256), device=device) if dq else None)
+        self.register_buffer("offset", torch.zeros((), device=device) if dq else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @property
+    def state(self) -> NF4State:
+        return NF4State(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
+                        blocksize=self.config.blocksize, double_quant=self.config.double_quant,
+                        absmax2=self.absmax2, offset=self.offset)
+
+    @torch.no_grad()
+    def set_weight(self, W: torch.Tensor) -> None:
+        """Quantize W (out, in) into this layer's buffers."""
+        if tuple(W.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(W.shape)} does not fit Linear4bit({self.in_features}, {self.out_features})")
+        packed, state = nf4_quantize(W, self.config.blocksize, self.config.double_quant)
+        self.weight, self.absmax = packed, state.absmax
+        self.absmax2, self.offset = state.absmax2, state.offset
+        self.weight_dtype = W.dtype
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: NF4Config = NF4Config()) -> "Linear4bit":
+        """Quantize an nn.Linear or a GPT-2 Conv1D."""
+        conv1d = not isinstance(module, nn.Linear)
+        W = module.weight.detach()
+        W = W.t() if conv1d else W  # Conv1D stores (in, out): quantize (out, in) like a Linear
+        layer = cls(W.shape[1], W.shape[0], bias=module.bias is not None, config=config, device=W.device,
+                    dtype=W.dtype, from_conv1d=conv1d)
+        layer.set_weight(W)
+        if module.bias is not None:
+            layer.bias.data.copy_(module.bias.detach())
+        return layer
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """W_hat (out, in)."""
+        return nf4_dequant(self.weight, self.state, dtype or self.weight_dtype, self.backend)
+
+    def to_float(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """The dequantized layer, as the kind it was quantized from (nn.Linear or Conv1D)."""
+        W = self.dequantized_weight(dtype)
+        if self.from_conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(self.out_features, self.in_features)
+            layer.weight = nn.Parameter(W.t().contiguous(), requires_grad=False)
+            layer.bias = nn.Parameter(self.bias.detach().clone().to(W.dtype), requires_grad=False) if self.bias is not None \
+                else nn.Parameter(torch.zeros(self.out_features, dtype=W.dtype), requires_grad=False)
+            return layer
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=W.device, dtype=W.dtype)
+        layer.weight.data.copy_(W)
+        if self.bias is not None:
+            layer.bias.data.copy_(self.bias.detach())
+        return layer.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = self.config.compute_dtype or x.dtype
+        y = _NF4Linear.apply(x.to(compute), self.weight, self.absmax, self.absmax2, self.offset, self.state, self.backend)
+        if self.bias is not None:
+            y = y + self.bias.to(compute)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.config.double_quant else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, blocksize={self.config.blocksize}{dq}"
