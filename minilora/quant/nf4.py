@@ -50,10 +50,9 @@ def dynamic_map() -> torch.Tensor:
     """
     values = [0.0, 1.0]
     for e in range(7):
-        grid = torch.linspace(0.1, 1, 2**e + 1).tolist()  # fp32 points, read as Python floats
-        for a, b in zip(grid[:-1], grid[1:]):
-            m = (10 ** (e - 6)) * ((a + b) / 2)
-            values += [m, -m]
+        grid = torch.linspace(0.1, 1, 2**e + 1)  # fp32, like every step below
+        midpoints = (grid[:-1] + grid[1:]) / 2
+        values += ((10 ** (e - 6)) * midpoints).tolist() + (-(10 ** (e - 6)) * midpoints).tolist()
     code = torch.tensor(sorted(values), dtype=torch.float32)
     code[0] = -1.0
     return code
