@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from minilora.quant import DYNAMIC_MAP, NF4_LEVELS, NF4State, nf4_dequantize, nf4_quantize
 from minilora.quant.nf4 import SCALE_BLOCK
 
-SHAPES = [(64, 64), (33, 17), (1000, 3), (7,), (4096,), (128, 96), (5, 320)]
+SHAPES = [(64, 64), (33, 17), (1000, 3), (7,), (4096,), (128, 96), (5, 320), (512, 256)]  # the last: native path
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -60,7 +60,7 @@ def test_same_bytes_as_bitsandbytes_without_double_quant(shape, dtype, blocksize
         assert torch.equal(bnbf.dequantize_4bit(*to_bnb(packed, state)).view(shape), ours)
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (300, 128), (33, 17), (96, 640)])
+@pytest.mark.parametrize("shape", [(64, 64), (300, 128), (33, 17), (96, 640), (512, 384)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_double_quant_matches_bitsandbytes(shape, dtype):
     W = weight(shape, dtype, seed=3)
@@ -124,3 +124,24 @@ def test_bad_inputs():
         nf4_dequantize(packed[:-1], state)
     with pytest.raises(TypeError, match="torch.int32 is not"):
         nf4_dequantize(packed, state, torch.int32)
+
+
+# ---------------------------------------------------------------- the native CPU path
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, blocksize", [((512, 384), 64), ((257, 259), 64), ((1000, 77), 32), ((300, 301), 4096)])
+def test_native_path_gives_the_reference_bytes_and_values(dtype, shape, blocksize):
+    W = weight(shape, dtype, seed=7)
+    for double_quant in (False, True):
+        packed, state = nf4_quantize(W, blocksize, double_quant, native=True)
+        ref_packed, ref_state = nf4_quantize(W, blocksize, double_quant, native=False)
+        assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert torch.equal(nf4_dequantize(packed, state, out_dtype, native=True),
+                               nf4_dequantize(packed, state, out_dtype, native=False))
+
+
+def test_native_path_refuses_nan_too():
+    W = torch.randn(300, 300)
+    W[100, 7] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        nf4_quantize(W, native=True)

@@ -139,21 +139,49 @@ def _quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return codes, absmax2, offset
 
 
-def nf4_quantize(W: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> tuple[torch.Tensor, NF4State]:
-    """W (any shape, fp16/bf16/fp32) -> (packed uint8 [(n+1)//2], NF4State)."""
+def _native(tensor: torch.Tensor, numel: int, native: Optional[bool]):
+    """The compiled CPU extension when it should be used for `numel` values, else None (then the
+    torch reference runs). None: only for large CPU tensors, and only if it builds."""
+    if native is False:
+        return None
+    from minilora.kernels.native import MIN_NUMEL, native_module  # late: the kernels import this module
+
+    if native is None:
+        return native_module() if tensor.device.type == "cpu" and numel >= MIN_NUMEL else None
+    if tensor.device.type != "cpu" or native_module() is None:
+        raise RuntimeError("the native NF4 path needs CPU tensors, a C++ compiler and ninja")
+    return native_module()
+
+
+def _pack_reference(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: (n,) fp32 -> packed uint8 [(n+1)//2], absmax fp32 [n_blocks]."""
+    absmax, scaled = blockwise_absmax_scale(A, blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad takes 0.0's code
+    q = torch.bucketize(scaled, _NF4_BOUNDS.to(A.device), out_int32=True).to(torch.uint8)  # nearest level
+    return (q[0::2] << 4) | q[1::2], absmax  # first element in the high nibble
+
+
+def nf4_quantize(W: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 native: Optional[bool] = None) -> tuple[torch.Tensor, NF4State]:
+    """W (any shape, fp16/bf16/fp32) -> (packed uint8 [(n+1)//2], NF4State).
+
+    `native`: None picks the compiled CPU loop for large CPU tensors when it is available, False
+    forces the torch reference, True forces the native loop. All give the same bytes."""
     if not W.is_floating_point():
         raise TypeError(f"nf4_quantize needs a floating-point weight, got {W.dtype}")
     if W.numel() == 0:
         raise ValueError(f"nf4_quantize got an empty tensor of shape {tuple(W.shape)}: nothing to quantize")
     check_blocksize(blocksize)
-    A = W.detach().reshape(-1).float()  # (n,), row-major
-    if not torch.isfinite(A).all():
-        raise ValueError(f"the weight holds NaN or inf ({(~torch.isfinite(A)).sum().item()} values): fix it before quantizing")
-    absmax, scaled = blockwise_absmax_scale(A, blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad takes 0.0's code
-    q = torch.bucketize(scaled, _NF4_BOUNDS.to(A.device), out_int32=True).to(torch.uint8)  # nearest level
-    packed = (q[0::2] << 4) | q[1::2]  # first element in the high nibble
+    flat = W.detach().reshape(-1)  # (n,), row-major
+    module = _native(flat, flat.numel(), native)
+    if module is not None:
+        packed, absmax, finite = module.nf4_pack(flat.contiguous(), _NF4_BOUNDS, blocksize)
+    else:
+        finite = torch.isfinite(flat).all()
+        packed, absmax = _pack_reference(flat.float(), blocksize) if finite else (None, None)
+    if not finite:
+        raise ValueError(f"the weight holds NaN or inf ({(~torch.isfinite(flat)).sum().item()} values): fix it before quantizing")
     state = NF4State(absmax=absmax, shape=W.shape, dtype=W.dtype, blocksize=blocksize, double_quant=False)
     if double_quant:
         codes, absmax2, offset = _quantize_scales(absmax)
@@ -182,12 +210,24 @@ def unpack(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return codes[:numel].long()
 
 
-def nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """(packed, state) -> W_hat of state.shape: level × absmax in fp32, rounded once to `dtype`."""
+def nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None,
+                   native: Optional[bool] = None) -> torch.Tensor:
+    """(packed, state) -> W_hat of state.shape: level × absmax in fp32, rounded once to `dtype`.
+    `native` as in `nf4_quantize`; both paths give identical values."""
     dtype = dtype or state.dtype
     if not dtype.is_floating_point:
         raise TypeError(f"nf4_dequantize produces floating-point weights; {dtype} is not (use bfloat16, float16, float32)")
     check_state(packed, state)
+    module = _native(packed, state.numel, native)
+    if module is not None:
+        flat = module.nf4_unpack(packed.reshape(-1).contiguous(), state.scales(), NF4_LEVELS, state.numel,
+                                 state.blocksize, dtype)
+        return flat.view(state.shape)
+    return _unpack_reference(packed, state, dtype)
+
+
+def _unpack_reference(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
+    """Plain PyTorch dequantization."""
     levels = NF4_LEVELS.to(packed.device)[unpack(packed.reshape(-1), state.numel)]  # (n,) fp32
     scales = state.scales()  # (n_blocks,) fp32
     n, bs = state.numel, state.blocksize
