@@ -45,7 +45,7 @@ def native_module() -> Optional[object]:
 
         source = Path(__file__).with_name("nf4_cpu.cpp")
         _module = load(name=f"minilora_nf4_cpu_{_build_tag(source)}", sources=[str(source)],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure means: use the torch path
         _failed = True
         warnings.warn(f"minilora's native NF4 CPU path could not be built ({type(err).__name__}: {err}); "

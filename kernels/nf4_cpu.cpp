@@ -207,7 +207,31 @@ torch::Tensor nf4_unpack(torch::Tensor packed, torch::Tensor scales, torch::Tens
   return out;
 }
 
+// Double quant: the fp32 absmax of each block from its 8-bit code: code[q] × absmax2[b / 256] + offset,
+// a product then a sum, each rounded (built with -ffp-contract=off: no fused multiply-add).
+torch::Tensor dq_scales(torch::Tensor codes, torch::Tensor absmax2, torch::Tensor offset, torch::Tensor dynamic_map) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == torch::kUInt8, "dq_scales: uint8 CPU codes expected");
+  const int64_t n = codes.numel();
+  auto out = torch::empty({n}, torch::dtype(torch::kFloat32));
+  auto q = codes.contiguous();
+  auto a2 = absmax2.contiguous().to(torch::kFloat32);
+  auto map = dynamic_map.contiguous().to(torch::kFloat32);
+  const float off = offset.item<float>();
+  const uint8_t* pq = q.data_ptr<uint8_t>();
+  const float* pa = a2.data_ptr<float>();
+  const float* pm = map.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float product = pm[pq[b]] * pa[b / 256];
+      po[b] = product + off;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dq_scales", &dq_scales, "block scales from double-quantized codes");
   m.def("nf4_pack", &nf4_pack, "NF4 codes, block absmax, and whether every value was finite");
   m.def("nf4_unpack", &nf4_unpack, "NF4 codes and block scales to a dense tensor");
 }
