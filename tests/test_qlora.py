@@ -191,3 +191,35 @@ def test_real_minilm_keeps_its_embeddings_after_quantization_and_quantize_on_loa
 def test_load_quantized_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_quantized(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_load_quantized_from_sharded_safetensors_equals_quantize_model(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make(family).save_pretrained(tmp_path, max_shard_size="20KB")  # several shards and an index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path)
+    quantize_model(expected)
+    loaded = load_quantized(tmp_path, model_class=AutoModelForCausalLM)
+    assert expected.state_dict().keys() == loaded.state_dict().keys()
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    ids = torch.randint(3, 128, (1, 7))
+    assert torch.equal(expected(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_read_safetensors_matches_the_library_and_refuses_truncated_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from minilora.quant.model import read_safetensors
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.randn(4).to(torch.bfloat16)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    read = {name: t.clone() for name, t in read_safetensors(tmp_path / "t.safetensors")}
+    reference = load_file(tmp_path / "t.safetensors")
+    assert read.keys() == reference.keys() and all(torch.equal(read[k], reference[k]) for k in read)
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="is truncated"):
+        list(read_safetensors(tmp_path / "t.safetensors"))

@@ -122,7 +122,6 @@ def load_quantized(path: Union[str, Path], config: NF4Config = NF4Config(), skip
                    model_class=None) -> nn.Module:
     """A Hugging Face model from a local directory (config.json + safetensors, sharded or not),
     its linear layers quantized to NF4 tensor by tensor as they are read."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModel
 
     path = Path(path)
@@ -139,26 +138,22 @@ def load_quantized(path: Union[str, Path], config: NF4Config = NF4Config(), skip
         module = model.get_submodule(name)
         conv1d = not isinstance(module, nn.Linear)
         d_in, d_out = (module.weight.shape if conv1d else module.weight.shape[::-1])
-        _set(model, name, Linear4bit(d_in, d_out, bias=module.bias is not None, config=config, from_conv1d=conv1d))
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(dict(model.named_buffers()))
+        _set(model, name, Linear4bit(d_in, d_out, bias=module.bias is not None, config=config, from_conv1d=conv1d,
+                                     device="meta"))
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
     prefixes = _key_prefixes(model)
-    filled = set()
     for shard in _shards(path):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                name = _resolve(key, params, targets, prefixes)
-                if name is None:
-                    continue
-                tensor = f.get_tensor(key)  # the only full-precision tensor alive
-                owner, _, leaf = name.rpartition(".")
-                if owner in targets and leaf == "weight":
-                    layer = model.get_submodule(owner)
-                    layer.set_weight(tensor.t() if layer.from_conv1d else tensor)
-                else:
-                    _assign(model, name, tensor)
-                filled.add(name)
-                del tensor
+        for key, tensor in read_safetensors(shard):  # the only full-precision tensor alive
+            name = _resolve(key, names, targets, prefixes)
+            if name is None:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            if owner in targets and leaf == "weight":
+                layer = model.get_submodule(owner)
+                layer.set_weight(tensor.t() if layer.from_conv1d else tensor)
+            else:
+                _assign(model, name, tensor)
+            del tensor
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing and hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -168,16 +163,49 @@ def load_quantized(path: Union[str, Path], config: NF4Config = NF4Config(), skip
     return model.requires_grad_(False)
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path):
+    """(name, tensor) pairs of a safetensors file, read one tensor at a time into one reused buffer:
+    each tensor is valid until the next is read (copy what you keep).
+
+    The format: 8 bytes of little-endian header length, a JSON header mapping each name to its
+    dtype, shape and byte range, then the raw data. Reading with readinto (rather than mapping the
+    file) keeps the file's pages out of this process, and reusing one buffer keeps the allocator
+    from fragmenting: only the tensor being read is resident."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a safetensors file (bad header: {err})") from None
+        start = 8 + size
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        buffer = torch.empty(max((e - b for _, v in entries for b, e in [v["data_offsets"]]), default=0), dtype=torch.uint8)
+        for name, info in entries:
+            if info["dtype"] not in _DTYPES:
+                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which load_quantized does not read")
+            begin, end = info["data_offsets"]
+            raw = buffer[: end - begin]
+            f.seek(start + begin)
+            if f.readinto(memoryview(raw.numpy())) != end - begin:
+                raise ValueError(f"{path} is truncated: tensor {name} is incomplete")
+            yield name, raw.view(_DTYPES[info["dtype"]]).view(info["shape"])
+
+
 def _key_prefixes(model: nn.Module) -> list[str]:
     """Checkpoint keys may carry the base-model prefix ("bert.", "transformer.") or not."""
     prefix = getattr(model, "base_model_prefix", "")
     return ["", f"{prefix}."] if prefix else [""]
 
 
-def _resolve(key: str, params: dict, targets: set, prefixes: list[str]) -> Optional[str]:
+def _resolve(key: str, names: set, targets: set, prefixes: list[str]) -> Optional[str]:
     for p in prefixes:
         for candidate in (key, p + key, key.removeprefix(p)):
-            if candidate in params or candidate.rpartition(".")[0] in targets:
+            if candidate in names or candidate.rpartition(".")[0] in targets:
                 return candidate
     return None
 
@@ -188,7 +216,11 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     current = getattr(module, leaf)
     if tuple(current.shape) != tuple(tensor.shape):
         raise ValueError(f"{name}: the checkpoint has shape {tuple(tensor.shape)}, the model {tuple(current.shape)}")
-    tensor = tensor.to(current.dtype)
+    if not current.is_meta:  # in place: weights tied to this one (the LM head) stay tied
+        with torch.no_grad():
+            current.copy_(tensor)
+        return
+    tensor = tensor.to(current.dtype, copy=True)  # own memory: the reader reuses its buffer
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     else:
