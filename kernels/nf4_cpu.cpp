@@ -19,9 +19,9 @@
 #include <cstring>
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #if defined(__SSSE3__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -174,23 +174,56 @@ static void unpack_kernel(const uint8_t* packed, const float* scales, const floa
   });
 }
 
-// A fresh output of many MB costs more in page faults than in arithmetic: the kernel maps and
-// zeroes it 4 KB at a time. Large outputs are therefore allocated on 2 MB boundaries and marked
-// for transparent huge pages, which cuts the faults 512-fold where the system allows it.
-static torch::Tensor empty_output(int64_t n, torch::ScalarType dtype) {
-  const size_t bytes = static_cast<size_t>(n) * c10::elementSize(dtype);
-  constexpr size_t huge = size_t(2) << 20;
-#if defined(__linux__)
-  if (bytes >= 2 * huge) {
-    void* ptr = nullptr;
-    const size_t rounded = (bytes + huge - 1) / huge * huge;
-    if (posix_memalign(&ptr, huge, rounded) == 0) {
-      madvise(ptr, rounded, MADV_HUGEPAGE);  // advice only: harmless where huge pages are off
-      return torch::from_blob(ptr, {n}, [](void* p) { free(p); }, torch::dtype(dtype));
+// A fresh output of many MB costs more in page faults than in arithmetic: the kernel maps and zeroes
+// new memory 4 KB at a time. Dequantized weights are short-lived and come back in the same few sizes
+// (every layer of a model, every step), so their buffers are recycled: when such a tensor dies its
+// memory goes to a small pool (at most MINILORA_NF4_POOL_MB, default 256) and the next output of that
+// size reuses it, already mapped. Like PyTorch's CUDA caching allocator, on the CPU, for these only.
+namespace {
+std::mutex pool_mutex;
+std::multimap<size_t, void*> pool;  // bytes -> free buffer
+size_t pool_bytes = 0;
+
+size_t pool_limit() {
+  static const size_t limit = [] {
+    const char* env = std::getenv("MINILORA_NF4_POOL_MB");
+    return static_cast<size_t>(env ? std::atoll(env) : 256) << 20;
+  }();
+  return limit;
+}
+
+void* take(size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    auto it = pool.find(bytes);
+    if (it != pool.end()) {
+      void* ptr = it->second;
+      pool.erase(it);
+      pool_bytes -= bytes;
+      return ptr;
     }
   }
-#endif
-  return torch::empty({n}, torch::dtype(dtype));
+  void* ptr = nullptr;
+  TORCH_CHECK(posix_memalign(&ptr, 64, bytes) == 0, "nf4_unpack: out of memory for ", bytes, " bytes");
+  return ptr;
+}
+
+void give(void* ptr, size_t bytes) {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  if (pool_bytes + bytes <= pool_limit()) {
+    pool.emplace(bytes, ptr);
+    pool_bytes += bytes;
+  } else {
+    free(ptr);
+  }
+}
+}  // namespace
+
+static torch::Tensor empty_output(int64_t n, torch::ScalarType dtype) {
+  const size_t bytes = static_cast<size_t>(n) * c10::elementSize(dtype);
+  if (bytes < (size_t(1) << 20) || pool_limit() == 0) return torch::empty({n}, torch::dtype(dtype));
+  void* ptr = take(bytes);
+  return torch::from_blob(ptr, {n}, [bytes](void* p) { give(p, bytes); }, torch::dtype(dtype));
 }
 
 torch::Tensor nf4_unpack(torch::Tensor packed, torch::Tensor scales, torch::Tensor levels, int64_t n, int64_t blocksize,

@@ -15,15 +15,16 @@ FIELDS = {"domain_loss_before", "domain_loss_after", "retain_loss_before", "reta
 def test_finetune_writes_a_report_and_learns_the_domain(tmp_path):
     assert main(["finetune", "--out", str(tmp_path), *SMALL]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report) == {"full", "lora_all", "lora_article"}
+    assert set(report) == {"full", "lora_all", "lora_article", "qlora_article"}
     for name, row in report.items():
         assert set(row) == FIELDS
         assert row["domain_loss_after"] < row["domain_loss_before"] - 0.4, name
         assert 0 < row["trainable_params"] <= row["total_params"] and row["peak_rss_mb"] > 0
     assert report["full"]["trainable_params"] == report["full"]["total_params"]
     assert max(report[n]["trainable_params"] for n in ("lora_all", "lora_article")) < report["full"]["total_params"] // 4
+    assert report["qlora_article"]["trainable_params"] == report["lora_article"]["trainable_params"]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    for name in ("lora_all", "lora_article"):
+    for name in ("lora_all", "lora_article", "qlora_article"):
         assert {f.name for f in (tmp_path / "adapters" / name).iterdir()} == {"adapter_config.json",
                                                                             "adapter_model.safetensors"}
     assert not list(tmp_path.rglob(".*.tmp*"))  # atomic writes leave no temporaries
@@ -43,7 +44,7 @@ def test_finetune_writes_a_report_and_learns_the_domain(tmp_path):
 def test_bad_arguments_say_what_to_do():
     result = subprocess.run([sys.executable, "-m", "minilora.cli", "finetune", "--strategies", "ful"],
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "unknown strategy 'ful'; choose from full, lora_all, lora_article" in result.stderr
+    assert result.returncode == 2 and "unknown strategy 'ful'; choose from full, lora_all, lora_article, qlora_article" in result.stderr
     result = subprocess.run([sys.executable, "-m", "minilora.cli", "finetune", "--width", "40"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "multiple of 32" in result.stderr

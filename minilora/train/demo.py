@@ -9,6 +9,7 @@ Strategies:
     full          every weight trains
     lora_all      LoRA r=8 on every Linear of every layer
     lora_article  the article's plan: Q and V of the upper half, rank rising with depth, LM head
+    qlora_article the same adapters over a 4-bit NF4 base (double quant), with PagedAdamW
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..config import LoraConfig
 from ..io import atomic_write
 from ..model import LoraModel, get_peft_model
+from ..optim import PagedAdamW
+from ..quant import NF4Config, quantize_model
 from .corpus import DOMAIN, GENERAL, ByteTokenizer, batches, generate, windows
 from .schedule import warmup_cosine
 
-STRATEGIES = ("full", "lora_all", "lora_article")
+STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")
 
 
 @dataclass
@@ -83,9 +86,9 @@ def eval_loss(model, data: torch.Tensor, batch_size: int = 32) -> float:
     return total / len(data)
 
 
-def _train(model, params, stream, steps: int, lr: float, evaluate, eval_every: int) -> list[dict]:
-    """AdamW + warmup/cosine + clipping; returns the eval curve."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def _train(model, params, stream, steps: int, lr: float, evaluate, eval_every: int, paged: bool = False) -> list[dict]:
+    """AdamW (or PagedAdamW) + warmup/cosine + clipping; returns the eval curve."""
+    optimizer = PagedAdamW(params, lr=lr, weight_decay=0.0) if paged else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, warmup_steps=max(1, steps // 10), total_steps=steps, min_lr_ratio=0.1)
     curve = [{"step": 0, **evaluate()}] if evaluate else []
     model.train()
@@ -129,9 +132,14 @@ def strategy_model(name: str, base: GPT2LMHeadModel, log: Callable[[str], None] 
     model = copy.deepcopy(base)
     if name == "full":
         return model, list(model.parameters())
+    if name.startswith("qlora"):
+        report = quantize_model(model, NF4Config(blocksize=64, double_quant=True))
+        log(f"{name}: base quantized to NF4, {report.bits_per_weight:.3f} bits per weight, "
+            f"{report.bytes_saved / 2**20:.1f} MB saved")
     configs = {
         "lora_all": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
         "lora_article": LoraConfig.article(),
+        "qlora_article": LoraConfig.article(),
     }
     if name not in configs:
         raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
@@ -165,7 +173,8 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
         model, params = strategy_model(name, base, log)
         lr = s.lr_full if name == "full" else s.lr_lora
         stream = batches(domain, s.batch_size, s.seq_len, torch.Generator().manual_seed(s.seed))
-        curve = _train(model, params, stream, s.finetune_steps, lr, evaluate(model), s.eval_every)
+        curve = _train(model, params, stream, s.finetune_steps, lr, evaluate(model), s.eval_every,
+                       paged=name.startswith("qlora"))
         total = sum(p.numel() for p in model.parameters())
         report[name] = {
             "domain_loss_before": curve[0]["domain_loss"],
