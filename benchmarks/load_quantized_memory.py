@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, write_results
 
 PROBE = r"""
 import json, sys
@@ -77,10 +77,7 @@ def main(argv=None) -> dict:
              f"| load_quantized, NF4 | {rows['quantized']['model_mb']:.0f} | {rows['quantized']['peak_above_baseline_mb']:.0f} |",
              f"| ratio of peaks | | {ratio:.2f} |"]
     print(f"LLaMA-style, hidden {args.hidden}, {args.layers} layers, {shards} safetensors shards")
-    print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "ratio": ratio, "shards": shards}, indent=2))
-    args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    write_results(args.out, table, {"rows": rows, "ratio": ratio, "shards": shards})
     return rows
 
 

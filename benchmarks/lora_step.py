@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import random
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -26,8 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 import minilora
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, interleaved_medians, training_step, write_results
 
 
 def build(args) -> GPT2LMHeadModel:
@@ -56,15 +51,6 @@ def peers(args) -> dict[str, torch.nn.Module]:
     return {name: m.train() for name, m in models.items()}
 
 
-def step(model, ids) -> float:
-    start = time.perf_counter()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    elapsed = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    return elapsed
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=6)
@@ -80,29 +66,17 @@ def main(argv=None) -> dict:
 
     models = peers(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    times = {name: [] for name in models}
-    order = list(models)
-    for i in range(args.warmup + args.repeats):
-        random.Random(i).shuffle(order)
-        for name in order:
-            t = step(models[name], ids)
-            if i >= args.warmup:
-                times[name].append(t)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    median = interleaved_medians({n: training_step(m, ids) for n, m in models.items()}, args.repeats, args.warmup)
     ratios = {f"{name} / base": median[name] / median["base"] for name in median if name != "base"}
     if "peft" in median:
         ratios["minilora / peft"] = median["minilora"] / median["peft"]
         ratios["minilora_qv / peft"] = median["minilora_qv"] / median["peft"]
-    report = {"config": {k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "median_seconds": median, "ratios": ratios}
-    table = ["| ratio of medians | value |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
     print(f"{args.layers} layers × {args.width} wide, batch {args.batch}×{args.seq}, vocab {args.vocab}, "
           f"{args.repeats} repeats, {torch.get_num_threads()} threads")
-    print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
-    return report
+    table = ["| ratio of medians | value |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
+    write_results(args.out, table, {"config": vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                    "median_seconds": median, "ratios": ratios})
+    return ratios
 
 
 if __name__ == "__main__":

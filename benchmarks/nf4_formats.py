@@ -10,14 +10,12 @@ Writes benchmarks/results/nf4_formats.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from minilora.quant import quantization_error
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, write_results
 
 
 def minilm_linear_weights() -> list[torch.Tensor]:
@@ -50,10 +48,7 @@ def main(argv=None) -> dict:
     for label, r in rows.items():
         table.append(f"| {label} | {r['nf4']['mse']:.3e} | {r['fp4']['mse']:.3e} ({r['fp4']['relative to nf4']:.2f}×) | "
                      f"{r['int4']['mse']:.3e} ({r['int4']['relative to nf4']:.2f}×) |")
-    print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    write_results(args.out, table, rows)
     return rows
 
 

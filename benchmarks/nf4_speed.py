@@ -10,16 +10,12 @@ dequantized output. Writes benchmarks/results/nf4_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from minilora.quant import nf4_dequantize, nf4_quantize
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, interleaved_medians, write_results
 
 
 def peers(W: torch.Tensor) -> dict[str, dict]:
@@ -55,14 +51,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     W = (torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     fns = peers(W)
-    times = {(p, op): [] for p in fns for op in ("quantize", "dequantize")}
-    for i in range(args.repeats + 1):
-        for (p, op) in (list(times) if i % 2 else list(reversed(times))):
-            start = time.perf_counter()
-            fns[p][op]()
-            if i:  # the first round warms up (and builds the native path once)
-                times[(p, op)].append(time.perf_counter() - start)
-    median = {k: statistics.median(v) for k, v in times.items()}
+    median = interleaved_medians({(p, op): fn for p, ops in fns.items() for op, fn in ops.items()}, args.repeats)
     rows = {}
     for p in fns:
         rows[p] = {op: {"ms": 1e3 * median[(p, op)],
@@ -77,10 +66,7 @@ def main(argv=None) -> dict:
         table.append(f"| {p} | {q:.2f}× | {d:.2f}× | {r['dequantize']['output GB/s']:.1f} |" if q else f"| {p} | – | – | |")
     print(f"{args.size}×{args.size} bf16, blocksize 64, double quant, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads")
-    print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"size": args.size, "repeats": args.repeats, "rows": rows}, indent=2))
-    args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    write_results(args.out, table, {"size": args.size, "repeats": args.repeats, "rows": rows})
     return rows
 
 

@@ -11,16 +11,12 @@ were on the device at once. Writes benchmarks/results/paged_adamw.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from minilora.optim import PagedAdamW
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, interleaved_medians, write_results
 
 
 def params(n: int, seed: int) -> list[torch.nn.Parameter]:
@@ -31,12 +27,6 @@ def params(n: int, seed: int) -> list[torch.nn.Parameter]:
         p.grad = torch.randn(n // 8, generator=g)
         out.append(p)
     return out
-
-
-def timed(opt) -> float:
-    start = time.perf_counter()
-    opt.step()
-    return time.perf_counter() - start
 
 
 def main(argv=None) -> dict:
@@ -50,15 +40,10 @@ def main(argv=None) -> dict:
     for size in (int(float(s)) for s in args.sizes.split(",")):
         torch_opt = torch.optim.AdamW(params(size, 0), lr=1e-3, foreach=True)
         paged = PagedAdamW(params(size, 0), lr=1e-3, page_bytes=args.page_mb << 20)
-        times = {"adamw": [], "paged": []}
-        for i in range(args.repeats + 1):
-            for name, opt in ((("adamw", torch_opt), ("paged", paged)) if i % 2 else (("paged", paged), ("adamw", torch_opt))):
-                t = timed(opt)
-                if i > 0:  # the first step allocates the state
-                    times[name].append(t)
+        median = interleaved_medians({"adamw": torch_opt.step, "paged": paged.step}, args.repeats)  # warm-up allocates
         adamw_bytes = sum(t.numel() * t.element_size() for s in torch_opt.state.values() for k, t in s.items() if k != "step")
         rows[size] = {
-            "paged / adamw step time": statistics.median(times["paged"]) / statistics.median(times["adamw"]),
+            "paged / adamw step time": median["paged"] / median["adamw"],
             "adamw device state MB": adamw_bytes / 2**20,
             "paged peak device state MB": paged.peak_device_state_bytes / 2**20,
         }
@@ -68,10 +53,7 @@ def main(argv=None) -> dict:
         table.append(f"| {size:,} | {r['paged / adamw step time']:.3f} | {r['adamw device state MB']:.0f} | "
                      f"{r['paged peak device state MB']:.0f} |")
     print(f"{args.repeats} repeats, medians, {torch.get_num_threads()} threads, page {args.page_mb} MB")
-    print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2))
-    args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    write_results(args.out, table, {"config": vars(args), "rows": rows})
     return rows
 
 

@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import random
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,8 +20,7 @@ from transformers.utils import logging as hf_logging
 
 import minilora
 from minilora.quant import NF4Config, quantize_model
-
-RESULTS = Path(__file__).parent / "results"
+from _common import RESULTS, interleaved_medians, training_step, write_results
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -69,16 +64,6 @@ def peers(args) -> dict:
     return {name: m.train() for name, m in models.items()}
 
 
-def step(model, ids) -> float:
-    start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    elapsed = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    return elapsed
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -92,28 +77,16 @@ def main(argv=None) -> dict:
     hf_logging.set_verbosity_error()
     models = peers(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    times = {name: [] for name in models}
-    order = list(models)
-    for i in range(args.repeats + 1):
-        random.Random(i).shuffle(order)
-        for name in order:
-            t = step(models[name], ids)
-            if i:
-                times[name].append(t)
-    median = {n: statistics.median(t) for n, t in times.items()}
+    median = interleaved_medians({n: training_step(m, ids, torch.bfloat16) for n, m in models.items()}, args.repeats)
     limit = median["bf16 LoRA (minilora)"]
     ratios = {f"{n} / bf16 LoRA": median[n] / limit for n in median}
     if "QLoRA (PEFT + bitsandbytes)" in median:
         ratios["speed-up of minilora QLoRA over PEFT + bitsandbytes"] = (
             median["QLoRA (PEFT + bitsandbytes)"] / median["QLoRA (minilora)"])
-    table = ["| ratio of medians | value |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
     print(f"hidden {args.hidden}, {args.layers} layers, batch {args.batch}×{args.seq}, r=16 on all 7 projections, "
           f"bf16 autocast, {args.repeats} repeats, {torch.get_num_threads()} threads")
-    print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
-                                                          "median_seconds": median, "ratios": ratios}, indent=2))
-    args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    table = ["| ratio of medians | value |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
+    write_results(args.out, table, {"config": vars(args), "median_seconds": median, "ratios": ratios})
     return ratios
 
 

@@ -9,10 +9,28 @@ A missing Triton or GPU is never an error under "auto": only a slower path.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+try:
+    import triton
+except ImportError:  # the Triton kernels are optional: without them every call takes the reference
+    triton = None
 
 BACKENDS = ("auto", "torch", "triton")
 TRITON_KERNELS: dict[str, object] = {}  # kernel name -> Triton implementation, registered by kernel files
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, for tests."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_launch_options() -> dict:
+    """No fused multiply-add on the GPU: a × b + c rounds twice, as the torch reference does, so
+    results are bit-exact. (The interpreter runs NumPy and takes no launch options.)"""
+    return {} if interpreting() else {"enable_fp_fusion": False}
 
 
 def pick(name: str, backend: str, tensor: torch.Tensor) -> str:
@@ -25,6 +43,8 @@ def pick(name: str, backend: str, tensor: torch.Tensor) -> str:
                 f"no Triton implementation of {name} is available (is triton installed?); "
                 "use backend='auto' or backend='torch'"
             )
+        if not tensor.is_cuda and not interpreting():
+            raise RuntimeError(f"the Triton {name} kernel runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1)")
         return "triton"
     if backend == "auto" and tensor.is_cuda and name in TRITON_KERNELS:
         return "triton"

@@ -1,22 +1,29 @@
 """nf4_matmul: y = x · dequant(W)ᵀ, and its input gradient x_grad = y_grad · dequant(W).
 
-Shapes (W is stored (N, K), row-major, as nn.Linear's weight):
-    x       (..., K)  any float dtype; the product is computed in x's dtype with fp32 accumulation
+Shapes (W is stored (N, K), row-major, as nn.Linear's weight; element (n, k) is code number n·K + k):
+    x       (..., K)  fp32 / fp16 / bf16; products accumulate in fp32
     packed  uint8 [(N·K+1)//2], state.shape == (N, K)
     y       (..., N)
 
-The torch reference dequantizes W for the product and drops it straight after: nothing dense is
-kept between forward and backward. The Triton kernel (when present) never builds W at all: tiles
-of codes are expanded in registers and fed to tl.dot.
+The Triton kernels never build W: each program loads a (BLOCK_N, BLOCK_K) tile of 4-bit codes,
+expands it in registers (nibble → NF4 level × its block's absmax, rebuilt from the double-quant
+codes on the fly) and feeds it to tl.dot, masking the edges of M, N and K. The backward kernel
+reads the same tiles in the transposed pattern. The torch reference dequantizes W for the product
+and drops it straight after: nothing dense is kept between forward and backward.
+
+Two regimes share one kernel through its tile shapes: small M (decoding: a GEMV in disguise, where
+wide BLOCK_N tiles keep the 4-bit weight stream saturating memory bandwidth) and large M
+(training: square GEMM tiles). On a GPU, autotuning picks among configs sized for Ampere and
+Hopper; under the interpreter one small config runs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from minilora.quant.nf4 import NF4State
+from minilora.quant.nf4 import DYNAMIC_MAP, NF4_LEVELS, NF4State, check_state
 
-from .dispatch import TRITON_KERNELS, pick
+from .dispatch import TRITON_KERNELS, interpreting, pick, triton, triton_launch_options
 from .nf4_dequant import nf4_dequant_reference
 
 
@@ -37,6 +44,132 @@ def nf4_matmul_grad_input_reference(grad_y: torch.Tensor, packed: torch.Tensor, 
     """(..., N) @ (N, K) -> (..., K): the input gradient of y = x · Wᵀ."""
     _check(grad_y, state, state.shape[0], "nf4_matmul_grad_input")
     return grad_y @ nf4_dequant_reference(packed, state, grad_y.dtype)
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dynamic_map_ptr, levels_ptr, offset, rn, rk, N, K,
+                     QUANT_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+        """W[rn, rk] in fp32, (len(rn), len(rk)), zero outside N × K: dequantized in registers."""
+        mask = (rn[:, None] < N) & (rk[None, :] < K)
+        idx = rn[:, None].to(tl.int64) * K + rk[None, :]  # flat code index n·K + k
+        byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+        code = tl.where(idx % 2 == 0, byte >> 4, byte & 0xF)
+        level = tl.load(levels_ptr + code, mask=mask, other=0.0)
+        block = idx // QUANT_BLOCK
+        if DOUBLE_QUANT:
+            q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(dynamic_map_ptr + q, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // 256, mask=mask, other=0.0)
+            scale = scale + offset
+        else:
+            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        return level * scale
+
+    @triton.jit
+    def _nf4_matmul_kernel(
+        # Pointers
+        x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, dynamic_map_ptr, levels_ptr, y_ptr,
+        # Matrix dimensions and the double-quant offset
+        M, N, K, offset,
+        # Strides
+        stride_xm, stride_xk, stride_ym, stride_yn,
+        # Meta-parameters
+        QUANT_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """y (M, N) = x (M, K) · Wᵀ, W (N, K) in NF4."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
+            w = _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dynamic_map_ptr, levels_ptr, offset, rn, rk, N, K,
+                             QUANT_BLOCK, DOUBLE_QUANT)  # (BLOCK_N, BLOCK_K)
+            acc += tl.dot(a, tl.trans(w.to(a.dtype)))  # x · Wᵀ, fp32 accumulation
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
+    def _nf4_matmul_grad_input_kernel(
+        # Pointers
+        g_ptr, packed_ptr, absmax_ptr, absmax2_ptr, dynamic_map_ptr, levels_ptr, dx_ptr,
+        # Matrix dimensions and the double-quant offset
+        M, N, K, offset,
+        # Strides
+        stride_gm, stride_gn, stride_dm, stride_dk,
+        # Meta-parameters
+        QUANT_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """dx (M, K) = g (M, N) · W, W (N, K) in NF4: the same tiles, read along N."""
+        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
+                        mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # (BLOCK_M, BLOCK_N)
+            w = _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dynamic_map_ptr, levels_ptr, offset, rn, rk, N, K,
+                             QUANT_BLOCK, DOUBLE_QUANT)  # (BLOCK_N, BLOCK_K)
+            acc += tl.dot(g, w.to(g.dtype))
+        tl.store(dx_ptr + rm[:, None] * stride_dm + rk[None, :] * stride_dk, acc.to(dx_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+    def _tiles(M: int) -> dict:
+        """Tile shapes: one small config under the interpreter; decode vs training shapes on a GPU."""
+        if interpreting():
+            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+        if M <= 16:  # decoding: few rows, wide weight tiles stream the 4-bit weights
+            return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)  # GEMM tiles (Ampere/Hopper)
+
+    def _weight_args(packed: torch.Tensor, state: NF4State):
+        dq, device = state.double_quant, packed.device
+        return (packed, state.absmax, state.absmax2 if dq else state.absmax, DYNAMIC_MAP.to(device),
+                NF4_LEVELS.to(device))
+
+    def nf4_matmul_triton(x: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+        """Checks, allocates, launches: y = x · dequant(W)ᵀ."""
+        _check(x, state, state.shape[1], "nf4_matmul")
+        check_state(packed, state)
+        N, K = state.shape
+        x2 = x.reshape(-1, K)  # (M, K)
+        M = x2.shape[0]
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        tiles = _tiles(M)
+        grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
+        offset = float(state.offset) if state.double_quant else 0.0
+        _nf4_matmul_kernel[grid](x2, *_weight_args(packed, state), y, M, N, K, offset,
+                                 x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+                                 QUANT_BLOCK=state.blocksize, DOUBLE_QUANT=state.double_quant,
+                                 **tiles, **triton_launch_options())
+        return y.view(*x.shape[:-1], N)
+
+    def nf4_matmul_grad_input_triton(grad_y: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+        """Checks, allocates, launches: x_grad = y_grad · dequant(W)."""
+        _check(grad_y, state, state.shape[0], "nf4_matmul_grad_input")
+        check_state(packed, state)
+        N, K = state.shape
+        g2 = grad_y.reshape(-1, N)  # (M, N)
+        M = g2.shape[0]
+        dx = torch.empty(M, K, dtype=grad_y.dtype, device=grad_y.device)
+        tiles = _tiles(M)
+        grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(K, tiles["BLOCK_K"]))
+        offset = float(state.offset) if state.double_quant else 0.0
+        _nf4_matmul_grad_input_kernel[grid](g2, *_weight_args(packed, state), dx, M, N, K, offset,
+                                            g2.stride(0), g2.stride(1), dx.stride(0), dx.stride(1),
+                                            QUANT_BLOCK=state.blocksize, DOUBLE_QUANT=state.double_quant,
+                                            **tiles, **triton_launch_options())
+        return dx.view(*grad_y.shape[:-1], K)
+
+    TRITON_KERNELS["nf4_matmul"] = nf4_matmul_triton
+    TRITON_KERNELS["nf4_matmul_grad_input"] = nf4_matmul_grad_input_triton
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: NF4State, backend: str = "auto") -> torch.Tensor:

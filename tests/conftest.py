@@ -1,7 +1,15 @@
 """Tiny models of each family, built from configs (no downloads), and shared helpers."""
 
 import copy
+import os
 import warnings
+
+import torch
+
+# The Triton kernels run on CPU tensors through Triton's interpreter when no GPU is present. The
+# switch is read when a kernel is defined, so it is set before anything imports minilora.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -73,6 +81,34 @@ def batch(family, seed=1, batch_size=2, length=9):
     if family in ("t5", "bart"):
         out["decoder_input_ids"] = torch.randint(3, VOCAB, (batch_size, 5), generator=g)
     return out
+
+
+def linear(d_in, d_out, conv1d=False, seed=0):
+    """An nn.Linear, or a GPT-2 Conv1D (weight stored (in, out)) with normal weights and bias."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    if conv1d:
+        layer = Conv1D(d_out, d_in)
+        torch.nn.init.normal_(layer.weight, std=0.05)
+        torch.nn.init.normal_(layer.bias, std=0.05)
+        return layer
+    return torch.nn.Linear(d_in, d_out)
+
+
+def train_losses(model, steps=30, lr=1e-2, seed=0):
+    """Train the trainable parameters of a tiny causal LM to memorize one batch; the losses."""
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def logits(model, inputs):

@@ -7,20 +7,9 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers.pytorch_utils import Conv1D
-
+from conftest import linear
 from minilora import LoRALinear
 from minilora.lora import FULL
-
-
-def linear(d_in, d_out, conv1d=False, seed=0):
-    torch.manual_seed(seed)
-    if conv1d:
-        layer = Conv1D(d_out, d_in)
-        nn.init.normal_(layer.weight, std=0.1)
-        nn.init.normal_(layer.bias, std=0.1)
-        return layer
-    return nn.Linear(d_in, d_out)
 
 
 def lora(base, parts=None, r=4, alpha=8.0, init=False, **kw):

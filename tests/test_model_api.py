@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import batch, logits, make
+from conftest import batch, logits, make, train_losses
 from minilora import LoraConfig, LoraModel, LoRALinear, format_breakdown, get_peft_model
 
 QV = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)
@@ -156,16 +156,7 @@ def test_parameter_breakdown_adds_up_and_finds_each_component():
 def test_training_lowers_the_loss():
     torch.manual_seed(0)
     pm = get_peft_model(make("gpt2"), LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v", "ffn"]))
-    pm.train()
-    ids = torch.randint(3, 128, (4, 16))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(pm)
     assert losses[-1] < losses[0] - 0.3  # nats; a random tiny GPT-2 starts at ln(128) ≈ 4.85
     k = pm.model.transformer.h[0].attn.c_attn
     assert set(k.spans["default"]) == {"q", "v"}  # K was never part of training

@@ -6,22 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from transformers.pytorch_utils import Conv1D
 
-from conftest import batch, logits, make
+from conftest import batch, linear, logits, make, train_losses
 from minilora import LoraConfig, NF4Config, get_peft_model, load_quantized, memory_report, quantize_model
 from minilora.kernels import nf4_dequant, nf4_matmul
 from minilora.quant import Linear4bit, nf4_quantize
 
 
-def layer(conv1d=False, d_in=96, d_out=64, seed=0):
-    torch.manual_seed(seed)
-    if conv1d:
-        m = Conv1D(d_out, d_in)
-        nn.init.normal_(m.weight, std=0.05)
-        nn.init.normal_(m.bias, std=0.05)
-        return m
-    return nn.Linear(d_in, d_out)
+def layer(conv1d=False, d_in=96, d_out=64):
+    return linear(d_in, d_out, conv1d)
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
@@ -102,16 +95,7 @@ def test_qlora_trains_and_lowers_the_loss():
     quantize_model(model, NF4Config(blocksize=32))
     pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v", "ffn"]))
     assert isinstance(pm.model.transformer.h[0].attn.c_attn.base_layer, Linear4bit)
-    pm.train()
-    ids = torch.randint(3, 128, (4, 16))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(pm)
     assert losses[-1] < losses[0] - 0.3
     assert all(not p.requires_grad for n, p in pm.named_parameters() if "lora_" not in n)
 
