@@ -22,7 +22,7 @@ import torch.nn as nn
 from .config import LoraConfig
 from .io import load_adapter, save_adapters
 from .lora import LoRALinear
-from .params import format_trainable, parameter_breakdown
+from .params import count_parameters, format_trainable, parameter_breakdown
 from .quant import Linear4bit, NF4Config
 from .surgery import (
     TASK_HEADS,
@@ -232,8 +232,8 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ counting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        """(trainable, all) parameters; 4-bit weights count as their number of values, as in PEFT."""
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         print(format_trainable(*self.get_nb_trainable_parameters()))

@@ -22,6 +22,20 @@ _FFN_WORDS = re.compile(r"mlp|ffn|feed_forward|DenseReluDense|intermediate|fc1|f
 _WRAPPERS = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.|$)")
 
 
+def quantized_weights(module: nn.Module) -> int:
+    """Weights a quantized linear layer holds as packed codes (not as parameters); 0 otherwise."""
+    if getattr(module, "LINEAR_LIKE", False) and not module.weight.is_floating_point():
+        return module.in_features * module.out_features
+    return 0
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit weight counts as its number of values, as PEFT counts them."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) + sum(quantized_weights(m) for m in model.modules())
+    return trainable, total
+
+
 def format_trainable(trainable: int, total: int) -> str:
     """PEFT's exact line."""
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
@@ -55,6 +69,8 @@ def parameter_breakdown(model: nn.Module) -> dict[str, dict[str, float]]:
     rows = {c: {"params": 0, "trainable": 0} for c in COMPONENTS}
     seen = set()
     for path, module in model.named_modules():
+        if quantized_weights(module):  # packed 4-bit weights are buffers; count their values
+            rows[_component(_WRAPPERS.sub("", path), module, roles, head_paths)]["params"] += quantized_weights(module)
         for param in module.parameters(recurse=False):
             if id(param) in seen:
                 continue

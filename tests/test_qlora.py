@@ -95,6 +95,10 @@ def test_qlora_trains_and_lowers_the_loss():
     quantize_model(model, NF4Config(blocksize=32))
     pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v", "ffn"]))
     assert isinstance(pm.model.transformer.h[0].attn.c_attn.base_layer, Linear4bit)
+    dense = get_peft_model(make("gpt2"), LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v", "ffn"]))
+    assert pm.get_nb_trainable_parameters() == dense.get_nb_trainable_parameters()  # 4-bit weights still count
+    rows = pm.parameter_breakdown()
+    assert rows["total"]["params"] == dense.parameter_breakdown()["total"]["params"]
     losses = train_losses(pm)
     assert losses[-1] < losses[0] - 0.3
     assert all(not p.requires_grad for n, p in pm.named_parameters() if "lora_" not in n)

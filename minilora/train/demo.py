@@ -31,6 +31,7 @@ from ..config import LoraConfig
 from ..io import atomic_write
 from ..model import LoraModel, get_peft_model
 from ..optim import PagedAdamW
+from ..params import count_parameters
 from ..quant import NF4Config, quantize_model
 from .corpus import DOMAIN, GENERAL, ByteTokenizer, batches, generate, windows
 from .schedule import warmup_cosine
@@ -175,7 +176,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
         stream = batches(domain, s.batch_size, s.seq_len, torch.Generator().manual_seed(s.seed))
         curve = _train(model, params, stream, s.finetune_steps, lr, evaluate(model), s.eval_every,
                        paged=name.startswith("qlora"))
-        total = sum(p.numel() for p in model.parameters())
+        total = count_parameters(model)[1]
         report[name] = {
             "domain_loss_before": curve[0]["domain_loss"],
             "domain_loss_after": curve[-1]["domain_loss"],
