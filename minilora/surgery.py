@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .config import LoraConfig
 from .lora import FULL, LoRALinear
-from .roles import ROLES, Site, classify, family_of, parse_selector, supported_roles
+from .roles import Site, classify, family_of, parse_selector, supported_roles
 
 # PEFT's defaults when target_modules is None, per family.
 DEFAULT_TARGETS = {
@@ -145,7 +145,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> dict[str, Parts]:
         if band_rank is False:
             continue
         r, alpha = _rank_alpha(config, site, band_rank)
-        spans = _spans(site, parts, sites)
+        spans = _spans(site, parts)
         plan[name] = {part: (span, r, alpha) for part, span in spans.items()}
 
     if not plan:
@@ -170,7 +170,7 @@ def _select(entry: str, sites: dict[str, Site], known_family: bool) -> list[tupl
     return hits
 
 
-def _spans(site: Site, parts: set[str], sites) -> dict[str, tuple[int, int]]:
+def _spans(site: Site, parts: set[str]) -> dict[str, tuple[int, int]]:
     if parts == {FULL}:
         return {FULL: (0, -1)}  # -1: resolved to d_out when the module is wrapped
     spans, first = {}, 0
@@ -339,5 +339,3 @@ def adapter_layers(model: nn.Module):
     """Every LoRALinear and ModulesToSave in `model`."""
     return [m for m in model.modules() if isinstance(m, (LoRALinear, ModulesToSave))]
 
-
-__all__ = ["ROLES", "resolve_targets", "inject_adapter", "wrap_modules_to_save", "mark_trainable", "ModulesToSave"]
