@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import mixing
 from .roles import features
 
 FULL = "full"  # the part name of an adapter that covers the whole output
@@ -127,20 +128,28 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)  # (..., d_out)
         if self.disabled:
             return y
+        routing = mixing.current()  # set by LoraModel.forward(adapter_names= / adapter_weights=)
+        if routing is not None and routing.rows is not None:
+            return mixing.add_rows(self, y, x, routing.rows)
+        if routing is not None and routing.weights is not None:
+            for name, weight in routing.weights.items():
+                if name in self.lora_A:
+                    y = self._add_lora(y, x, name, weight)
+            return y
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 y = self._add_lora(y, x, name)
         return y
 
-    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """y[..., part] + (alpha/r) · (dropout(x) Aᵀ) Bᵀ for each part of adapter `name`."""
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
+        """y[..., part] + weight · (alpha/r) · (dropout(x) Aᵀ) Bᵀ for each part of adapter `name`."""
         A, B = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(next(iter(A.values())).weight.dtype))  # (..., d_in)
         spans, scales, factors = [], [], []
         for part, span in self.spans[name].items():
             h = A[part](x).reshape(-1, A[part].out_features)  # (N, d_in) @ (d_in, r) -> (N, r)
             spans.append(span)
-            scales.append(self.scaling[name][part])
+            scales.append(weight * self.scaling[name][part])
             factors += [h.to(y.dtype), B[part].weight.to(y.dtype)]  # h (N, r), B (d_part, r)
         y2d = y.reshape(-1, self.out_features)  # (N, d_out)
         return LowRankAdd.apply(y2d, tuple(spans), tuple(scales), *factors).view(y.shape)

@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from .config import LoraConfig
 from .io import load_adapter, save_adapters
+from . import mixing
+from .combine import add_weighted_adapter
 from .lora import LoRALinear
 from .params import count_parameters, format_trainable, parameter_breakdown
 from .quant import Linear4bit, NF4Config
@@ -49,11 +51,41 @@ class LoraModel(nn.Module):
             self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ passthrough
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: Optional[list[str]] = None,
+                adapter_weights: Optional[dict[str, float]] = None, **kwargs):
+        """The HF model's forward. `adapter_names`: one adapter (or "__base__") per batch row, in
+        eval mode. `adapter_weights`: {adapter: weight}, the weighted sum of their low-rank paths."""
+        with self._routing(adapter_names, adapter_weights, args, kwargs):
+            return self.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: Optional[list[str]] = None,
+                 adapter_weights: Optional[dict[str, float]] = None, **kwargs):
+        """The HF model's generate, with the same per-row / weighted adapter choice as forward."""
+        with self._routing(adapter_names, adapter_weights, args, kwargs):
+            return self.model.generate(*args, **kwargs)
+
+    def _routing(self, adapter_names, adapter_weights, args, kwargs):
+        if adapter_names is None and adapter_weights is None:
+            return contextlib.nullcontext()
+        if adapter_names is not None and adapter_weights is not None:
+            raise ValueError("give adapter_names (one adapter per row) or adapter_weights (a mix), not both")
+        if any(layer.merged for layer in self._lora_layers()):
+            raise RuntimeError("adapters are merged into the weights; call unmerge_adapter() before choosing adapters per call")
+        chosen = list(adapter_names) if adapter_names is not None else list(adapter_weights)
+        unknown = sorted({n for n in chosen if n != mixing.BASE and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)} (and '__base__')")
+        if adapter_weights is not None:
+            bad = {n: w for n, w in adapter_weights.items() if not isinstance(w, (int, float)) or w != w}
+            if bad:
+                raise ValueError(f"adapter_weights must map adapter names to numbers, got {bad}")
+            return mixing.routed(mixing.Routing(weights={n: float(w) for n, w in adapter_weights.items() if n != mixing.BASE}))
+        if self.training:
+            raise RuntimeError("mixed batches (adapter_names) run in eval mode: call model.eval() first")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and ids.shape[0] != len(chosen):
+            raise ValueError(f"adapter_names has {len(chosen)} entries but the batch has {ids.shape[0]} rows: give one per row")
+        return mixing.routed(mixing.Routing(rows=tuple(chosen)))
 
     def __getattr__(self, name: str):
         try:
@@ -131,6 +163,12 @@ class LoraModel(nn.Module):
         del self.peft_config[adapter_name]
         self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
         self._apply_active()
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None) -> dict[str, float]:
+        """A new adapter ≈ Σ wᵢ adapters[i] ("cat": exact, "linear": approximate, "svd": best rank-k).
+        Returns the energy each "svd" layer keeps (fraction of Σσ²). See minilora/combine.py."""
+        return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -1,0 +1,84 @@
+r"""Several adapters in one forward pass: per-row adapters (mixed batches) and weighted mixing.
+
+Mixed batch: row b of the batch uses adapter a(b) (or "__base__", no adapter):
+
+    y_b = x_b Wᵀ + s_a(b) · (x_b A_a(b)ᵀ) B_a(b)ᵀ
+
+computed for all rows at once: the A and B of the adapters in the batch are stacked (ranks padded
+with zeros, scale folded into B, a zero entry for "__base__"), gathered per row, and applied with
+two batched matmuls, so the cost barely grows with the number of distinct adapters:
+
+    A_rows (B, r, d_in)  = A_stack[idx]        h = x · A_rowsᵀ   (B, T, d_in) @ (B, d_in, r) -> (B, T, r)
+    B_rows (B, d, r)     = B_stack[idx]        y += h · B_rowsᵀ  (B, T, r) @ (B, r, d)    -> (B, T, d)
+
+Weighted mixing: y = x Wᵀ + Σ_a w_a · s_a · (x A_aᵀ) B_aᵀ, each adapter's low-rank path weighted.
+
+`LoraModel.forward(..., adapter_names=[...])` / `(..., adapter_weights={...})` set a context that
+every LoRALinear reads during that one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+BASE = "__base__"  # the row runs the base model, no adapter
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How adapters apply during one forward call."""
+
+    rows: Optional[tuple[str, ...]] = None  # one adapter name (or BASE) per batch row
+    weights: Optional[dict[str, float]] = None  # adapter -> weight of its low-rank path
+
+
+_current: contextvars.ContextVar[Optional[Routing]] = contextvars.ContextVar("minilora_routing", default=None)
+
+
+def current() -> Optional[Routing]:
+    return _current.get()
+
+
+@contextlib.contextmanager
+def routed(routing: Routing) -> Iterator[None]:
+    token = _current.set(routing)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def add_rows(layer, y: torch.Tensor, x: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
+    """y (B, ..., d_out) plus, for each row b, adapter rows[b]'s low-rank path on x (B, ..., d_in)."""
+    batch = x.shape[0]
+    if batch != len(rows):
+        raise ValueError(
+            f"adapter_names has {len(rows)} entries but this layer sees a batch of {batch} rows; give one name per "
+            "row (beam search and other row-expanding generation are not supported with adapter_names)"
+        )
+    used = [n for n in dict.fromkeys(rows) if n != BASE and n in layer.lora_A]
+    if not used:
+        return y
+    x3 = x.reshape(batch, -1, layer.in_features)  # (B, T, d_in)
+    y3 = y.reshape(batch, -1, layer.out_features).clone()  # (B, T, d_out)
+    spans = dict.fromkeys(span for n in used for span in layer.spans[n].values())
+    for first, end in spans:
+        entries = [(n, p) for n in used for p, span in layer.spans[n].items() if span == (first, end)]
+        r_max = max(layer.r[n][p] for n, p in entries)
+        A_stack = x.new_zeros(len(entries) + 1, r_max, layer.in_features)  # index 0: no adapter
+        B_stack = x.new_zeros(len(entries) + 1, end - first, r_max)
+        index = {}
+        for i, (n, p) in enumerate(entries, start=1):
+            r = layer.r[n][p]
+            A_stack[i, :r] = layer.lora_A[n][p].weight.to(x.dtype)  # zero-padded ranks change nothing
+            B_stack[i, :, :r] = layer.lora_B[n][p].weight.to(x.dtype) * layer.scaling[n][p]
+            index[n] = i
+        idx = torch.tensor([index.get(n, 0) for n in rows], device=x.device)  # (B,)
+        h = torch.bmm(x3, A_stack[idx].transpose(1, 2))  # (B, T, d_in) @ (B, d_in, r) -> (B, T, r)
+        y3[..., first:end] += torch.bmm(h, B_stack[idx].transpose(1, 2)).to(y3.dtype)  # (B, T, r) @ (B, r, d)
+    return y3.view(y.shape)

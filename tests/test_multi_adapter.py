@@ -1,0 +1,139 @@
+"""Many adapters on one base: mixed batches, weighted mixing, weighted combinations, tag routing."""
+
+import pytest
+import torch
+
+from conftest import make
+from minilora import LoraConfig, get_peft_model
+from minilora.routing import TagRouter
+
+
+def two_adapters(family="llama"):
+    pm = get_peft_model(make(family), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False))
+    pm.add_adapter("b", LoraConfig(r=2, lora_alpha=3, target_modules=["v", "o"], init_lora_weights=False))
+    return pm.eval()
+
+
+def alone(pm, name, ids):
+    """The logits of `ids` with only adapter `name` (or the base) active."""
+    if name == "__base__":
+        with pm.disable_adapter():
+            return pm(input_ids=ids).logits
+    pm.set_adapter(name)
+    return pm(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mixed_batch_rows_equal_single_adapter_runs(family):
+    pm = two_adapters(family)
+    ids = torch.randint(3, 128, (4, 9), generator=torch.Generator().manual_seed(0))
+    names = ["b", "__base__", "default", "b"]
+    with torch.no_grad():
+        mixed = pm(input_ids=ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            torch.testing.assert_close(mixed[i:i + 1], alone(pm, name, ids[i:i + 1]), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_through_generate():
+    pm = two_adapters()
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(1))
+    names = ["default", "b", "__base__"]
+    out = pm.generate(input_ids=ids, adapter_names=names, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                one = pm.generate(input_ids=ids[i:i + 1], max_new_tokens=5, do_sample=False, pad_token_id=0)
+        else:
+            pm.set_adapter(name)
+            one = pm.generate(input_ids=ids[i:i + 1], max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(out[i:i + 1], one)
+
+
+def test_weighted_mixing_per_request():
+    pm = two_adapters()
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids, adapter_weights={"b": 1.0}).logits, alone(pm, "b", ids))
+        torch.testing.assert_close(pm(input_ids=ids, adapter_weights={"b": 0.0}).logits, alone(pm, "__base__", ids))
+        q = pm.model.model.layers[0].self_attn.v_proj  # both adapters act here: the paths add, weighted
+        x = torch.randn(3, 32)
+        with pm.disable_adapter():
+            base = q(x)
+        from minilora.mixing import Routing, routed
+
+        with routed(Routing(weights={"default": 0.7, "b": 0.3})):
+            mixed = q(x)
+        pm.set_adapter("default")
+        d = q(x) - base
+        pm.set_adapter("b")
+        b = q(x) - base
+    torch.testing.assert_close(mixed - base, 0.7 * d + 0.3 * b, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_adapter_choices_are_refused():
+    pm = two_adapters()
+    ids = torch.randint(3, 128, (2, 5))
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]; loaded adapters: \['b', 'default'\]"):
+        pm(input_ids=ids, adapter_names=["nope", "b"])
+    with pytest.raises(ValueError, match="has 3 entries but the batch has 2 rows"):
+        pm(input_ids=ids, adapter_names=["b", "b", "b"])
+    with pytest.raises(ValueError, match="not both"):
+        pm(input_ids=ids, adapter_names=["b", "b"], adapter_weights={"b": 1.0})
+    pm.train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        pm(input_ids=ids, adapter_names=["b", "b"])
+    pm.eval()
+    pm.merge_adapter()
+    with pytest.raises(RuntimeError, match="unmerge_adapter"):
+        pm(input_ids=ids, adapter_names=["b", "b"])
+
+
+def delta(layer, name, part):
+    return layer.delta_weight(name, part) if name in layer.spans and part in layer.spans[name] else 0
+
+
+def test_cat_is_exact_and_svd_error_is_the_discarded_singular_values():
+    pm = two_adapters("gpt2")
+    c_attn = pm.model.transformer.h[0].attn.c_attn
+    target_v = 0.7 * delta(c_attn, "default", "v") + 0.3 * delta(c_attn, "b", "v")
+    pm.add_weighted_adapter(["default", "b"], [0.7, 0.3], "cat", combination_type="cat")
+    torch.testing.assert_close(delta(c_attn, "cat", "v"), target_v, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(delta(c_attn, "cat", "q"), 0.7 * delta(c_attn, "default", "q"), atol=1e-6, rtol=1e-5)
+    assert c_attn.r["cat"]["v"] == 4 + 2
+
+    energy = pm.add_weighted_adapter(["default", "b"], [0.7, 0.3], "svd", combination_type="svd", svd_rank=3)
+    S = torch.linalg.svdvals(target_v)
+    error = (delta(c_attn, "svd", "v") - target_v).norm()
+    torch.testing.assert_close(error, S[3:].square().sum().sqrt(), atol=1e-5, rtol=1e-4)
+    assert energy["transformer.h.0.attn.c_attn:v"] == pytest.approx((S[:3].square().sum() / S.square().sum()).item(), rel=1e-5)
+
+
+def test_linear_is_the_documented_approximation_and_needs_one_rank():
+    pm = get_peft_model(make("llama"), LoraConfig(r=4, target_modules=["q"], init_lora_weights=False))
+    pm.add_adapter("b", LoraConfig(r=4, lora_alpha=4, target_modules=["q"], init_lora_weights=False))
+    pm.add_weighted_adapter(["default", "b"], [0.6, 0.4], "lin", combination_type="linear")
+    q = pm.model.model.layers[0].self_attn.q_proj
+    A = [q.lora_A[n]["full"].weight for n in ("default", "b")]
+    B = [q.lora_B[n]["full"].weight for n in ("default", "b")]
+    s = [q.scaling[n]["full"] for n in ("default", "b")]
+    w = [0.6, 0.4]
+    expected = sum(w_i ** 0.5 * B_i for w_i, B_i in zip(w, B)) @ sum(w_i ** 0.5 * s_i * A_i for w_i, s_i, A_i in zip(w, s, A))
+    torch.testing.assert_close(q.delta_weight("lin", "full"), expected, atol=1e-6, rtol=1e-5)
+    pm.add_adapter("c", LoraConfig(r=2, target_modules=["q"]))
+    with pytest.raises(ValueError, match="needs adapters of one rank.*use 'cat'"):
+        pm.add_weighted_adapter(["default", "c"], [0.5, 0.5], "bad", combination_type="linear")
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        pm.add_weighted_adapter(["default", "c"], [0.5], "bad", combination_type="cat")
+
+
+def test_prompt_tags_route_with_fallback_and_warnings():
+    router = TagRouter(adapters=["finance", "medical"])
+    with pytest.warns(UserWarning, match="unknown tag 'legal'"):
+        names, texts = router.route(["<domain=medical> What is a fever?", "<domain=legal> Sue?", "plain"])
+    assert names == ["medical", "__base__", "__base__"]
+    assert texts == ["What is a fever?", "Sue?", "plain"]
+    keep = TagRouter(adapters=["finance"], strip=False, default="finance")
+    with pytest.warns(UserWarning, match="no tag"):
+        assert keep.route(["<domain=finance> x", "y"]) == (["finance", "finance"], ["<domain=finance> x", "y"])
+    with pytest.raises(ValueError, match="group named 'name'"):
+        TagRouter(adapters=["a"], pattern=r"<(\w+)>")
