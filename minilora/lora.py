@@ -121,7 +121,8 @@ class LoRALinear(nn.Module):
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
         del self.r[name], self.lora_alpha[name], self.scaling[name], self.spans[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)  # in place: the list may be shared by a LoraModel
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

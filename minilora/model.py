@@ -45,7 +45,8 @@ class LoraModel(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
-        self._active: list[str] = []
+        self._active: list[str] = []  # shared with every adapter layer: mutated in place, never rebound
+        self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its parameters (for set_adapter)
         if config is not None:  # None: adapters come later, from files (`from_pretrained`)
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -136,18 +137,36 @@ class LoraModel(nn.Module):
                 raise ValueError(f"no adapter named {name!r}; available adapters: {sorted(self.peft_config)}")
 
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
-        """Make these adapters the active (and trainable) ones; the others stay but sleep."""
+        """Make these adapters the active (and trainable) ones; the others stay but sleep.
+
+        Every adapter layer holds the same list of active names, so a switch rewrites one list and
+        flips requires_grad on the adapters going out and coming in: its cost does not grow with
+        the number of adapters loaded."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_exists(names)
-        self._active = names
-        self._apply_active()
+        outgoing = [n for n in self._active if n not in names]
+        biases = {self.peft_config[n].bias for n in names + self._active}
+        self._active[:] = names  # in place: the list every layer reads
+        if biases != {"none"}:  # trainable biases belong to no single adapter: recompute everything
+            self._apply_active()
+            return
+        for name in outgoing:
+            for p in self._params[name]:
+                p.requires_grad_(False)
+        for name in names:
+            trainable = not self.peft_config[name].inference_mode
+            for p in self._params[name]:
+                p.requires_grad_(trainable)
 
     def _apply_active(self) -> None:
+        """Point every adapter layer at the shared list of active names; recompute requires_grad."""
+        self._params = {name: [] for name in self.peft_config}  # adapter -> its parameters
         for layer in adapter_layers(self.model):
-            if isinstance(layer, LoRALinear):
-                layer.active_adapters = [n for n in self._active if n in layer.lora_A]
-            else:
-                layer.active_adapter = next((n for n in self._active if n in layer.modules_to_save), None)
+            layer.active_adapters = self._active
+            tables = (layer.lora_A, layer.lora_B) if isinstance(layer, LoRALinear) else (layer.modules_to_save,)
+            for table in tables:
+                for name, module in table.items():
+                    self._params[name].extend(module.parameters())
         trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
         bias = self.peft_config[self._active[0]].bias if self._active else "none"
         mark_trainable(self.model, trainable, bias)
@@ -161,7 +180,7 @@ class LoraModel(nn.Module):
             elif isinstance(layer, ModulesToSave) and adapter_name in layer.modules_to_save:
                 del layer.modules_to_save[adapter_name]
         del self.peft_config[adapter_name]
-        self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
+        self._active[:] = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
         self._apply_active()
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,

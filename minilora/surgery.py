@@ -261,7 +261,7 @@ class ModulesToSave(nn.Module):
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()  # adapter -> trainable copy
-        self.active_adapter: Optional[str] = None
+        self.active_adapters: list[str] = []  # the first one with a copy is used
         self.disabled = False
 
     def add(self, adapter_name: str) -> None:
@@ -269,9 +269,10 @@ class ModulesToSave(nn.Module):
 
     @property
     def active_module(self) -> nn.Module:
-        if self.disabled or self.active_adapter not in self.modules_to_save:
+        active = next((n for n in self.active_adapters if n in self.modules_to_save), None)
+        if self.disabled or active is None:
             return self.original_module
-        return self.modules_to_save[self.active_adapter]
+        return self.modules_to_save[active]
 
     @property
     def weight(self):  # code that reads `lm_head.weight` sees the module in use
