@@ -132,6 +132,8 @@ class LoRALinear(nn.Module):
         routing = mixing.current()  # set by LoraModel.forward(adapter_names= / adapter_weights=)
         if routing is not None and routing.rows is not None:
             return mixing.add_rows(self, y, x, routing.rows)
+        if routing is not None and routing.mixture is not None:
+            return mixing.add_mixture(self, y, x, *routing.mixture)
         if routing is not None and routing.weights is not None:
             for name, weight in routing.weights.items():
                 if name in self.lora_A:

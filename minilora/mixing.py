@@ -35,6 +35,7 @@ class Routing:
 
     rows: Optional[tuple[str, ...]] = None  # one adapter name (or BASE) per batch row
     weights: Optional[dict[str, float]] = None  # adapter -> weight of its low-rank path
+    mixture: Optional[tuple[tuple[str, ...], torch.Tensor]] = None  # (adapters, weights (B, n) or (B, T, n))
 
 
 _current: contextvars.ContextVar[Optional[Routing]] = contextvars.ContextVar("minilora_routing", default=None)
@@ -82,3 +83,22 @@ def add_rows(layer, y: torch.Tensor, x: torch.Tensor, rows: tuple[str, ...]) -> 
         h = torch.bmm(x3, A_stack[idx].transpose(1, 2))  # (B, T, d_in) @ (B, d_in, r) -> (B, T, r)
         y3[..., first:end] += torch.bmm(h, B_stack[idx].transpose(1, 2)).to(y3.dtype)  # (B, T, r) @ (B, r, d)
     return y3.view(y.shape)
+
+
+def add_mixture(layer, y: torch.Tensor, x: torch.Tensor, names: tuple[str, ...], weights: torch.Tensor) -> torch.Tensor:
+    """y + Σ_a weights[..., a] · s_a (x A_aᵀ) B_aᵀ: each row (or token) mixes the adapters by its own
+    weights, (B, n) per sequence or (B, T, n) per token."""
+    batch = x.shape[0]
+    x3 = x.reshape(batch, -1, layer.in_features)  # (B, T, d_in)
+    out = y.reshape(batch, -1, layer.out_features)  # (B, T, d_out)
+    w = weights.unsqueeze(1) if weights.dim() == 2 else weights  # (B, 1 or T, n)
+    for a, name in enumerate(names):
+        if name not in layer.lora_A:
+            continue
+        for part, (first, end) in layer.spans[name].items():
+            h = x3.to(layer.lora_A[name][part].weight.dtype) @ layer.lora_A[name][part].weight.t()  # (B, T, r)
+            delta = (h @ layer.lora_B[name][part].weight.t()) * layer.scaling[name][part]  # (B, T, d_part)
+            pad = (first, layer.out_features - end)
+            out = out + torch.nn.functional.pad(delta * w[..., a:a + 1], pad).to(out.dtype)
+    return out.view(y.shape)
+

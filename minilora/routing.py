@@ -1,5 +1,8 @@
-"""Routing requests to adapters. Prompt tags: a text that starts with a tag such as
-`<domain=medical>` is served by adapter "medical"; the batch then runs as one mixed batch.
+"""Routing requests to adapters, three ways: prompt tags (`TagRouter`), a learned router that mixes
+the adapters inside one forward pass (`LoraRouter`), and a classifier cascade (`Cascade`).
+
+Prompt tags: a text that starts with a tag such as `<domain=medical>` is served by adapter
+"medical"; the batch then runs as one mixed batch.
 
     router = TagRouter(adapters=["finance", "medical"], default="__base__")
     names, texts = router.route(["<domain=medical> What is…", "Hello"])   # ["medical", "__base__"]
@@ -13,8 +16,14 @@ from __future__ import annotations
 
 import re
 import warnings
+import zlib
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
+import torch
+import torch.nn as nn
+
+from . import mixing
 from .mixing import BASE
 
 
@@ -48,3 +57,170 @@ class TagRouter:
             names.append(name if name in self.adapters else self.default)
             out.append(text[match.end():] if match and self.strip else text)
         return names, out
+
+
+def _unit_rms(features: torch.Tensor) -> torch.Tensor:
+    """Features rescaled to unit root-mean-square: the router's learning rate then does not depend
+    on the scale of the base's activations (embeddings of 0.02, residual streams of 10)."""
+    return features / features.square().mean(-1, keepdim=True).sqrt().clamp(min=1e-12)
+
+
+class LoraRouter(nn.Module):
+    r"""A learned router (mixture of LoRA): softmax over adapters from pooled base features.
+
+        features = mean over tokens of the output of `feature_module` (default: the input
+                   embeddings), which the frozen base computes before any adapted layer,
+                   rescaled to unit RMS
+        p = softmax(features · Wᵀ + b)        (B, n) per sequence, or (B, T, n) per token
+        y = x W₀ᵀ + Σ_a p_a · s_a (x A_aᵀ) B_aᵀ in every adapted layer after it
+
+    One forward pass: a hook on `feature_module` computes p from the base's own activations and
+    the rest of the pass mixes the adapters' low-rank paths; no second pass. `top_k` keeps the k
+    largest weights per row (renormalized). Trained with the adapters frozen (`fit`), with a
+    load-balancing term n · Σ_a f_a · P_a (f: share of rows whose top choice is a; P: mean weight).
+    """
+
+    def __init__(self, model, adapters: list[str], feature_module: Optional[str] = None,
+                 per_token: bool = False, top_k: Optional[int] = None):
+        super().__init__()
+        model._check_exists(adapters)
+        self.adapters = list(adapters)
+        self.feature_module = feature_module
+        self.per_token, self.top_k = per_token, top_k
+        module = self._module(model)
+        width = module.embedding_dim if isinstance(module, nn.Embedding) else model.config.hidden_size
+        self.proj = nn.Linear(width, len(adapters))
+
+    def _module(self, model) -> nn.Module:
+        base = model.get_base_model()
+        return base.get_submodule(self.feature_module) if self.feature_module else base.get_input_embeddings()
+
+    def logits(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, T, d) features -> (B, n) logits, or (B, T, n) per token."""
+        hidden = hidden.float()
+        if self.per_token:
+            return self.proj(_unit_rms(hidden))
+        mask = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask.float()
+        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, d)
+        return self.proj(_unit_rms(pooled))
+
+    def weights(self, logits: torch.Tensor) -> torch.Tensor:
+        p = logits.softmax(-1)
+        if self.top_k is not None and self.top_k < p.shape[-1]:
+            kth = p.topk(self.top_k, dim=-1).values[..., -1:]
+            p = torch.where(p >= kth, p, torch.zeros_like(p))
+            p = p / p.sum(-1, keepdim=True)
+        return p
+
+    @torch.no_grad()
+    def features(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        """The feature module's output for `input_ids`, from the base alone."""
+        captured = {}
+        module = self._module(model)
+        handle = module.register_forward_hook(lambda m, i, out: captured.setdefault("h", out[0] if isinstance(out, tuple) else out))
+        try:
+            if isinstance(module, nn.Embedding):
+                module(input_ids)
+            else:
+                with model.disable_adapter():
+                    model(input_ids=input_ids)
+        finally:
+            handle.remove()
+        return captured["h"]
+
+    def forward(self, model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        """Run `model` with the adapters mixed by this router: one pass."""
+        token = None
+
+        def route(module, inputs, out):
+            nonlocal token
+            hidden = out[0] if isinstance(out, tuple) else out
+            weights = self.weights(self.logits(hidden, attention_mask))
+            token = mixing._current.set(mixing.Routing(mixture=(tuple(self.adapters), weights)))
+
+        handle = self._module(model).register_forward_hook(route)
+        try:
+            return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            handle.remove()
+            if token is not None:
+                mixing._current.reset(token)
+
+    def fit(self, model, input_ids: torch.Tensor, labels: torch.Tensor, steps: int = 200, lr: float = 1e-2,
+            balance: float = 0.01, batch_size: int = 64, seed: int = 0) -> float:
+        """Train the router on domain labels (indices into `adapters`); adapters stay frozen.
+        Returns the training accuracy."""
+        if labels.max() >= len(self.adapters) or labels.min() < 0:
+            raise ValueError(f"labels must index the {len(self.adapters)} adapters {self.adapters}")
+        feats = torch.cat([self.features(model, input_ids[i:i + batch_size]) for i in range(0, len(input_ids), batch_size)])
+        opt = torch.optim.Adam(self.proj.parameters(), lr=lr)
+        g = torch.Generator().manual_seed(seed)
+        n = len(self.adapters)
+        for _ in range(steps):
+            idx = torch.randint(0, len(feats), (min(batch_size, len(feats)),), generator=g)
+            logits = self.logits(feats[idx], None)
+            target = labels[idx] if not self.per_token else labels[idx].unsqueeze(1).expand(logits.shape[:2])
+            p = logits.softmax(-1).reshape(-1, n)
+            share = torch.nn.functional.one_hot(p.argmax(-1), n).float().mean(0)  # f_a
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, n), target.reshape(-1))
+            loss = loss + balance * n * (share * p.mean(0)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return self.accuracy(model, input_ids, labels)
+
+    @torch.no_grad()
+    def predict(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        """The top adapter index per sequence."""
+        logits = self.logits(self.features(model, input_ids), None)
+        return (logits.mean(1) if self.per_token else logits).argmax(-1)
+
+    def accuracy(self, model, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+        return (self.predict(model, input_ids) == labels).float().mean().item()
+
+
+class TextClassifier(nn.Module):
+    """A small domain classifier for the cascade: hashed byte trigrams -> linear -> softmax."""
+
+    def __init__(self, labels: list[str], buckets: int = 4096):
+        super().__init__()
+        self.labels, self.buckets = list(labels), buckets
+        self.linear = nn.Linear(buckets, len(labels))
+
+    def featurize(self, texts: list[str]) -> torch.Tensor:
+        out = torch.zeros(len(texts), self.buckets)
+        for i, text in enumerate(texts):
+            data = text.lower().encode()
+            for j in range(len(data) - 2):
+                out[i, zlib.crc32(data[j:j + 3]) % self.buckets] += 1.0
+            out[i] /= max(1, len(data) - 2)
+        return out
+
+    def fit(self, texts: list[str], labels: list[str], steps: int = 300, lr: float = 0.5) -> float:
+        unknown = sorted(set(labels) - set(self.labels))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not among {self.labels}")
+        x, y = self.featurize(texts), torch.tensor([self.labels.index(label) for label in labels])
+        opt = torch.optim.Adam(self.linear.parameters(), lr=lr / 10)
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(self.linear(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (self.linear(x).argmax(-1) == y).float().mean().item()
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> list[str]:
+        return [self.labels[i] for i in self.linear(self.featurize(texts)).argmax(-1).tolist()]
+
+
+@dataclass
+class Cascade:
+    """Classify each text to an adapter (any callable, or a TextClassifier), then generate with it."""
+
+    classify: Callable[[list[str]], list[str]]
+
+    def generate(self, model, texts: list[str], encode: Callable[[list[str]], dict], **generate_kwargs):
+        """(adapter names, model.generate output) for `texts`; `encode` turns texts into model inputs."""
+        names = list(self.classify(texts))
+        return names, model.generate(**encode(texts), adapter_names=names, **generate_kwargs)

@@ -137,3 +137,114 @@ def test_prompt_tags_route_with_fallback_and_warnings():
         assert keep.route(["<domain=finance> x", "y"]) == (["finance", "finance"], ["<domain=finance> x", "y"])
     with pytest.raises(ValueError, match="group named 'name'"):
         TagRouter(adapters=["a"], pattern=r"<(\w+)>")
+
+
+DOMAINS = {
+    "finance": ["Quarterly revenue rose {n}% as the bank cut costs", "The fund sold {n} million in bonds and shares"],
+    "medical": ["The patient had a fever of {n} degrees and a cough", "Take {n} mg of the drug twice a day after meals"],
+    "legal": ["The court ruled that clause {n} of the contract was void", "The tenant may appeal within {n} days of notice"],
+    "general": ["We walked {n} miles to the lake on a sunny day", "My cat sleeps {n} hours by the warm window"],
+}
+
+
+def domain_data(n_per_domain, seed):
+    import random
+
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for label, (name, templates) in enumerate(DOMAINS.items()):
+        for _ in range(n_per_domain):
+            texts.append(rng.choice(templates).format(n=rng.randint(1, 99)))
+            labels.append(label)
+    ids = torch.tensor([[min(b, 127) for b in t.encode()[:32].ljust(32, b" ")] for t in texts])  # (N, 32) bytes
+    return texts, ids, torch.tensor(labels)
+
+
+def four_adapters():
+    pm = get_peft_model(make("gpt2"), LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False),
+                        adapter_name="finance")
+    for name in ("medical", "legal", "general"):
+        pm.add_adapter(name, LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False))
+    return pm.eval()
+
+
+def test_learned_router_routes_held_out_domains_and_mixes_in_one_pass():
+    from minilora.routing import LoraRouter
+
+    pm = four_adapters()
+    _, train_ids, train_labels = domain_data(40, seed=0)
+    _, test_ids, test_labels = domain_data(25, seed=1)
+    torch.manual_seed(0)
+    router = LoraRouter(pm, list(DOMAINS))
+    router.fit(pm, train_ids, train_labels, steps=300)
+    assert router.accuracy(pm, test_ids, test_labels) >= 0.95
+
+    with torch.no_grad():  # a router sure of "legal" computes exactly adapter "legal"
+        router.proj.weight.zero_()
+        router.proj.bias.copy_(torch.tensor([-30.0, -30.0, 30.0, -30.0]))
+        routed_logits = router(pm, test_ids[:3]).logits
+        pm.set_adapter("legal")
+        torch.testing.assert_close(routed_logits, pm(input_ids=test_ids[:3]).logits, atol=1e-5, rtol=1e-5)
+    top1 = LoraRouter(pm, list(DOMAINS), top_k=1)
+    assert bool(((top1.weights(torch.randn(5, 4)) > 0).sum(-1) == 1).all())
+    per_token = LoraRouter(pm, list(DOMAINS), per_token=True)
+    assert per_token.logits(torch.randn(2, 7, 32), None).shape == (2, 7, 4)
+
+
+def test_cascade_classifies_then_generates_with_the_chosen_adapters():
+    from minilora.routing import Cascade, TextClassifier
+
+    pm = four_adapters()
+    texts, _, labels = domain_data(30, seed=2)
+    classifier = TextClassifier(list(DOMAINS))
+    assert classifier.fit(texts, [list(DOMAINS)[i] for i in labels]) == 1.0
+    queries = ["The patient took 5 mg of the drug", "The court ruled the clause void", "Revenue rose 3% at the bank"]
+
+    def encode(batch):
+        return {"input_ids": torch.tensor([[min(b, 127) for b in t.encode()[:16].ljust(16, b" ")] for t in batch])}
+
+    names, out = Cascade(classifier).generate(pm, queries, encode, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert names == ["medical", "legal", "finance"]
+    for i, name in enumerate(names):
+        pm.set_adapter(name)
+        alone_out = pm.generate(**encode(queries[i:i + 1]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(out[i:i + 1], alone_out)
+
+
+def test_training_one_adapter_never_changes_another():
+    pm = two_adapters()
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if ".b." in n}
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        b_out = alone(pm, "b", ids)
+    pm.set_adapter("default")
+    pm.train()
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters() if ".b." in n)
+    with torch.no_grad():
+        assert torch.equal(alone(pm, "b", ids), b_out)
+
+
+def test_set_adapter_touches_only_the_adapters_that_change():
+    pm = two_adapters()
+    for i in range(20):
+        pm.add_adapter(f"extra{i}", LoraConfig(r=2, target_modules=["q"]))
+    touched = []
+    original = torch.nn.Parameter.requires_grad_
+
+    def spy(self, flag=True):
+        touched.append(self)
+        return original(self, flag)
+
+    torch.nn.Parameter.requires_grad_ = spy
+    try:
+        pm.set_adapter("b")
+    finally:
+        torch.nn.Parameter.requires_grad_ = original
+    assert len(touched) == len(pm._params["default"]) + len(pm._params["b"])
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == {n for n, _ in pm.named_parameters() if ".b." in n}
