@@ -54,6 +54,29 @@ def routed(routing: Routing) -> Iterator[None]:
         _current.reset(token)
 
 
+def _stacks(layer, entries: tuple, d_part: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (n+1, r_max, d_in) and B·s (n+1, d_part, r_max) of the (adapter, part) entries, index 0 all
+    zeros. Cached on the layer and rebuilt only when a weight changes (its version counter moves)."""
+    weights = [(layer.lora_A[n][p].weight, layer.lora_B[n][p].weight) for n, p in entries]
+    versions = tuple((a._version, b._version) for a, b in weights)
+    cache = layer.__dict__.setdefault("_stack_cache", {})
+    key = (entries, dtype)
+    if key in cache and cache[key][0] == versions:
+        return cache[key][1]
+    r_max = max(a.shape[0] for a, _ in weights)
+    device = weights[0][0].device
+    A_stack = torch.zeros(len(entries) + 1, r_max, layer.in_features, dtype=dtype, device=device)
+    B_stack = torch.zeros(len(entries) + 1, d_part, r_max, dtype=dtype, device=device)
+    with torch.no_grad():
+        for i, ((n, p), (a, b)) in enumerate(zip(entries, weights), start=1):
+            A_stack[i, : a.shape[0]] = a.to(dtype)  # zero-padded ranks change nothing
+            B_stack[i, :, : a.shape[0]] = b.to(dtype) * layer.scaling[n][p]
+    if len(cache) > 64:  # a bounded cache: mixed batches tend to repeat their adapter sets
+        cache.clear()
+    cache[key] = (versions, (A_stack, B_stack))
+    return A_stack, B_stack
+
+
 def add_rows(layer, y: torch.Tensor, x: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
     """y (B, ..., d_out) plus, for each row b, adapter rows[b]'s low-rank path on x (B, ..., d_in)."""
     batch = x.shape[0]
@@ -69,16 +92,9 @@ def add_rows(layer, y: torch.Tensor, x: torch.Tensor, rows: tuple[str, ...]) -> 
     y3 = y.reshape(batch, -1, layer.out_features).clone()  # (B, T, d_out)
     spans = dict.fromkeys(span for n in used for span in layer.spans[n].values())
     for first, end in spans:
-        entries = [(n, p) for n in used for p, span in layer.spans[n].items() if span == (first, end)]
-        r_max = max(layer.r[n][p] for n, p in entries)
-        A_stack = x.new_zeros(len(entries) + 1, r_max, layer.in_features)  # index 0: no adapter
-        B_stack = x.new_zeros(len(entries) + 1, end - first, r_max)
-        index = {}
-        for i, (n, p) in enumerate(entries, start=1):
-            r = layer.r[n][p]
-            A_stack[i, :r] = layer.lora_A[n][p].weight.to(x.dtype)  # zero-padded ranks change nothing
-            B_stack[i, :, :r] = layer.lora_B[n][p].weight.to(x.dtype) * layer.scaling[n][p]
-            index[n] = i
+        entries = tuple((n, p) for n in used for p, span in layer.spans[n].items() if span == (first, end))
+        A_stack, B_stack = _stacks(layer, entries, end - first, x.dtype)
+        index = {n: i for i, (n, _) in enumerate(entries, start=1)}
         idx = torch.tensor([index.get(n, 0) for n in rows], device=x.device)  # (B,)
         h = torch.bmm(x3, A_stack[idx].transpose(1, 2))  # (B, T, d_in) @ (B, d_in, r) -> (B, T, r)
         y3[..., first:end] += torch.bmm(h, B_stack[idx].transpose(1, 2)).to(y3.dtype)  # (B, T, r) @ (B, r, d)

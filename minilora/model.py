@@ -126,10 +126,22 @@ class LoraModel(nn.Module):
         heads = [h for h in TASK_HEADS.get(config.task_type, ()) if has_module(self.model, h)]
         if heads:  # as PEFT does: a task head trains along with the adapter
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
-        inject_adapter(self.model, config, adapter_name)
-        wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+        paths = inject_adapter(self.model, config, adapter_name)
+        wrappers = wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
-        self._apply_active()
+        if len(self.peft_config) == 1 or config.bias != "none":
+            self._apply_active()  # the first adapter freezes the base; biases are shared by all
+            return
+        # only the new adapter's layers need linking: the cost does not grow with the adapters loaded
+        self._params[adapter_name] = []
+        for layer in [self.model.get_submodule(p) for p in paths] + wrappers:
+            layer.active_adapters = self._active
+            tables = (layer.lora_A, layer.lora_B) if isinstance(layer, LoRALinear) else (layer.modules_to_save,)
+            for table in tables:
+                self._params[adapter_name].extend(table[adapter_name].parameters())
+        trainable = adapter_name in self._active and not config.inference_mode
+        for p in self._params[adapter_name]:
+            p.requires_grad_(trainable)
 
     def _check_exists(self, names: list[str]) -> None:
         for name in names:
@@ -227,7 +239,7 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def _lora_layers(self) -> list[LoRALinear]:
-        return [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+        return [m for m in adapter_layers(self.model) if isinstance(m, LoRALinear)]
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the (active, or named) adapters into the base weights. Idempotent."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch.nn as nn
 
@@ -162,6 +162,17 @@ def layer_index(name: str, layers_pattern=None) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() that does not descend into adapter wrappers (a LoRA layer, a trained copy):
+    the wrapper itself is yielded, its internals are not. Its cost does not grow with the number
+    of adapters."""
+    yield prefix, module
+    if hasattr(module, "base_layer") or hasattr(module, "original_module"):
+        return
+    for name, child in module.named_children():
+        yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+
 def classify(model: nn.Module, layers_pattern=None) -> dict[str, Site]:
     """A Site for every Linear / Conv1D in `model`, keyed by module path."""
     family = family_of(model)
@@ -169,16 +180,10 @@ def classify(model: nn.Module, layers_pattern=None) -> dict[str, Site]:
     config = getattr(model, "config", None)
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     sites = {}
-    inside = ()  # prefixes of adapter wrappers: their internals are not sites
-    for name, module in model.named_modules():
-        if inside and name.startswith(inside):
-            continue
+    for name, module in walk(model):
         if hasattr(module, "original_module"):  # a trained copy (modules_to_save): never a target
-            inside = (*inside, name + ".")
             continue
-        if hasattr(module, "base_layer"):  # already wrapped by LoRA: the site is the wrapper
-            inside = (*inside, name + ".")
-        elif not is_linear(module):
+        if not hasattr(module, "base_layer") and not is_linear(module):  # a LoRA wrapper is a site
             continue
         role = None
         for pattern, candidate in rules:

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .config import LoraConfig
 from .lora import FULL, LoRALinear
-from .roles import Site, classify, family_of, parse_selector, supported_roles
+from .roles import Site, classify, family_of, parse_selector, supported_roles, walk
 
 # PEFT's defaults when target_modules is None, per family.
 DEFAULT_TARGETS = {
@@ -49,7 +49,7 @@ def _name_matches(name: str, key: str) -> bool:
 
 def has_module(model: nn.Module, key: str) -> bool:
     """Whether any module's path is `key` or ends with "." + `key`."""
-    return any(_name_matches(n, key) for n, _ in model.named_modules())
+    return any(_name_matches(n, key) for n, _ in walk(model))
 
 
 def _pattern_matches(name: str, key: str) -> bool:
@@ -68,7 +68,7 @@ def _matches(name: str, spec) -> bool:
 
 def _output_layer_names(model: nn.Module) -> set[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
+    return {n for n, m in walk(model) if head is not None and m is head}
 
 
 def _depths(sites: dict[str, Site]) -> dict[Optional[str], int]:
@@ -282,18 +282,16 @@ class ModulesToSave(nn.Module):
         return self.active_module(*args, **kwargs)
 
 
-def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_name: str) -> None:
-    """Give `adapter_name` a trainable copy of each module named in `names`."""
+def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_name: str) -> list["ModulesToSave"]:
+    """Give `adapter_name` a trainable copy of each module named in `names`; the wrappers."""
+    wrappers = []
     if not names:
-        return
+        return wrappers
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied_to = {id(p) for p in embedding.parameters()} if embedding is not None else set()
-    modules = dict(model.named_modules())
+    modules = dict(walk(model))
     for key in names:
-        paths = [
-            n for n, m in modules.items()
-            if _name_matches(n, key) and ".modules_to_save." not in n and not n.endswith("original_module")
-        ]
+        paths = [n for n in modules if _name_matches(n, key)]  # walk() never enters a wrapper
         if not paths:
             near = difflib.get_close_matches(key, sorted({n.rsplit(".", 1)[-1] for n in modules}), n=5)
             raise ValueError(f"modules_to_save entry {key!r} matched no module; nearest names: {near}")
@@ -312,6 +310,8 @@ def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_n
             if adapter_name in module.modules_to_save:
                 raise ValueError(f"{path} already has a copy for adapter {adapter_name!r}")
             module.add(adapter_name)
+            wrappers.append(module)
+    return wrappers
 
 
 def mark_trainable(model: nn.Module, active: list[str], bias: str = "none") -> None:
@@ -338,5 +338,5 @@ def mark_trainable(model: nn.Module, active: list[str], bias: str = "none") -> N
 
 def adapter_layers(model: nn.Module):
     """Every LoRALinear and ModulesToSave in `model`."""
-    return [m for m in model.modules() if isinstance(m, (LoRALinear, ModulesToSave))]
+    return [m for _, m in walk(model) if isinstance(m, (LoRALinear, ModulesToSave))]
 
