@@ -4,7 +4,8 @@
 
 LLaMA-style model (hidden 256, 4 layers), LoRA r=8 on every linear layer, eval mode, batch 16 × 64.
 1. Throughput of one mixed batch holding 1, 2, 4, 8, 16 distinct adapters, relative to the same
-   batch with one adapter, for minilora (`adapter_names=`) and PEFT (its `adapter_names=`), all
+   batch with one adapter, for minilora (`adapter_names=`; stacked weights gathered per row with
+   batched matmuls, and the "segments" alternative) and PEFT (its `adapter_names=`), all
    interleaved in one run (goal for minilora: ≥ 0.9 at 16).
 2. set_adapter time / forward time with 2, 32 and 1,000 adapters loaded (goal ≤ 0.01, flat).
 Writes benchmarks/results/multi_adapter.{json,md}.
@@ -75,11 +76,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     ids = torch.randint(0, 1024, (16, 64), generator=torch.Generator().manual_seed(0))
-    ours = with_adapters(16)
+    ours, segments = with_adapters(16), with_adapters(16)
+    segments.mixed_batch_method = "segments"
     runs = {}
     for k in DISTINCT:
         names = [f"a{i % k}" for i in range(16)]
         runs[("minilora", k)] = lambda names=names: ours(input_ids=ids, adapter_names=names)
+        runs[("minilora segments", k)] = lambda names=names: segments(input_ids=ids, adapter_names=names)
     try:
         theirs = peft_with_adapters(base_model(), 16)
         for k in DISTINCT:

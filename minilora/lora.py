@@ -131,7 +131,7 @@ class LoRALinear(nn.Module):
             return y
         routing = mixing.current()  # set by LoraModel.forward(adapter_names= / adapter_weights=)
         if routing is not None and routing.rows is not None:
-            return mixing.add_rows(self, y, x, routing.rows)
+            return mixing.add_rows(self, y, x, routing)
         if routing is not None and routing.mixture is not None:
             return mixing.add_mixture(self, y, x, *routing.mixture)
         if routing is not None and routing.weights is not None:

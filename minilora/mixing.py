@@ -6,7 +6,8 @@ Mixed batch: row b of the batch uses adapter a(b) (or "__base__", no adapter):
 
 computed for all rows at once: the A and B of the adapters in the batch are stacked (ranks padded
 with zeros, scale folded into B, a zero entry for "__base__"), gathered per row, and applied with
-two batched matmuls, so the cost barely grows with the number of distinct adapters:
+two batched matmuls, so the cost barely grows with the number of distinct adapters (the other
+way, "segments", runs each adapter's rows through their own matmuls; the benchmark measures both):
 
     A_rows (B, r, d_in)  = A_stack[idx]        h = x · A_rowsᵀ   (B, T, d_in) @ (B, d_in, r) -> (B, T, r)
     B_rows (B, d, r)     = B_stack[idx]        y += h · B_rowsᵀ  (B, T, r) @ (B, r, d)    -> (B, T, d)
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -34,6 +35,8 @@ class Routing:
     """How adapters apply during one forward call."""
 
     rows: Optional[tuple[str, ...]] = None  # one adapter name (or BASE) per batch row
+    method: str = "gather"  # rows: "gather" (stacked weights, batched matmuls) or "segments" (per adapter)
+    row_index: dict = field(default_factory=dict, compare=False)  # per call: adapter set -> row indices
     weights: Optional[dict[str, float]] = None  # adapter -> weight of its low-rank path
     mixture: Optional[tuple[tuple[str, ...], torch.Tensor]] = None  # (adapters, weights (B, n) or (B, T, n))
 
@@ -77,9 +80,9 @@ def _stacks(layer, entries: tuple, d_part: int, dtype: torch.dtype) -> tuple[tor
     return A_stack, B_stack
 
 
-def add_rows(layer, y: torch.Tensor, x: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
+def add_rows(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """y (B, ..., d_out) plus, for each row b, adapter rows[b]'s low-rank path on x (B, ..., d_in)."""
-    batch = x.shape[0]
+    rows, batch = routing.rows, x.shape[0]
     if batch != len(rows):
         raise ValueError(
             f"adapter_names has {len(rows)} entries but this layer sees a batch of {batch} rows; give one name per "
@@ -89,16 +92,27 @@ def add_rows(layer, y: torch.Tensor, x: torch.Tensor, rows: tuple[str, ...]) -> 
     if not used:
         return y
     x3 = x.reshape(batch, -1, layer.in_features)  # (B, T, d_in)
-    y3 = y.reshape(batch, -1, layer.out_features).clone()  # (B, T, d_out)
+    y3 = y.reshape(batch, -1, layer.out_features)  # (B, T, d_out), added to in place (eval mode)
+    if routing.method == "segments":  # the alternative: each adapter's rows as one segment, its own matmuls
+        for name in used:
+            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+            x_rows = x3[idx]  # (b, T, d_in)
+            for part, (first, end) in layer.spans[name].items():
+                A, B = layer.lora_A[name][part].weight, layer.lora_B[name][part].weight
+                delta = (x_rows.to(A.dtype) @ A.t()) @ B.t() * layer.scaling[name][part]  # (b, T, d_part)
+                y3[idx, :, first:end] += delta.to(y3.dtype)
+        return y3.view(y.shape)
     spans = dict.fromkeys(span for n in used for span in layer.spans[n].values())
     for first, end in spans:
         entries = tuple((n, p) for n in used for p, span in layer.spans[n].items() if span == (first, end))
         A_stack, B_stack = _stacks(layer, entries, end - first, x.dtype)
-        index = {n: i for i, (n, _) in enumerate(entries, start=1)}
-        idx = torch.tensor([index.get(n, 0) for n in rows], device=x.device)  # (B,)
+        idx = routing.row_index.get(entries)  # the same for every layer with this adapter set
+        if idx is None:
+            index = {n: i for i, (n, _) in enumerate(entries, start=1)}
+            idx = routing.row_index[entries] = torch.tensor([index.get(n, 0) for n in rows], device=x.device)  # (B,)
         h = torch.bmm(x3, A_stack[idx].transpose(1, 2))  # (B, T, d_in) @ (B, d_in, r) -> (B, T, r)
         y3[..., first:end] += torch.bmm(h, B_stack[idx].transpose(1, 2)).to(y3.dtype)  # (B, T, r) @ (B, r, d)
-    return y3.view(y.shape)
+    return y3.view(y.shape)  # y itself when contiguous; the copy reshape made otherwise
 
 
 def add_mixture(layer, y: torch.Tensor, x: torch.Tensor, names: tuple[str, ...], weights: torch.Tensor) -> torch.Tensor:

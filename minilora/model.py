@@ -47,6 +47,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = []  # shared with every adapter layer: mutated in place, never rebound
         self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its parameters (for set_adapter)
+        self.mixed_batch_method = "gather"  # adapter_names: "gather" (batched matmuls) or "segments"
         if config is not None:  # None: adapters come later, from files (`from_pretrained`)
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -86,7 +87,7 @@ class LoraModel(nn.Module):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(ids, torch.Tensor) and ids.shape[0] != len(chosen):
             raise ValueError(f"adapter_names has {len(chosen)} entries but the batch has {ids.shape[0]} rows: give one per row")
-        return mixing.routed(mixing.Routing(rows=tuple(chosen)))
+        return mixing.routed(mixing.Routing(rows=tuple(chosen), method=self.mixed_batch_method))
 
     def __getattr__(self, name: str):
         try:

@@ -24,8 +24,10 @@ def alone(pm, name, ids):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_mixed_batch_rows_equal_single_adapter_runs(family):
+@pytest.mark.parametrize("method", ["gather", "segments"])
+def test_mixed_batch_rows_equal_single_adapter_runs(family, method):
     pm = two_adapters(family)
+    pm.mixed_batch_method = method
     ids = torch.randint(3, 128, (4, 9), generator=torch.Generator().manual_seed(0))
     names = ["b", "__base__", "default", "b"]
     with torch.no_grad():
