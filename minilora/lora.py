@@ -100,6 +100,7 @@ class LoRALinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.reset_adapter(name, init_lora_weights)
+        self.__dict__.pop("_stack_cache", None)  # mixed-batch stacks (mixing.py) are out of date
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init_lora_weights=True) -> None:
@@ -121,6 +122,7 @@ class LoRALinear(nn.Module):
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
         del self.r[name], self.lora_alpha[name], self.scaling[name], self.spans[name]
+        self.__dict__.pop("_stack_cache", None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)  # in place: the list may be shared by a LoraModel
 

@@ -59,11 +59,12 @@ def routed(routing: Routing) -> Iterator[None]:
 
 def _stacks(layer, entries: tuple, d_part: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A (n+1, r_max, d_in) and B·s (n+1, d_part, r_max) of the (adapter, part) entries, index 0 all
-    zeros. Cached on the layer and rebuilt only when a weight changes (its version counter moves)."""
+    zeros. Cached on the layer and rebuilt when a weight changes (its version counter moves), when
+    the layer moves, or when adapters are added or deleted (LoRALinear drops the cache then)."""
     weights = [(layer.lora_A[n][p].weight, layer.lora_B[n][p].weight) for n, p in entries]
     versions = tuple((a._version, b._version) for a, b in weights)
     cache = layer.__dict__.setdefault("_stack_cache", {})
-    key = (entries, dtype)
+    key = (entries, dtype, weights[0][0].device)
     if key in cache and cache[key][0] == versions:
         return cache[key][1]
     r_max = max(a.shape[0] for a, _ in weights)

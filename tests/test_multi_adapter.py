@@ -250,3 +250,18 @@ def test_set_adapter_touches_only_the_adapters_that_change():
         torch.nn.Parameter.requires_grad_ = original
     assert len(touched) == len(pm._params["default"]) + len(pm._params["b"])
     assert {n for n, p in pm.named_parameters() if p.requires_grad} == {n for n, _ in pm.named_parameters() if ".b." in n}
+
+
+def test_mixed_batch_sees_a_replaced_adapter_and_changed_weights():
+    pm = two_adapters()
+    ids = torch.randint(3, 128, (2, 6))
+    with torch.no_grad():
+        pm(input_ids=ids, adapter_names=["b", "default"])  # fills the stack cache
+        pm.delete_adapter("b")
+        pm.add_adapter("b", LoraConfig(r=2, lora_alpha=3, target_modules=["v", "o"], init_lora_weights=False))
+        pm.eval()
+        torch.testing.assert_close(pm(input_ids=ids, adapter_names=["b", "b"]).logits, alone(pm, "b", ids))
+        for p in pm._params["b"]:
+            p.mul_(2.0)  # an in-place update, as an optimizer makes
+        torch.testing.assert_close(pm(input_ids=ids, adapter_names=["b", "b"]).logits, alone(pm, "b", ids))
+
