@@ -22,14 +22,15 @@ _failed = False
 
 
 def _build_tag(source: Path) -> str:
-    """The build is tuned to this CPU (-march=native): name it by CPU and source, so a cache shared
-    between machines or versions never loads a build made for another."""
+    """The build is tuned to this CPU (-march=native): name it by CPU, source text and source path,
+    so a cache shared between machines, versions or checkouts never loads (or keeps rebuilding
+    over) a build made for another."""
     cpu = platform.machine() + platform.processor()
     try:
         cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    return hashlib.sha256(cpu.encode() + source.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(cpu.encode() + str(source.resolve()).encode() + source.read_bytes()).hexdigest()[:12]
 
 
 def native_module() -> Optional[object]:
