@@ -134,39 +134,31 @@ if triton is not None:
         return (packed, state.absmax, state.absmax2 if dq else state.absmax, DYNAMIC_MAP.to(device),
                 NF4_LEVELS.to(device))
 
-    def nf4_matmul_triton(x: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
-        """Checks, allocates, launches: y = x · dequant(W)ᵀ."""
-        _check(x, state, state.shape[1], "nf4_matmul")
-        check_state(packed, state)
+    def _launch(kernel, a: torch.Tensor, packed: torch.Tensor, state: NF4State, grad: bool) -> torch.Tensor:
+        """Checks, allocates, launches one of the two kernels on a (..., in) -> (..., out), where
+        (in, out) is (K, N) for the forward product and (N, K) for the input gradient."""
         N, K = state.shape
-        x2 = x.reshape(-1, K)  # (M, K)
-        M = x2.shape[0]
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        d_in, d_out = (N, K) if grad else (K, N)
+        _check(a, state, d_in, "nf4_matmul_grad_input" if grad else "nf4_matmul")
+        check_state(packed, state)
+        a2 = a.reshape(-1, d_in)  # (M, in)
+        M = a2.shape[0]
+        out = torch.empty(M, d_out, dtype=a.dtype, device=a.device)  # (M, out)
         tiles = _tiles(M)
-        grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
+        grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(d_out, tiles["BLOCK_K" if grad else "BLOCK_N"]))
         offset = float(state.offset) if state.double_quant else 0.0
-        _nf4_matmul_kernel[grid](x2, *_weight_args(packed, state), y, M, N, K, offset,
-                                 x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-                                 QUANT_BLOCK=state.blocksize, DOUBLE_QUANT=state.double_quant,
-                                 **tiles, **triton_launch_options())
-        return y.view(*x.shape[:-1], N)
+        kernel[grid](a2, *_weight_args(packed, state), out, M, N, K, offset,
+                     a2.stride(0), a2.stride(1), out.stride(0), out.stride(1),
+                     QUANT_BLOCK=state.blocksize, DOUBLE_QUANT=state.double_quant, **tiles, **triton_launch_options())
+        return out.view(*a.shape[:-1], d_out)
+
+    def nf4_matmul_triton(x: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+        """y = x · dequant(W)ᵀ."""
+        return _launch(_nf4_matmul_kernel, x, packed, state, grad=False)
 
     def nf4_matmul_grad_input_triton(grad_y: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
-        """Checks, allocates, launches: x_grad = y_grad · dequant(W)."""
-        _check(grad_y, state, state.shape[0], "nf4_matmul_grad_input")
-        check_state(packed, state)
-        N, K = state.shape
-        g2 = grad_y.reshape(-1, N)  # (M, N)
-        M = g2.shape[0]
-        dx = torch.empty(M, K, dtype=grad_y.dtype, device=grad_y.device)
-        tiles = _tiles(M)
-        grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(K, tiles["BLOCK_K"]))
-        offset = float(state.offset) if state.double_quant else 0.0
-        _nf4_matmul_grad_input_kernel[grid](g2, *_weight_args(packed, state), dx, M, N, K, offset,
-                                            g2.stride(0), g2.stride(1), dx.stride(0), dx.stride(1),
-                                            QUANT_BLOCK=state.blocksize, DOUBLE_QUANT=state.double_quant,
-                                            **tiles, **triton_launch_options())
-        return dx.view(*grad_y.shape[:-1], K)
+        """x_grad = y_grad · dequant(W)."""
+        return _launch(_nf4_matmul_grad_input_kernel, grad_y, packed, state, grad=True)
 
     TRITON_KERNELS["nf4_matmul"] = nf4_matmul_triton
     TRITON_KERNELS["nf4_matmul_grad_input"] = nf4_matmul_grad_input_triton
