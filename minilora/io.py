@@ -212,18 +212,32 @@ def read_config(directory: Union[str, Path]) -> LoraConfig:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    return read_config_file(path)
+
+
+def read_config_file(path: Union[str, Path]) -> LoraConfig:
+    """A LoraConfig from JSON: an adapter_config.json (minilora's or PEFT's) or LoraConfig's own fields."""
+    path = Path(path)
     try:
         raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such config file: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged: save the adapter again") from None
     if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
         kind = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{path} describes a {kind} adapter, not LoRA; minilora loads LoRA adapters only")
     if "minilora" in raw:
-        stored = dict(raw["minilora"]["config"])
-        stored["component_ranks"] = {k: tuple(v) for k, v in stored.get("component_ranks", {}).items()}
-        return LoraConfig(**stored)
-    return _from_peft(raw, path)
+        raw = raw["minilora"]["config"]
+    elif "peft_type" in raw:
+        return _from_peft(raw, path)
+    unknown = sorted(set(raw) - LoraConfig.field_names())
+    if unknown:
+        raise ValueError(f"{path}: unknown LoraConfig field(s) {', '.join(unknown)}; the fields are "
+                         f"{', '.join(sorted(LoraConfig.field_names()))}")
+    stored = dict(raw)
+    stored["component_ranks"] = {k: tuple(v) for k, v in stored.get("component_ranks", {}).items()}
+    return LoraConfig(**stored)
 
 
 def _from_peft(raw: dict, path: Path) -> LoraConfig:

@@ -5,6 +5,9 @@
     3. measure domain loss (the new skill) and retain loss (held-out general text, the old
        capabilities) before and after, parameters trained, seconds and peak memory
 
+Each fine-tune is a `Trainer` run with its own directory, so an interrupted comparison continues
+where it stopped. "After" is the adapter the trainer kept: the lowest domain validation loss.
+
 Strategies:
     full          every weight trains
     lora_all      LoRA r=8 on every Linear of every layer
@@ -21,7 +24,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,12 +32,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from ..config import LoraConfig
 from ..io import atomic_write
-from ..model import LoraModel, get_peft_model
-from ..optim import PagedAdamW
+from ..model import get_peft_model
 from ..params import count_parameters
 from ..quant import NF4Config, quantize_model
-from .corpus import DOMAIN, GENERAL, ByteTokenizer, batches, generate, windows
-from .schedule import warmup_cosine
+from . import checkpoint
+from .corpus import DOMAIN, GENERAL, ByteTokenizer, generate
+from .data import Tokens, text_windows
+from .plots import plot_curves
+from .trainer import Interrupted, Trainer, TrainConfig
 
 STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")
 
@@ -43,7 +48,7 @@ STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")
 class DemoSettings:
     """The embedded default. Every field is a command-line flag of `minilora finetune`."""
 
-    out: str = "runs/finetune"  # where report.json, curves.png and the adapters go
+    out: str = "runs/finetune"  # where report.json, curves.png and each strategy's run go
     strategies: tuple[str, ...] = STRATEGIES  # which strategies to compare
     layers: int = 8  # GPT-2 depth
     width: int = 128  # GPT-2 width (4 heads of 32)
@@ -55,6 +60,12 @@ class DemoSettings:
     lr_full: float = 3e-4  # peak learning rate for full fine-tuning
     lr_lora: float = 3e-3  # peak learning rate for LoRA
     seed: int = 0
+    overwrite: bool = False  # start again when <out> holds a run with other settings
+    progress: bool = True  # progress bars
+
+
+# Settings that do not change the numbers: a run with other values of these is the same run.
+NOT_RUN_DEFINING = ("out", "strategies", "overwrite", "progress")
 
 
 def _reset_peak_rss() -> None:
@@ -74,39 +85,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@torch.no_grad()
-def eval_loss(model, data: torch.Tensor, batch_size: int = 32) -> float:
-    """Mean next-token loss (nats) over every window of `data` (N, T)."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for i in range(0, len(data), batch_size):
-        chunk = data[i:i + batch_size]
-        total += model(input_ids=chunk, labels=chunk).loss.item() * len(chunk)
-    model.train(was_training)
-    return total / len(data)
+def _train_config(s: DemoSettings, steps: int, lr: float, paged: bool = False) -> TrainConfig:
+    return TrainConfig(task="domain", steps=steps, batch_size=s.batch_size, lr=lr, eval_every=s.eval_every,
+                       save_every=s.eval_every, optimizer="paged_adamw" if paged else "adamw",
+                       progress=s.progress, seed=s.seed)
 
 
-def _train(model, params, stream, steps: int, lr: float, evaluate, eval_every: int, paged: bool = False) -> list[dict]:
-    """AdamW (or PagedAdamW) + warmup/cosine + clipping; returns the eval curve."""
-    optimizer = PagedAdamW(params, lr=lr, weight_decay=0.0) if paged else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, warmup_steps=max(1, steps // 10), total_steps=steps, min_lr_ratio=0.1)
-    curve = [{"step": 0, **evaluate()}] if evaluate else []
-    model.train()
-    for step in range(1, steps + 1):
-        ids = next(stream)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if evaluate and (step % eval_every == 0 or step == steps):
-            curve.append({"step": step, "train_loss": loss.item(), **evaluate()})
-    return curve
-
-
-def pretrained_base(s: DemoSettings, general: torch.Tensor, log) -> GPT2LMHeadModel:
+def pretrained_base(s: DemoSettings, general, retain, log) -> GPT2LMHeadModel:
     """A small GPT-2 trained on general text; cached in <out>/base so later runs skip it."""
     torch.manual_seed(s.seed)
     config = GPT2Config(n_layer=s.layers, n_embd=s.width, n_head=s.width // 32, vocab_size=ByteTokenizer.vocab_size,
@@ -120,8 +105,9 @@ def pretrained_base(s: DemoSettings, general: torch.Tensor, log) -> GPT2LMHeadMo
         log(f"base model: loaded from {cache}")
         return model
     log(f"base model: pretraining {s.pretrain_steps} steps on general text")
-    stream = batches(general, s.batch_size, s.seq_len, torch.Generator().manual_seed(s.seed))
-    _train(model, list(model.parameters()), stream, s.pretrain_steps, 3e-3, None, 0)
+    config = _train_config(s, s.pretrain_steps, 3e-3)
+    config.eval_every = s.pretrain_steps
+    Trainer(model, config, general, retain, log=lambda line: None).train()
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
     atomic_write(cache / "model.safetensors", lambda p: save_file(state, p))
     atomic_write(cache / "key.json", lambda p: Path(p).write_text(json.dumps(key)))
@@ -129,10 +115,11 @@ def pretrained_base(s: DemoSettings, general: torch.Tensor, log) -> GPT2LMHeadMo
 
 
 def strategy_model(name: str, base: GPT2LMHeadModel, log: Callable[[str], None] = print):
-    """(model, trainable params) for one strategy, on a copy of the base."""
+    """The model to train for one strategy, on a copy of the base; only its trainable parameters
+    require grad."""
     model = copy.deepcopy(base)
     if name == "full":
-        return model, list(model.parameters())
+        return model.requires_grad_(True)
     if name.startswith("qlora"):
         report = quantize_model(model, NF4Config(blocksize=64, double_quant=True))
         log(f"{name}: base quantized to NF4, {report.bits_per_weight:.3f} bits per weight, "
@@ -149,78 +136,85 @@ def strategy_model(name: str, base: GPT2LMHeadModel, log: Callable[[str], None] 
         wrapped = get_peft_model(model, configs[name])
     for w in caught:
         log(f"{name}: {w.message}")
-    return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
+    return wrapped
+
+
+def _check_out(s: DemoSettings) -> dict:
+    """The report rows of an earlier run with the same settings (reused); a run with other
+    settings is refused unless `overwrite`."""
+    out = Path(s.out)
+    defining = {k: v for k, v in asdict(s).items() if k not in NOT_RUN_DEFINING}
+    record, report = out / "settings.json", out / "report.json"
+    if record.is_file():
+        held = json.loads(record.read_text())
+        changed = sorted(k for k in defining if held.get(k) != defining[k])
+        if changed and not s.overwrite:
+            raise checkpoint.RunDirectoryError(
+                f"{out} holds a run with other settings (they differ in: {', '.join(changed)}); pass --overwrite "
+                "to replace it (the cached base model is kept when it still fits), or choose another --out")
+        if not changed and not s.overwrite and report.is_file():
+            return json.loads(report.read_text())
+    atomic_write(record, lambda p: Path(p).write_text(json.dumps(defining, indent=2)))
+    return {}
 
 
 def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
-    """Run every strategy; write <out>/report.json, <out>/curves.png and each LoRA run's adapter
-    (PEFT format) in <out>/adapters/<strategy>."""
+    """Run every strategy; write <out>/report.json, <out>/curves.png and, per strategy, its run
+    in <out>/<strategy>/ (checkpoint, metrics.jsonl, the adapter in PEFT's format). A strategy an
+    earlier run with the same settings finished is reused; one it was interrupted in is resumed."""
     out = Path(s.out)
-    tok = ByteTokenizer()
-    general = tok.encode(generate(GENERAL, 6000, seed=s.seed))
-    retain = windows(tok.encode(generate(GENERAL, 300, seed=s.seed + 1)), s.seq_len)
-    domain = tok.encode(generate(DOMAIN, 3000, seed=s.seed + 2))
-    domain_val = windows(tok.encode(generate(DOMAIN, 300, seed=s.seed + 3)), s.seq_len)
-    base = pretrained_base(s, general, log)
-
-    def evaluate(model):
-        return lambda: {"domain_loss": eval_loss(model, domain_val), "retain_loss": eval_loss(model, retain)}
+    earlier = _check_out(s)
+    tokens = Tokens(ByteTokenizer())
+    general = text_windows(generate(GENERAL, 6000, seed=s.seed), tokens, s.seq_len)
+    retain = text_windows(generate(GENERAL, 300, seed=s.seed + 1), tokens, s.seq_len)
+    domain = text_windows(generate(DOMAIN, 3000, seed=s.seed + 2), tokens, s.seq_len)
+    domain_val = text_windows(generate(DOMAIN, 300, seed=s.seed + 3), tokens, s.seq_len)
+    base = pretrained_base(s, general, retain, log)
 
     report, curves = {}, {}
     for name in s.strategies:
-        torch.manual_seed(s.seed)
+        run_dir = out / name
+        done = run_dir / "result.json"
+        if name in earlier and done.is_file():
+            report[name] = earlier[name]
+            curves[name] = json.loads(done.read_text())["history"]
+            log(f"{name:>13}: finished by an earlier run with these settings ({run_dir})")
+            continue
         _reset_peak_rss()
         start = time.perf_counter()
-        model, params = strategy_model(name, base, log)
-        lr = s.lr_full if name == "full" else s.lr_lora
-        stream = batches(domain, s.batch_size, s.seq_len, torch.Generator().manual_seed(s.seed))
-        curve = _train(model, params, stream, s.finetune_steps, lr, evaluate(model), s.eval_every,
-                       paged=name.startswith("qlora"))
-        total = count_parameters(model)[1]
+        model = strategy_model(name, base, log)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        config = _train_config(s, s.finetune_steps, s.lr_full if name == "full" else s.lr_lora,
+                               paged=name.startswith("qlora"))
+        resume = (run_dir / "checkpoint.pt").is_file() and not s.overwrite
+        checkpoint.prepare(run_dir, {"strategy": name, **asdict(config), "progress": None}, resume,
+                           overwrite=not resume)
+        setup_seconds = time.perf_counter() - start
+        result = Trainer(model, config, domain, domain_val, retain, out=run_dir, log=lambda line: None).train(resume)
+        if result.stop_reason == "interrupted":
+            _write_report(out, report, curves, log)
+            raise Interrupted(f"interrupted during {name}; its checkpoint is in {run_dir}: run the same command "
+                              "again to continue")
         report[name] = {
-            "domain_loss_before": curve[0]["domain_loss"],
-            "domain_loss_after": curve[-1]["domain_loss"],
-            "retain_loss_before": curve[0]["retain_loss"],
-            "retain_loss_after": curve[-1]["retain_loss"],
-            "trainable_params": sum(p.numel() for p in params),
-            "total_params": total,
-            "seconds": time.perf_counter() - start,
+            "domain_loss_before": result.val_loss_before,
+            "domain_loss_after": result.val_loss_after,
+            "retain_loss_before": result.retain_loss_before,
+            "retain_loss_after": result.retain_loss_after,
+            "trainable_params": trainable,
+            "total_params": count_parameters(model)[1],
+            "seconds": setup_seconds + result.seconds,
             "peak_rss_mb": _peak_rss_mb(),
         }
-        curves[name] = curve
-        if isinstance(model, LoraModel):
-            model.save_pretrained(out / "adapters" / name)  # PEFT's format
+        curves[name] = result.history
         r = report[name]
         log(f"{name:>13}: domain {r['domain_loss_before']:.3f} -> {r['domain_loss_after']:.3f}  "
             f"retain {r['retain_loss_before']:.3f} -> {r['retain_loss_after']:.3f}  "
             f"trainable {r['trainable_params']:,} / {r['total_params']:,}  {r['seconds']:.1f}s")
-
-    atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
-    atomic_write(out / "curves.json", lambda p: Path(p).write_text(json.dumps(curves)))
-    atomic_write(out / "settings.json", lambda p: Path(p).write_text(json.dumps(asdict(s), indent=2)))
-    plot_curves(curves, out / "curves.png", log)
+        _write_report(out, report, curves, log)
     return report
 
 
-def plot_curves(curves: dict, path: Path, log=print) -> Optional[Path]:
-    """Domain and retain loss per strategy, side by side. Needs matplotlib; skipped without it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no curves.png (pip install matplotlib)")
-        return None
-    fig, (ax_domain, ax_retain) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for name, curve in curves.items():
-        steps = [c["step"] for c in curve]
-        ax_domain.plot(steps, [c["domain_loss"] for c in curve], label=name)
-        ax_retain.plot(steps, [c["retain_loss"] for c in curve], label=name)
-    ax_domain.set(title="domain validation loss (learn)", xlabel="step", ylabel="nats/byte")
-    ax_retain.set(title="retain loss (don't forget)", xlabel="step")
-    ax_domain.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-    return path
+def _write_report(out: Path, report: dict, curves: dict, log) -> None:
+    atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    if curves:
+        plot_curves(curves, out / "curves.png", log)

@@ -1,0 +1,110 @@
+"""Training checkpoints and the run directory.
+
+    <out>/run.json          what this run is (settings and data); a different run is refused
+    <out>/checkpoint.pt     everything needed to continue bit-exactly: trainable weights, the best
+                            ones so far, optimizer and schedule state, RNG states, data positions,
+                            the monitor and the metric history. One file, replaced atomically.
+    <out>/metrics.jsonl     one JSON object per line: "train" records and "eval" records
+    <out>/curves.png        validation and retain loss against steps
+    <out>/adapter/          the kept (best) adapter in PEFT's format (model.safetensors for a model
+                            trained without adapters)
+    <out>/result.json       how the run ended
+
+The checkpoint is read with `torch.load(weights_only=True)`: tensors and plain values only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..io import atomic_write
+
+RUN_FILES = ("run.json", "checkpoint.pt", "metrics.jsonl", "curves.png", "result.json", "adapter")
+
+
+class RunDirectoryError(ValueError):
+    """The output directory holds something this run must not overwrite (or nothing to resume)."""
+
+
+def prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> None:
+    """Check `out` against this run; refuse a different run unless told to overwrite it."""
+    record = out / "run.json"
+    if resume and overwrite:
+        raise RunDirectoryError("--resume continues the run in the output directory, --overwrite deletes it: "
+                                "pass one of them")
+    if overwrite:
+        for name in RUN_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    elif record.is_file():
+        held = json.loads(record.read_text())
+        if not resume:
+            raise RunDirectoryError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
+                                    "start again, or choose another output directory")
+        changed = sorted(k for k in held.keys() | run.keys() if held.get(k) != run.get(k))
+        if changed:
+            raise RunDirectoryError(f"{out} holds a different run (settings differ in: {', '.join(changed)}); "
+                                    "resume with the same settings, or pass --overwrite to start again")
+    elif resume:
+        raise RunDirectoryError(f"nothing to resume in {out}: it has no run.json; start without --resume")
+    if resume and not (out / "checkpoint.pt").is_file():
+        raise RunDirectoryError(f"nothing to resume in {out}: no checkpoint.pt was written yet; start again "
+                                "with --overwrite")
+    atomic_write(record, lambda p: Path(p).write_text(json.dumps(run, indent=2, sort_keys=True, default=str)))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, state: dict) -> None:
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # a checkpoint from elsewhere, or a damaged file
+        raise RunDirectoryError(f"{path} cannot be read as a minilora checkpoint ({e}); start again with "
+                                "--overwrite") from None
+
+
+def check_names(saved: dict, params: dict, path: Path) -> None:
+    """The checkpoint must hold exactly the trainable parameters of this model."""
+    missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+    if missing or extra:
+        example = (missing or extra)[0]
+        raise RunDirectoryError(f"{path} was written for different trainable parameters ({len(missing)} missing, "
+                                f"{len(extra)} unexpected, e.g. {example}); resume with the same model and "
+                                "adapter config")
+
+
+def append_metrics(path: Optional[Path], record: dict) -> None:
+    if path is None:
+        return
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop the records past the checkpoint a resumed run continues from."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in kept)))

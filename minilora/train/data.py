@@ -1,0 +1,250 @@
+"""Training data: text and JSON-lines files turned into equal-length rows of token ids.
+
+Four tasks, one row layout (N examples, T = seq_len tokens; labels of -100 are not scored):
+
+    domain          plain text, cut into windows     input_ids (N, T), labels (N, T) = input_ids
+    instruction     {"instruction", "input"?, "output"} in the template below; labels only on the
+                    output tokens, the prompt masked with -100
+    classification  {"text", "label"}                input_ids (N, T), labels (N,) class indices
+    seq2seq         {"source", "target"}             input_ids (N, T), labels (N, T) target ids
+
+The instruction template (the "Input:" line only when the example has an input):
+
+    Instruction: {instruction}
+    Input: {input}
+    Output: {output}<eos>
+
+Tokenizers: the model's own, from its local directory, or `ByteTokenizer` (256 byte values) for
+models built from a config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .corpus import ByteTokenizer
+
+IGNORE = -100  # label value that the loss skips
+TASKS = ("domain", "instruction", "classification", "seq2seq")
+CAUSAL_TASKS = ("domain", "instruction")  # the tasks a causal LM trains on; retain text and replay fit them
+FIELDS = {  # required JSON fields per task, and optional ones
+    "domain": (("text",), ()),
+    "instruction": (("instruction", "output"), ("input",)),
+    "classification": (("text", "label"), ()),
+    "seq2seq": (("source", "target"), ()),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used, with the file (and line) and what to do."""
+
+
+class Tokens:
+    """One interface over a Hugging Face tokenizer or the byte-level one: text → list of ids."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.is_bytes = isinstance(tokenizer, ByteTokenizer)
+        if self.is_bytes:
+            self.pad_id, self.eos_id = 0, None
+        else:
+            self.eos_id = tokenizer.eos_token_id
+            pad = tokenizer.pad_token_id
+            self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size if self.is_bytes else len(self.tokenizer)
+
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of `text`; with `special`, the model's own markers ([CLS] … [SEP], … </s>)."""
+        if self.is_bytes:
+            return list(text.encode("utf-8"))
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def load_tokenizer(model_dir: Union[str, Path, None], kind: str = "auto") -> Tokens:
+    """The tokenizer saved with a model (`kind="auto"`), or the byte-level one (`kind="bytes"`)."""
+    if kind == "bytes" or model_dir is None:
+        return Tokens(ByteTokenizer())
+    if kind != "auto":
+        raise ValueError(f"unknown tokenizer kind {kind!r}; use 'auto' (the model's own) or 'bytes'")
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise DataError(
+            f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer with the "
+            "model, or pass --tokenizer bytes to use byte-level tokens (the model needs vocab_size >= 256)"
+        )
+    from transformers import AutoTokenizer
+
+    return Tokens(AutoTokenizer.from_pretrained(model_dir))
+
+
+@dataclass
+class Examples:
+    """Rows of equal length: `tensors` maps input_ids/attention_mask/labels to (N, …) tensors."""
+
+    tensors: dict[str, torch.Tensor]
+    task: str
+    label_names: Optional[list[str]] = None  # classification: the name of each class index
+
+    def __len__(self) -> int:
+        return len(self.tensors["input_ids"])
+
+    def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[index] for k, v in self.tensors.items()}
+
+    def split(self, fraction: float) -> tuple["Examples", "Examples"]:
+        """(first 1 − fraction, last fraction): a held-out validation set from the end of a file."""
+        n_val = max(1, round(len(self) * fraction))
+        if len(self) - n_val < 1:
+            raise DataError(f"{len(self)} example(s) cannot be split into training and validation; add data or "
+                            "pass a validation file")
+        head = {k: v[:-n_val] for k, v in self.tensors.items()}
+        tail = {k: v[-n_val:] for k, v in self.tensors.items()}
+        return Examples(head, self.task, self.label_names), Examples(tail, self.task, self.label_names)
+
+
+def read_text(path: Union[str, Path]) -> str:
+    """A .txt file's text, or the "text" fields of a .jsonl file joined by blank lines."""
+    path = _existing(path)
+    if path.suffix == ".jsonl":
+        return "\n\n".join(record["text"] for _, record in read_jsonl(path, ("text",)))
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path} is empty: put the training text in it")
+    return text
+
+
+def read_jsonl(path: Union[str, Path], required: tuple[str, ...] = (), optional: tuple[str, ...] = ()):
+    """(line number, record) for every non-blank line; a clear error for the first bad one."""
+    path = _existing(path)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); each line "
+                                "must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in required if k not in record]
+            if missing:
+                wanted = ", ".join(repr(k) for k in required) + "".join(f" (optional {k!r})" for k in optional)
+                raise DataError(f"{path} line {number}: missing field {missing[0]!r}; each example needs {wanted}")
+            records.append((number, record))
+    if not records:
+        raise DataError(f"{path} is empty: expected one JSON object per line")
+    return records
+
+
+def _existing(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such data file: {path}")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt (plain text) or .jsonl "
+                        "(one JSON object per line)")
+    return path
+
+
+def text_windows(text: str, tokens: Tokens, seq_len: int, source: str = "text") -> Examples:
+    """Every full, non-overlapping window of seq_len tokens: the causal-LM rows of plain text."""
+    ids = torch.tensor(tokens.encode(text), dtype=torch.long)
+    if len(ids) < seq_len:
+        raise DataError(f"{source} has {len(ids)} tokens, fewer than one sequence of {seq_len}; add text or lower "
+                        "--seq-len")
+    n = len(ids) // seq_len
+    windows = ids[: n * seq_len].view(n, seq_len)  # (N, T)
+    return Examples({"input_ids": windows, "attention_mask": torch.ones_like(windows), "labels": windows.clone()},
+                    "domain")
+
+
+def instruction_prompt(instruction: str, input_text: str = "") -> str:
+    """The template up to and including "Output: "; the model learns what follows."""
+    prompt = f"Instruction: {instruction}\n"
+    if input_text:
+        prompt += f"Input: {input_text}\n"
+    return prompt + "Output: "
+
+
+def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+    return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)
+
+
+def load_examples(path: Union[str, Path], task: str, tokens: Tokens, seq_len: int,
+                  label_names: Optional[list[str]] = None) -> Examples:
+    """A data file as rows for `task` (see the module docstring for the formats)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    path = _existing(path)
+    if task == "domain":
+        return text_windows(read_text(path), tokens, seq_len, str(path))
+    if path.suffix != ".jsonl":
+        raise DataError(f"{path}: {task} data must be .jsonl with the fields "
+                        f"{', '.join(FIELDS[task][0])} on every line")
+    records = read_jsonl(path, *FIELDS[task])
+    if task == "instruction":
+        return _instruction_rows(path, records, tokens, seq_len)
+    if task == "classification":
+        return _classification_rows(records, tokens, seq_len, label_names)
+    return _seq2seq_rows(records, tokens, seq_len)
+
+
+def _instruction_rows(path: Path, records, tokens: Tokens, seq_len: int) -> Examples:
+    ids, labels = [], []
+    for number, r in records:
+        prompt = tokens.encode(instruction_prompt(r["instruction"], r.get("input", "")))
+        answer = tokens.encode(r["output"]) + ([tokens.eos_id] if tokens.eos_id is not None else [])
+        if len(prompt) >= seq_len:
+            raise DataError(f"{path} line {number}: the prompt alone is {len(prompt)} tokens, leaving no room for "
+                            f"the output in a sequence of {seq_len}; raise --seq-len or shorten the example")
+        row = (prompt + answer)[:seq_len]
+        ids.append(row)
+        labels.append(([IGNORE] * len(prompt) + answer)[:seq_len])
+    mask = [[1] * len(row) for row in ids]
+    return Examples({"input_ids": _pad(ids, seq_len, tokens.pad_id), "attention_mask": _pad(mask, seq_len, 0),
+                     "labels": _pad(labels, seq_len, IGNORE)}, "instruction")
+
+
+def _classification_rows(records, tokens: Tokens, seq_len: int, label_names: Optional[list[str]]) -> Examples:
+    raw = [r["label"] for _, r in records]
+    if label_names is None:  # integers are class indices; names are sorted into indices
+        label_names = ([str(i) for i in range(max(raw) + 1)] if all(isinstance(x, int) for x in raw)
+                       else sorted({str(x) for x in raw}))
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted({str(x) for x in raw} - set(index))
+    if unknown:
+        raise DataError(f"label {unknown[0]!r} is not one of the training labels {label_names}")
+    ids = [tokens.encode(r["text"], special=True)[:seq_len] for _, r in records]
+    mask = [[1] * len(row) for row in ids]
+    return Examples({"input_ids": _pad(ids, seq_len, tokens.pad_id), "attention_mask": _pad(mask, seq_len, 0),
+                     "labels": torch.tensor([index[str(x)] for x in raw])}, "classification", label_names)
+
+
+def _seq2seq_rows(records, tokens: Tokens, seq_len: int) -> Examples:
+    sources = [tokens.encode(r["source"], special=True)[:seq_len] for _, r in records]
+    targets = [tokens.encode(r["target"], special=True)[:seq_len] for _, r in records]
+    mask = [[1] * len(row) for row in sources]
+    return Examples({"input_ids": _pad(sources, seq_len, tokens.pad_id), "attention_mask": _pad(mask, seq_len, 0),
+                     "labels": _pad(targets, seq_len, IGNORE)}, "seq2seq")
+
+
+def retain_examples(path: Union[str, Path], task: str, tokens: Tokens, seq_len: int,
+                    label_names: Optional[list[str]] = None) -> Examples:
+    """The retain set (or replay set): plain text as causal-LM windows for the causal tasks, else the
+    task's own format (the old task's held-out examples)."""
+    path = _existing(path)
+    if task in CAUSAL_TASKS:
+        return text_windows(read_text(path), tokens, seq_len, str(path))
+    return load_examples(path, task, tokens, seq_len, label_names)

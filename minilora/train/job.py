@@ -1,0 +1,155 @@
+"""`minilora finetune --model DIR --data FILE …`: fine-tune a local Hugging Face model with LoRA.
+
+    1. check every input before any work: model directory, data files, flags, output directory
+    2. tokenizer (the model's own, or bytes) → rows for the task (data.py)
+    3. model: from_pretrained, or with --qlora its linear layers stored in NF4 (quantized while
+       loading where the checkpoint is safetensors), then LoRA from --config / --preset / default
+    4. Trainer: forgetting monitor on --retain, replay, checkpoints, resume (trainer.py)
+    5. <out>/adapter (PEFT format), metrics.jsonl, curves.png, result.json
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..config import LoraConfig
+from ..io import read_config_file
+from ..model import get_peft_model
+from ..params import format_trainable
+from ..quant import NF4Config, load_quantized, quantize_model
+from . import checkpoint
+from .data import CAUSAL_TASKS, DataError, load_examples, load_tokenizer, retain_examples
+from .trainer import Trainer, TrainConfig, TrainResult
+
+PRESETS = ("article",)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TASK_TYPES = {"domain": "CAUSAL_LM", "instruction": "CAUSAL_LM", "classification": "SEQ_CLS",
+              "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+@dataclass
+class JobSettings:
+    """What to fine-tune on what; the training settings are TrainConfig's."""
+
+    model: str  # a local Hugging Face model directory: config.json, weights, tokenizer
+    data: str  # training data: .txt (domain) or .jsonl (any task)
+    out: str = "runs/job"  # checkpoints, metrics, curves and the adapter go here
+    val: Optional[str] = None  # validation data; default: the last val_fraction of the training data
+    val_fraction: float = 0.1
+    retain: Optional[str] = None  # text of the old capabilities, evaluated at every evaluation
+    replay: Optional[str] = None  # text mixed into training batches; default: the retain file
+    config: Optional[str] = None  # a LoraConfig as JSON (minilora's or PEFT's adapter_config.json)
+    preset: Optional[str] = None  # "article": LoraConfig.article()
+    qlora: bool = False  # store the base in 4-bit NF4 (double-quantized scales)
+    tokenizer: str = "auto"  # auto: the model's own | bytes: 256 byte values
+    seq_len: int = 128  # tokens per example
+    resume: bool = False  # continue the run in `out` from its checkpoint
+    overwrite: bool = False  # delete the run in `out` and start again
+
+
+def check(s: JobSettings, t: TrainConfig) -> None:
+    """Every input problem that can be found before loading anything, with what to do."""
+    t.check()
+    directory = Path(s.model)
+    if not directory.is_dir():
+        raise DataError(f"--model {s.model}: no such directory; pass a local Hugging Face model directory")
+    if not (directory / "config.json").is_file():
+        raise DataError(f"{directory} has no config.json: it is not a Hugging Face model directory")
+    if not any((directory / f).is_file() for f in WEIGHT_FILES):
+        raise DataError(f"{directory} has no weights (none of {', '.join(WEIGHT_FILES)}); save the model with "
+                        "save_pretrained")
+    if s.preset is not None and s.preset not in PRESETS:
+        raise ValueError(f"unknown preset {s.preset!r}; choose from {', '.join(PRESETS)} (or pass --config)")
+    if s.preset and s.config:
+        raise ValueError("--preset and --config both choose the adapters: pass one of them")
+    if s.preset == "article" and t.task not in CAUSAL_TASKS:
+        raise ValueError(f"--preset article trains an LM head: it fits domain and instruction tuning, not "
+                         f"{t.task}; pass --config instead")
+    if t.forgetting_budget is not None and s.retain is None:
+        raise ValueError("--forgetting-budget needs a retain set to measure forgetting: pass --retain FILE")
+    if t.replay_ratio > 0 and s.replay is None and s.retain is None:
+        raise ValueError("--replay-ratio needs text to replay: pass --replay FILE (or --retain FILE)")
+    if s.replay is not None and t.replay_ratio == 0:
+        raise ValueError("--replay is used only with --replay-ratio > 0 (the fraction of each batch to replay)")
+    if t.replay_ratio > 0 and t.task not in CAUSAL_TASKS:
+        raise ValueError(f"replay mixes text into causal-LM batches; it does not fit {t.task}")
+    if not 0 < s.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {s.val_fraction}")
+    if s.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2, got {s.seq_len}")
+
+
+def lora_config(s: JobSettings, task: str) -> LoraConfig:
+    """The adapters: --config, --preset, or Q and V of every layer at r=8."""
+    if s.preset == "article":
+        return LoraConfig.article()
+    if s.config is None:
+        return LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"], task_type=TASK_TYPES[task])
+    config = read_config_file(s.config)
+    if config.task_type is None:
+        config.task_type = TASK_TYPES[task]
+    return config
+
+
+def _model_class(task: str, n_labels: Optional[int]):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    if task == "classification":
+        return types.SimpleNamespace(
+            from_pretrained=lambda d, **kw: AutoModelForSequenceClassification.from_pretrained(
+                d, num_labels=n_labels, **kw))
+    return AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
+
+
+def load_model(s: JobSettings, task: str, n_labels: Optional[int], log: Callable[[str], None]):
+    directory = Path(s.model)
+    cls = _model_class(task, n_labels)
+    safetensors = any((directory / f).is_file() for f in WEIGHT_FILES[:2])
+    nf4 = NF4Config(compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    if s.qlora and safetensors and task != "classification":  # a new classifier has no weights to stream
+        model = load_quantized(directory, nf4, model_class=cls)
+        log(f"loaded {directory} with its linear layers quantized to NF4 while reading")
+        return model
+    model = cls.from_pretrained(directory)
+    if s.qlora:
+        report = quantize_model(model, nf4, skip_modules=["classifier", "score"])
+        log(f"quantized {report.layers} layers to NF4: {report.bits_per_weight:.3f} bits per weight")
+    return model
+
+
+def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Fine-tune `s.model` on `s.data`; the Trainer's result. See the module docstring."""
+    check(s, t)
+    tokens = load_tokenizer(s.model, s.tokenizer)
+    train = load_examples(s.data, t.task, tokens, s.seq_len)
+    labels = train.label_names
+    if s.val is not None:
+        val = load_examples(s.val, t.task, tokens, s.seq_len, labels)
+    else:
+        train, val = train.split(s.val_fraction)
+        log(f"validation: the last {len(val)} of {len(train) + len(val)} examples of {s.data}")
+    retain = retain_examples(s.retain, t.task, tokens, s.seq_len, labels) if s.retain else None
+    replay_file = s.replay or s.retain
+    replay = retain_examples(replay_file, t.task, tokens, s.seq_len, labels) if t.replay_ratio > 0 else None
+    out = Path(s.out)
+    run = {**{k: v for k, v in asdict(s).items() if k not in ("resume", "overwrite")},
+           **{k: v for k, v in asdict(t).items() if k != "progress"}}
+    checkpoint.prepare(out, run, s.resume, s.overwrite)
+
+    model = load_model(s, t.task, len(labels) if labels else None, log)
+    vocab = model.get_input_embeddings().num_embeddings
+    if tokens.vocab_size > vocab:
+        raise DataError(f"the tokenizer has {tokens.vocab_size} tokens but the model's embedding only {vocab}; "
+                        "use the model's own tokenizer")
+    model = get_peft_model(model, lora_config(s, t.task))
+    log(format_trainable(*model.get_nb_trainable_parameters()))
+    return Trainer(model, t, train, val, retain, replay, out=out, log=log).train(resume=s.resume)
+
+
+SETTINGS_FIELDS = tuple(f.name for f in fields(JobSettings))

@@ -1,0 +1,478 @@
+"""The trainer: adapters (or any trainable parameters) on a frozen base, watched for forgetting.
+
+One optimizer step, with G = batch_size × grad_accum × processes examples in the global batch:
+
+    N      = Σ over the global batch of scored tokens (labels ≠ −100)     one all-reduce of a count
+    loss   = Σ_micro-batches Σ_tokens ℓ_t / N                             backward per micro-batch
+    g      = Σ_processes ∇loss                                            one all-reduce, adapters only
+    clip g to max_grad_norm; skip the step if the loss or ‖g‖ is not finite
+    AdamW (or PagedAdamW) step; warmup + cosine schedule step
+
+Dividing by the global token count (not by each micro-batch's own) makes gradient accumulation and
+data parallelism give the gradient of the whole batch, whatever the padding.
+
+Every `eval_every` steps (and at step 0 and the last): validation loss and retain loss, then the
+`Monitor` decides best / stop. A fraction `replay_ratio` of each batch comes from a replay set
+(general text the model should keep). At the end the best adapter is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..io import atomic_write
+from ..model import LoraModel
+from ..optim import PagedAdamW
+from . import checkpoint
+from .data import IGNORE, TASKS, Examples
+from .distributed import Processes, all_reduce_gradients, all_reduce_sum, setup
+from .monitor import Monitor
+from .plots import plot_curves
+from .schedule import warmup_cosine
+
+OPTIMIZERS = ("adamw", "paged_adamw")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; each is also a flag of `minilora finetune`."""
+
+    task: str = "domain"  # domain | instruction | classification | seq2seq
+    steps: int = 200  # optimizer steps
+    batch_size: int = 8  # examples per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.0
+    warmup_steps: int = -1  # linear warmup steps; −1: a tenth of `steps`
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0: no clipping
+    optimizer: str = "adamw"  # adamw | paged_adamw
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32
+    eval_every: int = 25  # steps between evaluations
+    eval_batch_size: int = 32
+    save_every: int = 50  # steps between checkpoints; 0: only at the end and on Ctrl-C
+    patience: int = 0  # stop after this many evaluations without a better validation loss; 0: never
+    min_delta: float = 0.0  # how much better counts as better
+    forgetting_budget: Optional[float] = None  # stop when the retain loss rises more (nats); None: never
+    replay_ratio: float = 0.0  # fraction of each batch drawn from the replay set
+    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    log_every: int = 10  # steps between "train" records in metrics.jsonl
+    progress: bool = True  # a tqdm progress bar
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_bad_steps",
+                     "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.replay_ratio < 1.0:
+            raise ValueError(f"replay_ratio must be in [0, 1), got {self.replay_ratio}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+
+
+@dataclass
+class TrainResult:
+    steps_done: int  # optimizer steps taken (skipped non-finite steps included)
+    stop_reason: str  # "completed", or why the monitor or the user stopped it
+    best_step: int  # the step whose adapter was kept
+    val_loss_before: float
+    val_loss_after: float  # of the kept adapter
+    retain_loss_before: Optional[float]
+    retain_loss_after: Optional[float]  # of the kept adapter
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # the "eval" records
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped after repeated non-finite losses or gradients."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a run after writing its checkpoint; the message says how to continue."""
+
+
+class Sampler:
+    """Endless shuffled passes over n examples; where it stands is (epoch, cursor)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.cursor = n, seed, 0, 0
+        self._order: Optional[tuple[int, torch.Tensor]] = None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._order is None or self._order[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = (self.epoch, torch.randperm(self.n, generator=g))
+        return self._order[1]
+
+    def take(self, k: int) -> torch.Tensor:
+        """The next k indices, crossing into the next epoch (a new order) when one runs out."""
+        out = []
+        while k > 0:
+            chunk = self._permutation()[self.cursor:self.cursor + k]
+            out.append(chunk)
+            k -= len(chunk)
+            self.cursor += len(chunk)
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+
+
+def replay_count(step: int, global_batch: int, ratio: float) -> int:
+    """Replay examples in the batch of `step` (1-based): ⌊ρ·G·s⌋ − ⌊ρ·G·(s−1)⌋, so that after s steps
+    exactly ⌊ρ·G·s⌋ replay examples were used, whatever G."""
+    return math.floor(ratio * global_batch * step + 1e-9) - math.floor(ratio * global_batch * (step - 1) + 1e-9)
+
+
+def scored_tokens(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """How many labels the loss scores: causal LMs predict token t+1 from t, so the first is never scored."""
+    if task == "classification":
+        return torch.tensor(labels.shape[0])
+    if task == "seq2seq":
+        return (labels != IGNORE).sum()
+    return (labels[:, 1:] != IGNORE).sum()
+
+
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Σ of the per-token cross-entropies of one micro-batch, computed in fp32."""
+    labels = batch["labels"]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if task == "seq2seq":  # the model shifts the labels right into its decoder inputs
+        logits, targets = model(**inputs, labels=labels).logits, labels  # (B, T, V), (B, T)
+    elif task == "classification":
+        logits, targets = model(**inputs).logits, labels  # (B, C), (B,)
+    else:
+        logits = model(**inputs).logits[:, :-1]  # (B, T−1, V): position t predicts t+1
+        targets = labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+class Trainer:
+    """Trains the parameters of `model` that require grad. See the module docstring."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train: Examples, val: Examples,
+                 retain: Optional[Examples] = None, replay: Optional[Examples] = None,
+                 out: Optional[Path] = None, log: Callable[[str], None] = print,
+                 processes: Optional[Processes] = None):
+        config.check()
+        if config.replay_ratio > 0 and replay is None:
+            raise ValueError("replay_ratio > 0 needs a replay set (--replay FILE, or --retain to replay from it)")
+        if replay is not None and config.replay_ratio > 0 and replay.tensors.keys() != train.tensors.keys():
+            raise ValueError(f"replay rows ({', '.join(replay.tensors)}) do not fit {config.task} rows "
+                             f"({', '.join(train.tensors)}); replay works for domain and instruction tuning")
+        self.model, self.config, self.log = model, config, log
+        self.train_set, self.val_set, self.retain_set, self.replay_set = train, val, retain, replay
+        self.out = Path(out) if out is not None else None
+        self.procs = processes or setup()
+        model.to(self.procs.device)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.named:
+            raise ValueError("the model has no trainable parameters: add an adapter (get_peft_model) or unfreeze "
+                             "some parameters")
+        self.params = [p for _, p in self.named]
+        self.global_batch = config.batch_size * config.grad_accum * self.procs.world
+        if len(train) < 1:
+            raise ValueError("the training set is empty")
+        self.samplers = {"train": Sampler(len(train), config.seed)}
+        if replay is not None and config.replay_ratio > 0:
+            self.samplers["replay"] = Sampler(len(replay), config.seed + 1)
+        if config.optimizer == "paged_adamw":
+            self.optimizer = PagedAdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        warmup = config.warmup_steps if config.warmup_steps >= 0 else max(1, config.steps // 10)
+        self.schedule = warmup_cosine(self.optimizer, warmup, config.steps, config.min_lr_ratio)
+        self.monitor = Monitor(config.patience, config.min_delta, config.forgetting_budget)
+        self.history: list[dict] = []  # the "eval" records
+        self.since_eval: list[float] = []  # training losses since the last evaluation
+        self.best: dict[str, torch.Tensor] = {}
+        self.step, self.bad_steps, self.last_saved = 0, 0, None
+        self._interrupted = False
+        self.seconds_before, self._clock = 0.0, time.perf_counter()  # time spent by earlier sessions of this run
+
+    # ------------------------------------------------------------------ pieces
+    def _autocast(self):
+        device = self.procs.device.type
+        bf16 = self.config.precision == "bf16" or (
+            self.config.precision == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+        return torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def _global_batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The G rows of this step: training examples, then the replayed ones."""
+        n_replay = replay_count(step, self.global_batch, self.config.replay_ratio) if "replay" in self.samplers else 0
+        rows = self.train_set.rows(self.samplers["train"].take(self.global_batch - n_replay))
+        if n_replay:
+            extra = self.replay_set.rows(self.samplers["replay"].take(n_replay))
+            rows = {k: torch.cat([rows[k], extra[k]]) for k in rows}
+        return rows
+
+    def _micro_batches(self, rows: dict[str, torch.Tensor]):
+        """This process's micro-batches: micro-batch j of rank r is slice (j·world + r) of the global batch."""
+        b, world, rank = self.config.batch_size, self.procs.world, self.procs.rank
+        for j in range(self.config.grad_accum):
+            start = (j * world + rank) * b
+            yield {k: v[start:start + b].to(self.procs.device) for k, v in rows.items()}
+
+    def _train_step(self) -> tuple[float, float]:
+        """One optimizer step (or a skipped one); (loss, gradient norm)."""
+        task = self.config.task
+        micro = list(self._micro_batches(self._global_batch(self.step + 1)))
+        n_tokens = all_reduce_sum(sum(scored_tokens(m["labels"], task) for m in micro).to(self.procs.device),
+                                  self.procs)
+        total = torch.zeros((), device=self.procs.device)
+        for m in micro:
+            with self._autocast():
+                loss = summed_loss(self.model, m, task) / n_tokens
+            loss.backward()
+            total += loss.detach()
+        loss = all_reduce_sum(total, self.procs).item()
+        all_reduce_gradients(self.params, self.procs)
+        if self.config.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm).item()
+        else:
+            norm = torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])).item()
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.log(f"step {self.step + 1}: loss {loss}, gradient norm {norm}: not finite, step skipped")
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss, norm
+
+    @torch.no_grad()
+    def evaluate(self, examples: Examples) -> float:
+        """Mean loss per scored token over `examples`, each process taking every world-th row."""
+        was_training = self.model.training
+        self.model.eval()
+        rows = torch.arange(self.procs.rank, len(examples), self.procs.world)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.procs.device)  # [Σ loss, Σ tokens]
+        for i in range(0, len(rows), self.config.eval_batch_size):
+            batch = {k: v.to(self.procs.device) for k, v in examples.rows(rows[i:i + self.config.eval_batch_size]).items()}
+            with self._autocast():
+                sums[0] += summed_loss(self.model, batch, self.config.task).double()
+            sums[1] += scored_tokens(batch["labels"], self.config.task)
+        self.model.train(was_training)
+        total = all_reduce_sum(sums, self.procs)
+        return (total[0] / total[1]).item()
+
+    def _eval(self, train_loss: Optional[float]) -> dict:
+        val = self.evaluate(self.val_set)
+        retain = self.evaluate(self.retain_set) if self.retain_set is not None else None
+        is_best = self.monitor.observe(self.step, val, retain)
+        if is_best:
+            self.best = {n: p.detach().to("cpu", copy=True) for n, p in self.named}
+        forgetting = self.monitor.forgetting(retain)
+        record = {"kind": "eval", "step": self.step, "train_loss": train_loss, "lr": self.schedule.get_last_lr()[0],
+                  "val_loss": val, "retain_loss": retain,
+                  "retain_ppl": math.exp(min(retain, 50.0)) if retain is not None else None,
+                  "forgetting": forgetting, "best": is_best}
+        self.history.append(record)
+        if self.procs.is_main:
+            checkpoint.append_metrics(self._path("metrics.jsonl"), record)
+        return record
+
+    def _path(self, name: str) -> Optional[Path]:
+        return self.out / name if self.out is not None else None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "trainable": {n: p.detach().to("cpu", copy=True) for n, p in self.named},
+            "best": self.best,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "samplers": {k: s.state_dict() for k, s in self.samplers.items()},
+            "monitor": self.monitor.state_dict(),
+            "history": self.history,
+            "bad_steps": self.bad_steps,
+            "since_eval": list(self.since_eval),
+            "seconds": self._seconds(),
+        }
+
+    def load_state_dict(self, state: dict, source: Path = Path("checkpoint")) -> None:
+        params = dict(self.named)
+        checkpoint.check_names(state["trainable"], params, source)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["trainable"][n])
+        self.best = state["best"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        checkpoint.set_rng_state(state["rng"])
+        for k, s in self.samplers.items():
+            s.load_state_dict(state["samplers"][k])
+        self.monitor.load_state_dict(state["monitor"])
+        self.history, self.step, self.bad_steps = list(state["history"]), state["step"], state["bad_steps"]
+        self.seconds_before = state["seconds"]
+        self.since_eval[:] = state["since_eval"]
+
+    def _seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self._clock
+
+    def save_checkpoint(self) -> None:
+        if self.out is not None and self.procs.is_main:
+            checkpoint.save(self.out / "checkpoint.pt", self.state_dict())
+            self.last_saved = self.step
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume: bool = False) -> TrainResult:
+        """Train to `steps`, an early stop, the forgetting budget, or Ctrl-C; restore the best adapter.
+        With `resume`, continue from <out>/checkpoint.pt exactly where it was written."""
+        cfg, self._clock = self.config, time.perf_counter()
+        self.model.train()
+        if resume:
+            path = self.out / "checkpoint.pt"
+            self.load_state_dict(checkpoint.load(path), path)
+            self.last_saved = self.step
+            if self.procs.is_main:
+                checkpoint.truncate_metrics(self.out / "metrics.jsonl", self.step)
+            self.log(f"resumed from {path} at step {self.step}")
+        else:
+            if self.out is not None and self.procs.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                checkpoint.truncate_metrics(self.out / "metrics.jsonl", -1)  # a fresh run starts a fresh file
+            torch.manual_seed(cfg.seed)
+            self._eval(None)
+        previous_handler = self._catch_interrupt()
+        try:
+            self._loop()
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+        stop = self.monitor.stop_reason or ("interrupted" if self._interrupted else "completed")
+        self.save_checkpoint()
+        if not self._interrupted:
+            self._restore_best()
+        return self._finish(stop, self._seconds())
+
+    def _catch_interrupt(self):
+        """The first Ctrl-C finishes the current step and writes a checkpoint; a second one stops at once."""
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            self._interrupted = True
+            signal.signal(signal.SIGINT, previous)
+            self.log("interrupted: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: Ctrl-C is not ours to catch
+            return previous
+        return previous
+
+    def _loop(self) -> None:
+        cfg = self.config
+        bar = _progress(cfg.steps, self.step, cfg.progress and self.procs.is_main)
+        done = self.monitor.stop_reason is not None
+        since_eval = self.since_eval
+        while not done and self.step < cfg.steps and not self._interrupted:
+            loss, norm = self._train_step()
+            if math.isfinite(loss):
+                since_eval.append(loss)
+            if self.bad_steps >= cfg.max_bad_steps:
+                bar.close()
+                raise NonFiniteLoss(self._diverged_message())
+            if self.step % cfg.log_every == 0 and self.procs.is_main:
+                checkpoint.append_metrics(self._path("metrics.jsonl"), {
+                    "kind": "train", "step": self.step, "train_loss": loss, "grad_norm": norm,
+                    "lr": self.schedule.get_last_lr()[0]})
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                record = self._eval(sum(since_eval) / len(since_eval) if since_eval else None)
+                since_eval.clear()
+                done = self.monitor.stop_reason is not None
+                shown = {k: f"{record[k]:.3f}" for k in ("val_loss", "retain_loss") if record[k] is not None}
+                bar.set_postfix(shown, refresh=False)
+            if cfg.save_every and self.step % cfg.save_every == 0 and not self._interrupted and not self.bad_steps:
+                self.save_checkpoint()
+            bar.set_description(f"loss {loss:.3f} lr {self.schedule.get_last_lr()[0]:.2e}", refresh=False)
+            bar.update(1)
+        bar.close()
+
+    def _diverged_message(self) -> str:
+        kept = (f"the last good checkpoint is {self.out / 'checkpoint.pt'} (step {self.last_saved})"
+                if self.last_saved is not None else "no checkpoint was written")
+        return (f"the loss or the gradients were not finite for {self.bad_steps} steps in a row (up to step "
+                f"{self.step}); training stopped and {kept}. Try a lower learning rate, gradient clipping "
+                "(max_grad_norm 1.0), fp32 precision, or look for empty or broken examples in the data")
+
+    def _restore_best(self) -> None:
+        if not self.best:
+            return
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(self.best[n])
+
+    def _finish(self, stop: str, seconds: float) -> TrainResult:
+        best = next((h for h in self.history if h["step"] == self.monitor.best_step), self.history[0])
+        first = self.history[0]
+        result = TrainResult(self.step, stop, self.monitor.best_step, first["val_loss"], best["val_loss"],
+                             first["retain_loss"], best["retain_loss"], seconds, self.history)
+        if self.out is not None and self.procs.is_main:
+            if not self._interrupted:
+                self._save_trained()
+            atomic_write(self.out / "result.json", lambda p: Path(p).write_text(json.dumps(result.to_dict(), indent=2)))
+            plot_curves({"run": self.history}, self.out / "curves.png", self.log)
+        self.log(f"{stop}; kept step {result.best_step}: validation loss {result.val_loss_before:.4f} -> "
+                 f"{result.val_loss_after:.4f}" + (f", retain loss {result.retain_loss_before:.4f} -> "
+                                                   f"{result.retain_loss_after:.4f}"
+                                                   if result.retain_loss_before is not None else ""))
+        return result
+
+    def _save_trained(self) -> None:
+        """The kept adapter in PEFT's format; a plain model's trainable weights as safetensors."""
+        if isinstance(self.model, LoraModel):
+            self.model.save_pretrained(self.out / "adapter")
+        else:
+            from safetensors.torch import save_file
+
+            state = {n: p.detach().contiguous().cpu() for n, p in self.named}
+            atomic_write(self.out / "adapter" / "model.safetensors", lambda p: save_file(state, p))
+
+
+class _NoBar:
+    def set_postfix(self, *a, **k): ...
+    def set_description(self, *a, **k): ...
+    def update(self, *a, **k): ...
+    def close(self): ...
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, dynamic_ncols=True, leave=False)
