@@ -262,3 +262,33 @@ def test_every_task_lowers_its_validation_loss(tmp_path):
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"], task_type=task_type))
         result = Trainer(model, config(task=task, steps=30, lr=2e-2, eval_every=10), train, val, log=quiet).train()
         assert result.val_loss_after < result.val_loss_before - 0.1, (task, result.history)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def test_two_processes_train_the_adapter_a_single_process_would(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).parent / "ddp_worker.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "single").mkdir()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, str(worker), str(tmp_path / "single")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (load_file(tmp_path / "ddp" / f"rank{r}.safetensors") for r in (0, 1))
+    single = load_file(tmp_path / "single" / "rank0.safetensors")
+    assert rank0.keys() == single.keys() and len(rank0) == 17  # 8 adapter tensors, their gradients, a loss
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name  # the processes agree bit for bit
+        error = (rank0[name] - single[name]).norm()  # = one process, same batch (up to summation order)
+        assert error <= 1e-5 * single[name].norm() + 1e-12, (name, error)
+    lora_b = [n for n in rank0 if "lora_B" in n and not n.startswith("grad.")]
+    assert all(rank0[n].abs().max() > 1e-3 for n in lora_b)  # the adapter trained

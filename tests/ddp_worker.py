@@ -1,0 +1,56 @@
+"""One process of a data-parallel fine-tune (run by torchrun), or the single-process reference.
+
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT      per-process batch 2
+    python tests/ddp_worker.py OUT                                        one process, batch 4
+
+Both see the same global batch of 4 rows per step; each process writes its adapter to
+OUT/rank<r>.safetensors.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from minilora import LoraConfig, get_peft_model
+from minilora.train.corpus import DOMAIN, GENERAL, generate
+from minilora.train.data import load_tokenizer, text_windows
+from minilora.train.trainer import Trainer, TrainConfig
+
+GLOBAL_BATCH = 4
+
+
+def train(out: Path) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=256, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
+    tokens = load_tokenizer(None, "bytes")
+    data = text_windows(generate(DOMAIN, 150, 0), tokens, 32)
+    val = text_windows(generate(DOMAIN, 20, 1), tokens, 32)
+    retain = text_windows(generate(GENERAL, 20, 2), tokens, 32)
+    config = TrainConfig(steps=6, batch_size=GLOBAL_BATCH // world, lr=1e-2, eval_every=3, progress=False)
+    trainer = Trainer(model, config, data, val, retain, log=lambda line: None)
+    first_grads = {}
+    step = trainer.optimizer.step
+
+    def step_and_record(*args, **kwargs):  # the gradients of the first step, after the all-reduce
+        if not first_grads:
+            first_grads.update({f"grad.{n}": p.grad.detach().clone() for n, p in trainer.named})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = step_and_record
+    result = trainer.train()
+    rank = int(os.environ.get("RANK", "0"))
+    state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    state.update(first_grads)
+    state["val_loss_after"] = torch.tensor(result.val_loss_after, dtype=torch.float64)
+    save_file(state, out / f"rank{rank}.safetensors")
+
+
+if __name__ == "__main__":
+    train(Path(sys.argv[1]))
