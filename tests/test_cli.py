@@ -4,10 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from minilora.cli import main
 
 SMALL = ["--layers", "2", "--width", "64", "--seq-len", "32", "--batch-size", "8", "--pretrain-steps", "150",
-         "--finetune-steps", "80", "--eval-every", "20", "--lr-full", "3e-3"]
+         "--finetune-steps", "80", "--eval-every", "20", "--lr-full", "3e-3", "--no-progress"]
 FIELDS = {"domain_loss_before", "domain_loss_after", "retain_loss_before", "retain_loss_after",
           "trainable_params", "total_params", "seconds", "peak_rss_mb"}
 
@@ -25,20 +27,31 @@ def test_finetune_writes_a_report_and_learns_the_domain(tmp_path):
     assert report["qlora_article"]["trainable_params"] == report["lora_article"]["trainable_params"]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     for name in ("lora_all", "lora_article", "qlora_article"):
-        assert {f.name for f in (tmp_path / "adapters" / name).iterdir()} == {"adapter_config.json",
-                                                                            "adapter_model.safetensors"}
+        assert {f.name for f in (tmp_path / name / "adapter").iterdir()} == {"adapter_config.json",
+                                                                           "adapter_model.safetensors"}
+        metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics if m["kind"] == "eval"] == [0, 20, 40, 60, 80]
     assert not list(tmp_path.rglob(".*.tmp*"))  # atomic writes leave no temporaries
 
-    # a second run reuses the cached base model and reproduces the numbers exactly
-    logs = []
+    from minilora.train.checkpoint import RunDirectoryError
     from minilora.train.demo import DemoSettings, run
 
     settings = DemoSettings(out=str(tmp_path), strategies=("lora_article",), layers=2, width=64, seq_len=32,
-                            batch_size=8, pretrain_steps=150, finetune_steps=80, eval_every=20, lr_full=3e-3)
+                            batch_size=8, pretrain_steps=150, finetune_steps=80, eval_every=20, lr_full=3e-3,
+                            progress=False)
+    logs = []
+    assert run(settings, log=logs.append)["lora_article"] == report["lora_article"]  # finished: reused
+    assert logs[0].startswith("base model: loaded") and "finished by an earlier run" in logs[1]
+
+    # started again, it reuses the cached base model and reproduces the numbers exactly
+    settings.overwrite = True
     again = run(settings, log=logs.append)
-    assert logs[0].startswith("base model: loaded")
-    for key in ("domain_loss_before", "domain_loss_after", "retain_loss_after"):
+    for key in ("domain_loss_before", "domain_loss_after", "retain_loss_before", "retain_loss_after"):
         assert again["lora_article"][key] == report["lora_article"][key]
+
+    settings.overwrite, settings.finetune_steps = False, 79
+    with pytest.raises(RunDirectoryError, match="differ in: finetune_steps"):
+        run(settings)
 
 
 def test_bad_arguments_say_what_to_do():
@@ -48,3 +61,113 @@ def test_bad_arguments_say_what_to_do():
     result = subprocess.run([sys.executable, "-m", "minilora.cli", "finetune", "--width", "40"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "multiple of 32" in result.stderr
+
+
+# ---------------------------------------------------------------------------------- your own model
+def _model_dir(path, tokenizer=False):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def _data(tmp_path):
+    from minilora.train.corpus import GENERAL, generate
+
+    words = ["cat", "dog", "owl", "fox", "hen"]
+    rows = [{"instruction": "Shout the word", "input": w, "output": w.upper() + "!"} for w in words * 8]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "general.txt").write_text(generate(GENERAL, 40, 0))
+    return tmp_path / "train.jsonl", tmp_path / "general.txt"
+
+
+def test_finetune_a_local_model_resume_and_refusals(tmp_path, capsys):
+    model, (data, general) = _model_dir(tmp_path / "model"), _data(tmp_path)
+    out = tmp_path / "out"
+    args = ["finetune", "--model", str(model), "--data", str(data), "--task", "instruction", "--tokenizer", "bytes",
+            "--retain", str(general), "--replay-ratio", "0.25", "--seq-len", "64", "--steps", "24",
+            "--eval-every", "8", "--lr", "1e-2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["stop_reason"] == "completed" and result["val_loss_after"] < result["val_loss_before"]
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [0, 8, 16, 24] and all(e["retain_loss"] > 0 for e in evals)
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the adapter loads in PEFT (Q and V slices of c_attn as one rank-16 LoRA) and computes the same
+    import peft
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from minilora import LoraModel
+
+    theirs = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model), out / "adapter").eval()
+    ours = LoraModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model), out / "adapter").eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5)
+        with ours.disable_adapter():
+            assert not torch.allclose(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-3)
+    assert theirs.peft_config["default"].r == 16
+
+    capsys.readouterr()
+    assert main(args) == 2 and "already holds a run; pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0  # finished: nothing left to do, same answer
+    assert json.loads((out / "result.json").read_text())["val_loss_after"] == result["val_loss_after"]
+    assert main([*args, "--resume", "--lr", "2e-2"]) == 2 and "differ in: lr" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--steps", "8", "--eval-every", "4"]) == 0
+
+
+def test_qlora_preset_and_paged_optimizer_from_the_command_line(tmp_path, capsys):
+    model, (_, general) = _model_dir(tmp_path / "model"), _data(tmp_path)
+    from minilora.train.corpus import DOMAIN, generate
+
+    (tmp_path / "finance.txt").write_text(generate(DOMAIN, 120, 0))
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", str(model), "--data", str(tmp_path / "finance.txt"), "--tokenizer", "bytes",
+                 "--retain", str(general), "--qlora", "--preset", "article", "--optimizer", "paged_adamw",
+                 "--forgetting-budget", "5.0", "--seq-len", "64", "--steps", "16", "--eval-every", "8",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "quantized to NF4 while reading" in printed and "trainable params:" in printed
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["minilora"]["config"]["layer_bands"] and config["modules_to_save"] == ["lm_head"]
+    result = json.loads((out / "result.json").read_text())
+    assert result["val_loss_after"] < result["val_loss_before"]
+
+
+def test_bad_input_to_a_local_run_says_what_to_do(tmp_path, capsys):
+    model, (data, general) = _model_dir(tmp_path / "model"), _data(tmp_path)
+    base = ["finetune", "--model", str(model), "--data", str(data), "--task", "instruction", "--out",
+            str(tmp_path / "o"), "--seq-len", "64", "--no-progress"]
+
+    def error(extra, model_dir=None):
+        args = list(base)
+        if model_dir is not None:
+            args[2] = str(model_dir)
+        assert main(args + extra) == 2
+        return capsys.readouterr().err
+
+    assert "pass --tokenizer bytes" in error([])  # the model was saved without a tokenizer
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    assert "has no weights" in error(["--tokenizer", "bytes"], tmp_path / "empty")
+    assert "not a Hugging Face model directory" in error(["--tokenizer", "bytes"], tmp_path)
+    assert "unknown preset 'paper'" in error(["--tokenizer", "bytes", "--preset", "paper"])
+    assert "needs a retain set" in error(["--tokenizer", "bytes", "--forgetting-budget", "0.1"])
+    assert "pass one of them" in error(["--tokenizer", "bytes", "--resume", "--overwrite"])
+    assert "nothing to resume" in error(["--tokenizer", "bytes", "--resume"])
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    base[4] = str(tmp_path / "broken.jsonl")
+    assert "broken.jsonl line 2: not valid JSON" in error(["--tokenizer", "bytes"])
+    base[4] = str(tmp_path / "missing.jsonl")
+    assert "no such data file" in error(["--tokenizer", "bytes"])
+    with pytest.raises(SystemExit):
+        main(["finetune", "--data", str(data)])
+    assert "--data needs --model DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--layers", "4"])
+    assert "--layers belongs to the embedded default" in capsys.readouterr().err

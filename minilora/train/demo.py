@@ -182,6 +182,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
             continue
         _reset_peak_rss()
         start = time.perf_counter()
+        torch.manual_seed(s.seed)  # each strategy's adapters start the same, whatever ran before
         model = strategy_model(name, base, log)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         config = _train_config(s, s.finetune_steps, s.lr_full if name == "full" else s.lr_lora,
