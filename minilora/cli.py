@@ -11,12 +11,13 @@ Exit status: 0 done, 1 training diverged, 2 bad input, 130 interrupted (checkpoi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from dataclasses import MISSING, fields
 
 from .train.data import DataError
-from .train.demo import STRATEGIES, DemoSettings, run
+from .train.demo import ALL_STRATEGIES, DemoSettings, run
 from .train.job import JobSettings, run_job
 from .train.trainer import Interrupted, NonFiniteLoss, TrainConfig
 
@@ -52,7 +53,7 @@ def _add_fields(group, cls, seen: set) -> None:
                                help=shown)
         elif f.name == "strategies":
             group.add_argument(_flag(f.name), default=argparse.SUPPRESS,
-                               help=f"comma-separated, from {', '.join(STRATEGIES)}")
+                               help=f"comma-separated, from {', '.join(ALL_STRATEGIES)}")
         else:
             base = next((a for a in args if a is not type(None)), kind)  # Optional[X] -> X
             group.add_argument(_flag(f.name), type=base, default=argparse.SUPPRESS, help=shown)
@@ -84,7 +85,8 @@ def _finetune(parser: argparse.ArgumentParser, given: dict) -> int:
             print(f"interrupted at step {result.steps_done}; checkpoint in {job.out}: add --resume to continue",
                   file=sys.stderr)
             return 130
-        print(f"adapter: {job.out}/adapter   metrics: {job.out}/metrics.jsonl   curves: {job.out}/curves.png")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"adapter: {job.out}/adapter   metrics: {job.out}/metrics.jsonl   curves: {job.out}/curves.png")
         return 0
     given.pop("resume", None)  # the embedded default always continues a run with the same settings
     wrong = sorted(JOB_ONLY & given.keys())
@@ -92,9 +94,9 @@ def _finetune(parser: argparse.ArgumentParser, given: dict) -> int:
         parser.error(f"{_flag(wrong[0])} needs --model DIR: the embedded default builds its own model and data")
     if "strategies" in given:
         given["strategies"] = tuple(s.strip() for s in given["strategies"].split(",") if s.strip())
-        unknown = [s for s in given["strategies"] if s not in STRATEGIES]
+        unknown = [s for s in given["strategies"] if s not in ALL_STRATEGIES]
         if unknown:
-            parser.error(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+            parser.error(f"unknown strategy {unknown[0]!r}; choose from {', '.join(ALL_STRATEGIES)}")
     settings = DemoSettings(**given)
     for key in ("layers", "width", "seq_len", "batch_size", "finetune_steps", "pretrain_steps", "eval_every"):
         if getattr(settings, key) <= 0:

@@ -57,7 +57,7 @@ def test_finetune_writes_a_report_and_learns_the_domain(tmp_path):
 def test_bad_arguments_say_what_to_do():
     result = subprocess.run([sys.executable, "-m", "minilora.cli", "finetune", "--strategies", "ful"],
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "unknown strategy 'ful'; choose from full, lora_all, lora_article, qlora_article" in result.stderr
+    assert result.returncode == 2 and "unknown strategy 'ful'; choose from full, lora_all, lora_article, qlora_article, " in result.stderr
     result = subprocess.run([sys.executable, "-m", "minilora.cli", "finetune", "--width", "40"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "multiple of 32" in result.stderr

@@ -13,6 +13,8 @@ Strategies:
     lora_all      LoRA r=8 on every Linear of every layer
     lora_article  the article's plan: Q and V of the upper half, rank rising with depth, LM head
     qlora_article the same adapters over a 4-bit NF4 base (double quant), with PagedAdamW
+    <any>_replay  the same with a quarter of every batch replayed from the general text (not run
+                  by default; `--strategies lora_article_replay` adds it to an earlier report)
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from .data import Tokens, text_windows
 from .plots import plot_curves
 from .trainer import Interrupted, Trainer, TrainConfig
 
-STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")
+STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")  # the default comparison
+REPLAY_RATIO = 0.25  # "<strategy>_replay": a quarter of every batch is general text
+ALL_STRATEGIES = STRATEGIES + tuple(f"{name}_replay" for name in STRATEGIES)
 
 
 @dataclass
@@ -118,6 +122,7 @@ def strategy_model(name: str, base: GPT2LMHeadModel, log: Callable[[str], None] 
     """The model to train for one strategy, on a copy of the base; only its trainable parameters
     require grad."""
     model = copy.deepcopy(base)
+    name = name.removesuffix("_replay")
     if name == "full":
         return model.requires_grad_(True)
     if name.startswith("qlora"):
@@ -130,7 +135,7 @@ def strategy_model(name: str, base: GPT2LMHeadModel, log: Callable[[str], None] 
         "qlora_article": LoraConfig.article(),
     }
     if name not in configs:
-        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(ALL_STRATEGIES)}")
     with warnings.catch_warnings(record=True) as caught:  # told once, as a log line
         warnings.simplefilter("always")
         wrapped = get_peft_model(model, configs[name])
@@ -161,7 +166,8 @@ def _check_out(s: DemoSettings) -> dict:
 def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
     """Run every strategy; write <out>/report.json, <out>/curves.png and, per strategy, its run
     in <out>/<strategy>/ (checkpoint, metrics.jsonl, the adapter in PEFT's format). A strategy an
-    earlier run with the same settings finished is reused; one it was interrupted in is resumed."""
+    earlier run with the same settings finished is reused (and stays in the report); one it was
+    interrupted in is resumed."""
     out = Path(s.out)
     earlier = _check_out(s)
     tokens = Tokens(ByteTokenizer())
@@ -171,13 +177,12 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
     domain_val = text_windows(generate(DOMAIN, 300, seed=s.seed + 3), tokens, s.seq_len)
     base = pretrained_base(s, general, retain, log)
 
-    report, curves = {}, {}
+    # rows that an earlier run with these settings finished are kept, whichever strategies run now
+    report = {name: row for name, row in earlier.items() if (out / name / "result.json").is_file()}
+    curves = {name: json.loads((out / name / "result.json").read_text())["history"] for name in report}
     for name in s.strategies:
         run_dir = out / name
-        done = run_dir / "result.json"
-        if name in earlier and done.is_file():
-            report[name] = earlier[name]
-            curves[name] = json.loads(done.read_text())["history"]
+        if name in report:
             log(f"{name:>13}: finished by an earlier run with these settings ({run_dir})")
             continue
         _reset_peak_rss()
@@ -185,13 +190,15 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
         torch.manual_seed(s.seed)  # each strategy's adapters start the same, whatever ran before
         model = strategy_model(name, base, log)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        config = _train_config(s, s.finetune_steps, s.lr_full if name == "full" else s.lr_lora,
+        config = _train_config(s, s.finetune_steps, s.lr_full if name.startswith("full") else s.lr_lora,
                                paged=name.startswith("qlora"))
+        config.replay_ratio = REPLAY_RATIO if name.endswith("_replay") else 0.0
         resume = (run_dir / "checkpoint.pt").is_file() and not s.overwrite
         checkpoint.prepare(run_dir, {"strategy": name, **asdict(config), "progress": None}, resume,
                            overwrite=not resume)
         setup_seconds = time.perf_counter() - start
-        result = Trainer(model, config, domain, domain_val, retain, out=run_dir, log=lambda line: None).train(resume)
+        result = Trainer(model, config, domain, domain_val, retain, replay=general, out=run_dir,
+                         log=lambda line: None).train(resume)
         if result.stop_reason == "interrupted":
             _write_report(out, report, curves, log)
             raise Interrupted(f"interrupted during {name}; its checkpoint is in {run_dir}: run the same command "

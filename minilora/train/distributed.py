@@ -68,3 +68,9 @@ def all_reduce_gradients(params: list[torch.Tensor], procs: Processes) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def barrier(procs: Processes) -> None:
+    """Wait until every process gets here."""
+    if procs.world > 1:
+        dist.barrier()

@@ -23,6 +23,7 @@ from ..model import get_peft_model
 from ..params import format_trainable
 from ..quant import NF4Config, load_quantized, quantize_model
 from . import checkpoint
+from .distributed import barrier, setup
 from .data import CAUSAL_TASKS, DataError, load_examples, load_tokenizer, retain_examples
 from .trainer import Trainer, TrainConfig, TrainResult
 
@@ -140,7 +141,12 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
     out = Path(s.out)
     run = {**{k: v for k, v in asdict(s).items() if k not in ("resume", "overwrite")},
            **{k: v for k, v in asdict(t).items() if k != "progress"}}
-    checkpoint.prepare(out, run, s.resume, s.overwrite)
+    procs = setup()
+    if procs.is_main:  # one process checks and prepares the directory; the others wait for it
+        checkpoint.prepare(out, run, s.resume, s.overwrite)
+    else:
+        log = _silent
+    barrier(procs)
 
     model = load_model(s, t.task, len(labels) if labels else None, log)
     vocab = model.get_input_embeddings().num_embeddings
@@ -149,7 +155,11 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
                         "use the model's own tokenizer")
     model = get_peft_model(model, lora_config(s, t.task))
     log(format_trainable(*model.get_nb_trainable_parameters()))
-    return Trainer(model, t, train, val, retain, replay, out=out, log=log).train(resume=s.resume)
+    return Trainer(model, t, train, val, retain, replay, out=out, log=log, processes=procs).train(resume=s.resume)
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 SETTINGS_FIELDS = tuple(f.name for f in fields(JobSettings))

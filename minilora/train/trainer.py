@@ -475,4 +475,4 @@ def _progress(total: int, initial: int, enabled: bool):
         from tqdm.auto import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, initial=initial, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, dynamic_ncols=True, leave=False, disable=None)  # None: off without a terminal
