@@ -292,3 +292,42 @@ def test_two_processes_train_the_adapter_a_single_process_would(tmp_path):
         assert error <= 1e-5 * single[name].norm() + 1e-12, (name, error)
     lora_b = [n for n in rank0 if "lora_B" in n and not n.startswith("grad.")]
     assert all(rank0[n].abs().max() > 1e-3 for n in lora_b)  # the adapter trained
+
+
+# ---------------------------------------------------------------------------------------------- a step
+def _first_gradients(**kw):
+    model = lora_gpt2()
+    with torch.no_grad():  # a non-zero B, so that every LoRA factor has a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    trainer = Trainer(model, config(steps=1, **kw), windows(DOMAIN, 100, 0), windows(DOMAIN, 4, 1), log=quiet)
+    grads = {}
+    step = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in trainer.named})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record
+    trainer.train()
+    return grads
+
+
+def test_gradient_accumulation_gives_the_whole_batch_gradient():
+    whole = _first_gradients(batch_size=4, max_grad_norm=0)
+    accumulated = _first_gradients(batch_size=2, grad_accum=2, max_grad_norm=0)
+    assert len(whole) == 8
+    for name in whole:
+        assert torch.allclose(whole[name], accumulated[name], rtol=1e-5, atol=1e-8), name
+
+
+def test_bf16_autocast_trains_on_the_cpu():
+    trainer = Trainer(gpt2(), config(steps=10, precision="bf16", eval_every=5), windows(DOMAIN, 100, 0),
+                      windows(DOMAIN, 8, 1), log=quiet)
+    with trainer._autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    result = trainer.train()
+    assert result.val_loss_after < result.val_loss_before - 0.1
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; choose from auto, bf16, fp32"):
+        config(precision="fp8").check()

@@ -54,8 +54,8 @@ class DemoSettings:
 
     out: str = "runs/finetune"  # where report.json, curves.png and each strategy's run go
     strategies: tuple[str, ...] = STRATEGIES  # which strategies to compare
-    layers: int = 8  # GPT-2 depth
-    width: int = 128  # GPT-2 width (4 heads of 32)
+    layers: int = 12  # GPT-2 depth
+    width: int = 96  # GPT-2 width (3 heads of 32)
     seq_len: int = 64  # tokens (bytes) per training window
     batch_size: int = 16  # windows per step
     pretrain_steps: int = 600  # steps of full training on general text
@@ -172,9 +172,9 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
     earlier = _check_out(s)
     tokens = Tokens(ByteTokenizer())
     general = text_windows(generate(GENERAL, 6000, seed=s.seed), tokens, s.seq_len)
-    retain = text_windows(generate(GENERAL, 300, seed=s.seed + 1), tokens, s.seq_len)
+    retain = text_windows(generate(GENERAL, 200, seed=s.seed + 1), tokens, s.seq_len)
     domain = text_windows(generate(DOMAIN, 3000, seed=s.seed + 2), tokens, s.seq_len)
-    domain_val = text_windows(generate(DOMAIN, 300, seed=s.seed + 3), tokens, s.seq_len)
+    domain_val = text_windows(generate(DOMAIN, 200, seed=s.seed + 3), tokens, s.seq_len)
     base = pretrained_base(s, general, retain, log)
 
     # rows that an earlier run with these settings finished are kept, whichever strategies run now
