@@ -171,3 +171,26 @@ def test_bad_input_to_a_local_run_says_what_to_do(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--layers", "4"])
     assert "--layers belongs to the embedded default" in capsys.readouterr().err
+
+
+def test_classify_with_a_real_pretrained_model_and_its_tokenizer(tmp_path, capsys):
+    from test_qlora import minilm_dir
+
+    rows = [{"text": f"{w} film, {a}", "label": "positive"} for w in ("a wonderful", "a great", "a moving")
+            for a in ("truly", "really", "honestly", "simply")] + \
+           [{"text": f"{w} film, {a}", "label": "negative"} for w in ("a boring", "a dull", "an awful")
+            for a in ("truly", "really", "honestly", "simply")]
+    import random
+
+    random.Random(0).shuffle(rows)
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", str(minilm_dir()), "--data", str(tmp_path / "reviews.jsonl"), "--task",
+                 "classification", "--qlora", "--seq-len", "16", "--steps", "20", "--eval-every", "10",
+                 "--val-fraction", "0.25", "--lr", "3e-3", "--out", str(out), "--no-progress"]) == 0
+    assert "quantized 37 layers to NF4" in capsys.readouterr().out  # 6 × 6 + the pooler; the new classifier is not
+    result = json.loads((out / "result.json").read_text())
+    assert result["val_loss_after"] < result["val_loss_before"] - 0.2
+    assert json.loads((out / "labels.json").read_text()) == ["negative", "positive"]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]

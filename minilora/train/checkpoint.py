@@ -9,6 +9,7 @@
     <out>/adapter/          the kept (best) adapter in PEFT's format (model.safetensors for a model
                             trained without adapters)
     <out>/result.json       how the run ended
+    <out>/labels.json       classification: the name of each class index
 
 The checkpoint is read with `torch.load(weights_only=True)`: tensors and plain values only.
 """
@@ -25,7 +26,7 @@ import torch
 
 from ..io import atomic_write
 
-RUN_FILES = ("run.json", "checkpoint.pt", "metrics.jsonl", "curves.png", "result.json", "adapter")
+RUN_FILES = ("run.json", "checkpoint.pt", "metrics.jsonl", "curves.png", "result.json", "adapter", "labels.json")
 
 
 class RunDirectoryError(ValueError):
@@ -42,7 +43,7 @@ def prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> None:
         for name in RUN_FILES:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    elif record.is_file():
+    elif record.is_file() and (resume or (out / "checkpoint.pt").is_file()):  # a run with work to lose
         held = json.loads(record.read_text())
         if not resume:
             raise RunDirectoryError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "

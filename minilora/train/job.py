@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import LoraConfig
-from ..io import read_config_file
+from ..io import atomic_write, read_config_file
 from ..model import get_peft_model
 from ..params import format_trainable
 from ..quant import NF4Config, load_quantized, quantize_model
@@ -120,7 +121,7 @@ def load_model(s: JobSettings, task: str, n_labels: Optional[int], log: Callable
     model = cls.from_pretrained(directory)
     if s.qlora:
         report = quantize_model(model, nf4, skip_modules=["classifier", "score"])
-        log(f"quantized {report.layers} layers to NF4: {report.bits_per_weight:.3f} bits per weight")
+        log(f"quantized {report.modules} layers to NF4: {report.bits_per_weight:.3f} bits per weight")
     return model
 
 
@@ -148,6 +149,9 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
         log = _silent
     barrier(procs)
 
+    if labels and procs.is_main:  # class index -> name, for whoever uses the adapter
+        atomic_write(out / "labels.json", lambda p: Path(p).write_text(json.dumps(labels)))
+    torch.manual_seed(t.seed)  # a new head and the adapters start the same in every run and every process
     model = load_model(s, t.task, len(labels) if labels else None, log)
     vocab = model.get_input_embeddings().num_embeddings
     if tokens.vocab_size > vocab:
