@@ -140,7 +140,7 @@ def test_qlora_preset_and_paged_optimizer_from_the_command_line(tmp_path, capsys
 
 
 def test_bad_input_to_a_local_run_says_what_to_do(tmp_path, capsys):
-    model, (data, general) = _model_dir(tmp_path / "model"), _data(tmp_path)
+    model, (data, _) = _model_dir(tmp_path / "model"), _data(tmp_path)
     base = ["finetune", "--model", str(model), "--data", str(data), "--task", "instruction", "--out",
             str(tmp_path / "o"), "--seq-len", "64", "--no-progress"]
 
@@ -194,3 +194,24 @@ def test_classify_with_a_real_pretrained_model_and_its_tokenizer(tmp_path, capsy
     assert json.loads((out / "labels.json").read_text()) == ["negative", "positive"]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+
+
+def test_adapter_config_files_minilora_peft_and_mistakes(tmp_path):
+    from minilora.train.job import JobSettings, lora_config
+
+    def read(raw, task="domain"):
+        path = tmp_path / "lora.json"
+        path.write_text(raw if isinstance(raw, str) else json.dumps(raw))
+        return lora_config(JobSettings(model="m", data="d", config=str(path)), task)
+
+    ours = read({"r": 4, "lora_alpha": 8, "target_modules": ["q", "v"], "layers_to_transform": [2, 3]})
+    assert (ours.r, ours.lora_alpha, ours.target_modules, ours.task_type) == (4, 8, ["q", "v"], "CAUSAL_LM")
+    peft_saved = read({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["query", "value"],
+                       "task_type": "SEQ_CLS", "base_model_name_or_path": "x"}, "classification")
+    assert (peft_saved.r, peft_saved.task_type) == (16, "SEQ_CLS")
+    with pytest.raises(ValueError, match="unknown LoraConfig field\\(s\\) rank; the fields are"):
+        read({"rank": 4})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read("{r: 4}")
+    with pytest.raises(FileNotFoundError, match="no such config file"):
+        lora_config(JobSettings(model="m", data="d", config=str(tmp_path / "nope.json")), "domain")

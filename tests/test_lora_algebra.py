@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from conftest import linear

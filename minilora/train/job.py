@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import types
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -165,5 +165,3 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
 def _silent(line: str) -> None:
     pass
 
-
-SETTINGS_FIELDS = tuple(f.name for f in fields(JobSettings))
