@@ -219,7 +219,20 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
             f"retain {r['retain_loss_before']:.3f} -> {r['retain_loss_after']:.3f}  "
             f"trainable {r['trainable_params']:,} / {r['total_params']:,}  {r['seconds']:.1f}s")
         _write_report(out, report, curves, log)
+    log(report_table(report))
     return report
+
+
+def report_table(report: dict) -> str:
+    """The comparison as a markdown table (the README's)."""
+    lines = ["| strategy | domain loss before → after | retain loss before → after | trainable / total params "
+             "| seconds | peak RSS MB |", "|---|---|---|---|---:|---:|"]
+    for name, r in report.items():
+        lines.append(f"| {name} | {r['domain_loss_before']:.3f} → {r['domain_loss_after']:.3f} "
+                     f"| {r['retain_loss_before']:.3f} → {r['retain_loss_after']:.3f} "
+                     f"| {r['trainable_params']:,} / {r['total_params']:,} | {r['seconds']:.0f} "
+                     f"| {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
 
 
 def _write_report(out: Path, report: dict, curves: dict, log) -> None:
