@@ -81,6 +81,21 @@ def test_quantize_model_report_and_what_stays_full_precision():
     assert memory_report(model) == report
 
 
+def test_modules_the_model_keeps_in_fp32_stay_full_precision_and_t5_trains():
+    model = make("t5")
+    quantize_model(model)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["encoder.block.0.layer.1.DenseReluDense.wo"] == "Linear"  # T5's _keep_in_fp32_modules
+    assert kinds["encoder.block.0.layer.1.DenseReluDense.wi"] == "Linear4bit"
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
+    pm.train()
+    inputs = batch("t5")
+    out = pm(input_ids=inputs["input_ids"], labels=inputs["decoder_input_ids"])
+    out.loss.backward()
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert all(p.grad is not None for n, p in pm.named_parameters() if p.requires_grad)
+
+
 def test_quantize_model_names_the_module_with_nan():
     model = make("gpt2")
     with torch.no_grad():

@@ -56,8 +56,11 @@ def _skipped(name: str, skip_modules) -> bool:
 
 
 def _targets(model: nn.Module, skip_modules) -> list[str]:
-    """Paths of the Linear / Conv1D layers to quantize: all but the output head and `skip_modules`."""
+    """Paths of the Linear / Conv1D layers to quantize: all but the output head, `skip_modules`, and
+    the modules the model class keeps in fp32 (`_keep_in_fp32_modules`, e.g. T5's `wo`, whose input
+    T5 casts to the weight's dtype: a packed uint8 weight would turn activations into bytes)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip_modules = list(skip_modules) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return [
         name for name, m in model.named_modules()
         if is_linear(m) and not isinstance(m, Linear4bit) and m is not head and not _skipped(name, skip_modules)
