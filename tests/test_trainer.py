@@ -331,3 +331,12 @@ def test_bf16_autocast_trains_on_the_cpu():
     assert result.val_loss_after < result.val_loss_before - 0.1
     with pytest.raises(ValueError, match="unknown precision 'fp8'; choose from auto, bf16, fp32"):
         config(precision="fp8").check()
+
+
+def test_resuming_drops_metrics_past_the_checkpoint_and_a_line_cut_short(tmp_path):
+    from minilora.train.checkpoint import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 4}\n{"step": 5}\n{"step": 6}\n{"st')  # a crash in the middle of a write
+    truncate_metrics(path, 5)
+    assert path.read_text() == '{"step": 4}\n{"step": 5}\n'

@@ -107,5 +107,13 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop the records past the checkpoint a resumed run continues from."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    kept = [line for line in path.read_text().splitlines() if _step(line) <= last_step]
     atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in kept)))
+
+
+def _step(line: str) -> float:
+    """The step of a metrics record; a line cut short by a crash counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

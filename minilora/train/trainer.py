@@ -418,6 +418,9 @@ class Trainer:
                 self.save_checkpoint()
             bar.set_description(f"loss {loss:.3f} lr {self.schedule.get_last_lr()[0]:.2e}", refresh=False)
             bar.update(1)
+            if self.procs.world > 1:  # Ctrl-C reaches the processes at different steps: stop them at the same one
+                flag = torch.tensor([float(self._interrupted)], device=self.procs.device)
+                self._interrupted = bool(all_reduce_sum(flag, self.procs).item() > 0)
         bar.close()
 
     def _diverged_message(self) -> str:
