@@ -79,29 +79,26 @@ def test_instruction_rows_mask_the_prompt(tmp_path):
     assert scored.sum() == len(b"5") + len(b"hi")
 
 
-def test_bad_data_says_what_and_where(tmp_path):
-    with pytest.raises(DataError, match="no such data file"):
-        load_examples(tmp_path / "missing.txt", "domain", BYTES, T)
-    (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(DataError, match="empty.txt is empty"):
-        load_examples(tmp_path / "empty.txt", "domain", BYTES, T)
-    (tmp_path / "short.txt").write_text("too short")
-    with pytest.raises(DataError, match="9 tokens, fewer than one sequence of 32"):
-        load_examples(tmp_path / "short.txt", "domain", BYTES, T)
-    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n')
-    with pytest.raises(DataError, match="bad.jsonl line 3: not valid JSON"):
-        load_examples(tmp_path / "bad.jsonl", "instruction", BYTES, T)
-    (tmp_path / "field.jsonl").write_text('{"instruction": "a"}\n')
-    with pytest.raises(DataError, match="line 1: missing field 'output'"):
-        load_examples(tmp_path / "field.jsonl", "instruction", BYTES, T)
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="use .txt"):
-        load_examples(tmp_path / "data.csv", "domain", BYTES, T)
-    with pytest.raises(DataError, match="classification data must be .jsonl"):
-        load_examples(tmp_path / "short.txt", "classification", BYTES, T)
-    (tmp_path / "long.jsonl").write_text(json.dumps({"instruction": "x" * 40, "output": "y"}) + "\n")
-    with pytest.raises(DataError, match="line 1: the prompt alone is 62 tokens"):
-        load_examples(tmp_path / "long.jsonl", "instruction", BYTES, T)
+BAD_DATA = [  # (file name, its text or None for no file, task, what the error says)
+    ("missing.txt", None, "domain", "no such data file"),
+    ("empty.txt", "  \n", "domain", "empty.txt is empty"),
+    ("short.txt", "too short", "domain", "9 tokens, fewer than one sequence of 32"),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n', "instruction",
+     "bad.jsonl line 3: not valid JSON"),
+    ("field.jsonl", '{"instruction": "a"}\n', "instruction", "line 1: missing field 'output'"),
+    ("data.csv", "a,b\n", "domain", "use .txt"),
+    ("labels.txt", "good film", "classification", "classification data must be .jsonl"),
+    ("long.jsonl", json.dumps({"instruction": "x" * 40, "output": "y"}), "instruction",
+     "line 1: the prompt alone is 62 tokens"),
+]
+
+
+@pytest.mark.parametrize("name, text, task, message", BAD_DATA, ids=[row[0] for row in BAD_DATA])
+def test_bad_data_says_what_and_where(tmp_path, name, text, task, message):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_examples(tmp_path / name, task, BYTES, T)
 
 
 def test_the_models_own_tokenizer_is_used(tmp_path):
