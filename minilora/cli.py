@@ -17,6 +17,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from .train.data import DataError
+from .train.distributed import teardown
 from .train.demo import ALL_STRATEGIES, DemoSettings, run
 from .train.job import JobSettings, run_job
 from .train.trainer import Interrupted, NonFiniteLoss, TrainConfig
@@ -80,7 +81,10 @@ def _finetune(parser: argparse.ArgumentParser, given: dict) -> int:
             parser.error("--model needs --data FILE (.txt or .jsonl): the text to fine-tune on")
         job = JobSettings(**{k: v for k, v in given.items() if k in {f.name for f in fields(JobSettings)}})
         train = TrainConfig(**{k: v for k, v in given.items() if k in {f.name for f in fields(TrainConfig)}})
-        result = run_job(job, train)
+        try:
+            result = run_job(job, train)
+        finally:
+            teardown()
         if result.stop_reason == "interrupted":
             print(f"interrupted at step {result.steps_done}; checkpoint in {job.out}: add --resume to continue",
                   file=sys.stderr)

@@ -18,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from minilora import LoraConfig, get_peft_model
 from minilora.train.corpus import DOMAIN, GENERAL, generate
 from minilora.train.data import load_tokenizer, text_windows
+from minilora.train.distributed import teardown
 from minilora.train.trainer import Trainer, TrainConfig
 
 GLOBAL_BATCH = 4
@@ -50,6 +51,7 @@ def train(out: Path) -> None:
     state.update(first_grads)
     state["val_loss_after"] = torch.tensor(result.val_loss_after, dtype=torch.float64)
     save_file(state, out / f"rank{rank}.safetensors")
+    teardown()
 
 
 if __name__ == "__main__":

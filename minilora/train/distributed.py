@@ -74,3 +74,11 @@ def barrier(procs: Processes) -> None:
     """Wait until every process gets here."""
     if procs.world > 1:
         dist.barrier()
+
+
+def teardown() -> None:
+    """Leave the process group, once everyone is done (a group left to the interpreter's exit can
+    abort the process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
