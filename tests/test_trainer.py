@@ -337,3 +337,22 @@ def test_resuming_drops_metrics_past_the_checkpoint_and_a_line_cut_short(tmp_pat
     path.write_text('{"step": 4}\n{"step": 5}\n{"step": 6}\n{"st')  # a crash in the middle of a write
     truncate_metrics(path, 5)
     assert path.read_text() == '{"step": 4}\n{"step": 5}\n'
+
+
+def test_a_start_token_begins_causal_texts_when_the_tokenizer_has_one(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from minilora.train.data import Tokens
+
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2, "<unk>": 3, "Instruction": 4, "Output": 5, ":": 6, "hi": 7, "yo": 8}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(" ", "removed")
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    llama_like = Tokens(PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>"))
+    assert llama_like.bos_id == 0 and load_tokenizer(None, "bytes").bos_id is None
+    (tmp_path / "t.jsonl").write_text(json.dumps({"instruction": "hi", "output": "yo"}) + "\n")
+    row = load_examples(tmp_path / "t.jsonl", "instruction", llama_like, 12)
+    assert row.tensors["input_ids"][0, 0] == 0 and row.tensors["labels"][0, 0] == IGNORE
+    assert text_windows("hi yo hi yo", llama_like, 3).tensors["input_ids"][0].tolist()[0] == 0

@@ -5,6 +5,8 @@ Four tasks, one row layout (N examples, T = seq_len tokens; labels of -100 are n
     domain          plain text, cut into windows     input_ids (N, T), labels (N, T) = input_ids
     instruction     {"instruction", "input"?, "output"} in the template below; labels only on the
                     output tokens, the prompt masked with -100
+
+The causal tasks begin a text with the tokenizer's start token when it has one (LLaMA's <s>).
     classification  {"text", "label"}                input_ids (N, T), labels (N,) class indices
     seq2seq         {"source", "target"}             input_ids (N, T), labels (N, T) target ids
 
@@ -58,6 +60,18 @@ class Tokens:
             self.eos_id = tokenizer.eos_token_id
             pad = tokenizer.pad_token_id
             self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.bos_id = self._start_token()
+
+    def _start_token(self) -> Optional[int]:
+        """The token the model expects before a text (LLaMA's <s>), when its markers are only that."""
+        if self.is_bytes:
+            return None
+        plain, marked = self.encode("a"), self.encode("a", special=True)
+        return marked[0] if len(marked) == len(plain) + 1 and marked[1:] == plain else None
+
+    def start(self) -> list[int]:
+        """[bos] for tokenizers that mark the start of a text, else nothing."""
+        return [self.bos_id] if self.bos_id is not None else []
 
     @property
     def vocab_size(self) -> int:
@@ -101,15 +115,19 @@ class Examples:
     def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v[index] for k, v in self.tensors.items()}
 
-    def split(self, fraction: float) -> tuple["Examples", "Examples"]:
-        """(first 1 − fraction, last fraction): a held-out validation set from the end of a file."""
+    def split(self, fraction: float, seed: int = 0) -> tuple["Examples", "Examples"]:
+        """(training, validation) with round(N · fraction) rows held out. Windows of one text are
+        held out from its end (neighbouring windows would leak into each other); the examples of
+        a .jsonl file are independent, so they are held out at random (seeded), whatever their order."""
         n_val = max(1, round(len(self) * fraction))
         if len(self) - n_val < 1:
             raise DataError(f"{len(self)} example(s) cannot be split into training and validation; add data or "
                             "pass a validation file")
-        head = {k: v[:-n_val] for k, v in self.tensors.items()}
-        tail = {k: v[-n_val:] for k, v in self.tensors.items()}
-        return Examples(head, self.task, self.label_names), Examples(tail, self.task, self.label_names)
+        order = (torch.arange(len(self)) if self.task == "domain"
+                 else torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)))
+        keep, held = order[:-n_val].sort().values, order[-n_val:].sort().values
+        return (Examples(self.rows(keep), self.task, self.label_names),
+                Examples(self.rows(held), self.task, self.label_names))
 
 
 def read_text(path: Union[str, Path]) -> str:
@@ -160,7 +178,7 @@ def _existing(path: Union[str, Path]) -> Path:
 
 def text_windows(text: str, tokens: Tokens, seq_len: int, source: str = "text") -> Examples:
     """Every full, non-overlapping window of seq_len tokens: the causal-LM rows of plain text."""
-    ids = torch.tensor(tokens.encode(text), dtype=torch.long)
+    ids = torch.tensor(tokens.start() + tokens.encode(text), dtype=torch.long)
     if len(ids) < seq_len:
         raise DataError(f"{source} has {len(ids)} tokens, fewer than one sequence of {seq_len}; add text or lower "
                         "--seq-len")
@@ -204,7 +222,7 @@ def load_examples(path: Union[str, Path], task: str, tokens: Tokens, seq_len: in
 def _instruction_rows(path: Path, records, tokens: Tokens, seq_len: int) -> Examples:
     ids, labels = [], []
     for number, r in records:
-        prompt = tokens.encode(instruction_prompt(r["instruction"], r.get("input", "")))
+        prompt = tokens.start() + tokens.encode(instruction_prompt(r["instruction"], r.get("input", "")))
         answer = tokens.encode(r["output"]) + ([tokens.eos_id] if tokens.eos_id is not None else [])
         if len(prompt) >= seq_len:
             raise DataError(f"{path} line {number}: the prompt alone is {len(prompt)} tokens, leaving no room for "

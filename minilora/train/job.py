@@ -42,7 +42,7 @@ class JobSettings:
     model: str  # a local Hugging Face model directory: config.json, weights, tokenizer
     data: str  # training data: .txt (domain) or .jsonl (any task)
     out: str = "runs/job"  # checkpoints, metrics, curves and the adapter go here
-    val: Optional[str] = None  # validation data; default: the last val_fraction of the training data
+    val: Optional[str] = None  # validation data; default: val_fraction of the training data held out
     val_fraction: float = 0.1
     retain: Optional[str] = None  # text of the old capabilities, evaluated at every evaluation
     replay: Optional[str] = None  # text mixed into training batches; default: the retain file
@@ -134,8 +134,8 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
     if s.val is not None:
         val = load_examples(s.val, t.task, tokens, s.seq_len, labels)
     else:
-        train, val = train.split(s.val_fraction)
-        log(f"validation: the last {len(val)} of {len(train) + len(val)} examples of {s.data}")
+        train, val = train.split(s.val_fraction, seed=t.seed)
+        log(f"validation: {len(val)} of the {len(train) + len(val)} examples of {s.data} held out")
     retain = retain_examples(s.retain, t.task, tokens, s.seq_len, labels) if s.retain else None
     replay_file = s.replay or s.retain
     replay = retain_examples(replay_file, t.task, tokens, s.seq_len, labels) if t.replay_ratio > 0 else None
