@@ -15,7 +15,9 @@ from minilora import LoraConfig, LoraModel, get_peft_model
 from minilora.train.corpus import DOMAIN, GENERAL, generate
 from minilora.train.data import IGNORE, DataError, Examples, instruction_prompt, load_examples, load_tokenizer, \
     text_windows
-from minilora.train.trainer import NonFiniteLoss, Trainer, TrainConfig, replay_count, summed_loss
+from minilora.train.batches import replay_count
+from minilora.train.loss import summed_loss
+from minilora.train.trainer import NonFiniteLoss, Trainer, TrainConfig
 
 BYTES = load_tokenizer(None, "bytes")
 T = 32

@@ -61,16 +61,3 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-
-def batches(ids: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
-    """An endless stream of (batch_size, seq_len) windows at random offsets of a token stream."""
-    while True:
-        starts = torch.randint(0, len(ids) - seq_len, (batch_size,), generator=generator)
-        yield torch.stack([ids[s:s + seq_len] for s in starts.tolist()])  # (B, T)
-
-
-def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Every full, non-overlapping window of a held-out stream, for evaluation: (N, T)."""
-    n = len(ids) // seq_len
-    return ids[: n * seq_len].view(n, seq_len)

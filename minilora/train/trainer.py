@@ -28,15 +28,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..io import atomic_write
 from ..model import LoraModel
 from ..optim import PagedAdamW
 from . import checkpoint
-from .data import IGNORE, TASKS, Examples
+from .batches import Sampler, replay_count
+from .data import TASKS, Examples
 from .distributed import Processes, all_reduce_gradients, all_reduce_sum, setup
+from .loss import scored_tokens, summed_loss
 from .monitor import Monitor
 from .plots import plot_curves
 from .schedule import warmup_cosine
@@ -111,68 +112,6 @@ class NonFiniteLoss(RuntimeError):
 
 class Interrupted(Exception):
     """Ctrl-C stopped a run after writing its checkpoint; the message says how to continue."""
-
-
-class Sampler:
-    """Endless shuffled passes over n examples; where it stands is (epoch, cursor)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.cursor = n, seed, 0, 0
-        self._order: Optional[tuple[int, torch.Tensor]] = None
-
-    def _permutation(self) -> torch.Tensor:
-        if self._order is None or self._order[0] != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order = (self.epoch, torch.randperm(self.n, generator=g))
-        return self._order[1]
-
-    def take(self, k: int) -> torch.Tensor:
-        """The next k indices, crossing into the next epoch (a new order) when one runs out."""
-        out = []
-        while k > 0:
-            chunk = self._permutation()[self.cursor:self.cursor + k]
-            out.append(chunk)
-            k -= len(chunk)
-            self.cursor += len(chunk)
-            if self.cursor == self.n:
-                self.epoch, self.cursor = self.epoch + 1, 0
-        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-
-
-def replay_count(step: int, global_batch: int, ratio: float) -> int:
-    """Replay examples in the batch of `step` (1-based): ⌊ρ·G·s⌋ − ⌊ρ·G·(s−1)⌋, so that after s steps
-    exactly ⌊ρ·G·s⌋ replay examples were used, whatever G."""
-    return math.floor(ratio * global_batch * step + 1e-9) - math.floor(ratio * global_batch * (step - 1) + 1e-9)
-
-
-def scored_tokens(labels: torch.Tensor, task: str) -> torch.Tensor:
-    """How many labels the loss scores: causal LMs predict token t+1 from t, so the first is never scored."""
-    if task == "classification":
-        return torch.tensor(labels.shape[0])
-    if task == "seq2seq":
-        return (labels != IGNORE).sum()
-    return (labels[:, 1:] != IGNORE).sum()
-
-
-def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """Σ of the per-token cross-entropies of one micro-batch, computed in fp32."""
-    labels = batch["labels"]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if task == "seq2seq":  # the model shifts the labels right into its decoder inputs
-        logits, targets = model(**inputs, labels=labels).logits, labels  # (B, T, V), (B, T)
-    elif task == "classification":
-        logits, targets = model(**inputs).logits, labels  # (B, C), (B,)
-    else:
-        logits = model(**inputs).logits[:, :-1]  # (B, T−1, V): position t predicts t+1
-        targets = labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
 
 
 class Trainer:
