@@ -218,3 +218,41 @@ def test_adapter_config_files_minilora_peft_and_mistakes(tmp_path):
         read("{r: 4}")
     with pytest.raises(FileNotFoundError, match="no such config file"):
         lora_config(JobSettings(model="m", data="d", config=str(tmp_path / "nope.json")), "domain")
+
+
+def test_ctrl_c_then_resume_from_the_command_line(tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    model, (data, general) = _model_dir(tmp_path / "model"), _data(tmp_path)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "minilora.cli", "finetune", "--model", str(model), "--data", str(data), "--task",
+            "instruction", "--tokenizer", "bytes", "--retain", str(general), "--seq-len", "64", "--steps", "100000",
+            "--eval-every", "5", "--save-every", "5", "--out", str(out), "--no-progress"]
+
+    def interrupted_run(extra, after_step):
+        """Start the command, press Ctrl-C once a checkpoint past `after_step` exists; the step it stopped at."""
+        run = subprocess.Popen(args + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and run.poll() is None:
+            path = out / "checkpoint.pt"
+            if path.exists() and torch.load(path, weights_only=True)["step"] > after_step:
+                break
+            time.sleep(0.2)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 130, err[-2000:]
+        assert "add --resume to continue" in err
+        return torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+
+    first = interrupted_run([], 0)
+    assert first >= 5 and not (out / "adapter").exists()
+    second = interrupted_run(["--resume"], first)
+    assert second > first
+    evals = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert evals == list(range(0, evals[-1] + 1, 5)) and evals[-1] <= second  # one record per evaluation
+    args[args.index("100000")] = "10"
+    shorter = subprocess.run([*args, "--resume"], capture_output=True, text=True)
+    assert shorter.returncode == 2 and "differ in: steps" in shorter.stderr
