@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import random
 
-import torch
-
 GENERAL = [
     "The {animal} sat by the {place} and watched the {weather} sky.",
     "In the morning we walked to the {place} and bought {food} for the {animal}.",
@@ -52,12 +50,18 @@ def generate(templates: list[str], n_sentences: int, seed: int) -> str:
 
 
 class ByteTokenizer:
-    """Text ↔ bytes. Vocabulary: 256 byte values. Works for any text, needs no files."""
+    """Text ↔ bytes. Vocabulary: 256 byte values. Works for any text, needs no files. It answers
+    the few calls minilora makes of a Hugging Face tokenizer, so both go through one code path."""
 
     vocab_size = 256
+    eos_token_id = None  # no markers: a byte stream has no special tokens
+    pad_token_id = 0
 
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")

@@ -53,21 +53,12 @@ class Tokens:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.is_bytes = isinstance(tokenizer, ByteTokenizer)
-        if self.is_bytes:
-            self.pad_id, self.eos_id = 0, None
-        else:
-            self.eos_id = tokenizer.eos_token_id
-            pad = tokenizer.pad_token_id
-            self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
-        self.bos_id = self._start_token()
-
-    def _start_token(self) -> Optional[int]:
-        """The token the model expects before a text (LLaMA's <s>), when its markers are only that."""
-        if self.is_bytes:
-            return None
+        self.eos_id = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         plain, marked = self.encode("a"), self.encode("a", special=True)
-        return marked[0] if len(marked) == len(plain) + 1 and marked[1:] == plain else None
+        # the token the model expects before a text (LLaMA's <s>), when its markers are only that
+        self.bos_id = marked[0] if len(marked) == len(plain) + 1 and marked[1:] == plain else None
 
     def start(self) -> list[int]:
         """[bos] for tokenizers that mark the start of a text, else nothing."""
@@ -75,12 +66,10 @@ class Tokens:
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size if self.is_bytes else len(self.tokenizer)
+        return len(self.tokenizer)
 
     def encode(self, text: str, special: bool = False) -> list[int]:
         """Token ids of `text`; with `special`, the model's own markers ([CLS] … [SEP], … </s>)."""
-        if self.is_bytes:
-            return list(text.encode("utf-8"))
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
