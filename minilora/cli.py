@@ -98,16 +98,7 @@ def _finetune(parser: argparse.ArgumentParser, given: dict) -> int:
         parser.error(f"{_flag(wrong[0])} needs --model DIR: the embedded default builds its own model and data")
     if "strategies" in given:
         given["strategies"] = tuple(s.strip() for s in given["strategies"].split(",") if s.strip())
-        unknown = [s for s in given["strategies"] if s not in ALL_STRATEGIES]
-        if unknown:
-            parser.error(f"unknown strategy {unknown[0]!r}; choose from {', '.join(ALL_STRATEGIES)}")
-    settings = DemoSettings(**given)
-    for key in ("layers", "width", "seq_len", "batch_size", "finetune_steps", "pretrain_steps", "eval_every"):
-        if getattr(settings, key) <= 0:
-            parser.error(f"{_flag(key)} must be > 0, got {getattr(settings, key)}")
-    if settings.width % 32:
-        parser.error(f"--width must be a multiple of 32 (heads of 32), got {settings.width}")
-    run(settings)
+    run(DemoSettings(**given))  # checks its settings first
     return 0
 
 

@@ -48,7 +48,7 @@ def prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> None:
         if not resume:
             raise RunDirectoryError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
                                     "start again, or choose another output directory")
-        changed = sorted(k for k in held.keys() | run.keys() if held.get(k) != run.get(k))
+        changed = differences(held, run)
         if changed:
             raise RunDirectoryError(f"{out} holds a different run (settings differ in: {', '.join(changed)}); "
                                     "resume with the same settings, or pass --overwrite to start again")
@@ -58,6 +58,11 @@ def prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> None:
         raise RunDirectoryError(f"nothing to resume in {out}: no checkpoint.pt was written yet; start again "
                                 "with --overwrite")
     atomic_write(record, lambda p: Path(p).write_text(json.dumps(run, indent=2, sort_keys=True, default=str)))
+
+
+def differences(held: dict, run: dict) -> list[str]:
+    """The settings in which a recorded run and this one differ."""
+    return sorted(k for k in held.keys() | run.keys() if held.get(k) != run.get(k))
 
 
 def rng_state() -> dict:

@@ -67,6 +67,16 @@ class DemoSettings:
     overwrite: bool = False  # start again when <out> holds a run with other settings
     progress: bool = True  # progress bars
 
+    def check(self) -> None:
+        unknown = [name for name in self.strategies if name not in ALL_STRATEGIES]
+        if unknown:
+            raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(ALL_STRATEGIES)}")
+        for name in ("layers", "width", "seq_len", "batch_size", "finetune_steps", "pretrain_steps", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.width % 32:
+            raise ValueError(f"width must be a multiple of 32 (heads of 32), got {self.width}")
+
 
 # Settings that do not change the numbers: a run with other values of these is the same run.
 NOT_RUN_DEFINING = ("out", "strategies", "overwrite", "progress")
@@ -152,7 +162,7 @@ def _check_out(s: DemoSettings) -> dict:
     record, report = out / "settings.json", out / "report.json"
     if record.is_file():
         held = json.loads(record.read_text())
-        changed = sorted(k for k in defining if held.get(k) != defining[k])
+        changed = checkpoint.differences(held, defining)
         if changed and not s.overwrite:
             raise checkpoint.RunDirectoryError(
                 f"{out} holds a run with other settings (they differ in: {', '.join(changed)}); pass --overwrite "
@@ -168,6 +178,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
     in <out>/<strategy>/ (checkpoint, metrics.jsonl, the adapter in PEFT's format). A strategy an
     earlier run with the same settings finished is reused (and stays in the report); one it was
     interrupted in is resumed."""
+    s.check()
     out = Path(s.out)
     earlier = _check_out(s)
     tokens = Tokens(ByteTokenizer())
