@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,6 +21,7 @@ from ..config import LoraConfig
 from ..io import atomic_write, read_config_file
 from ..model import get_peft_model
 from ..params import format_trainable
+from ..surgery import TASK_HEADS
 from ..quant import NF4Config, load_quantized, quantize_model
 from . import checkpoint
 from .distributed import barrier, setup
@@ -99,28 +99,21 @@ def lora_config(s: JobSettings, task: str) -> LoraConfig:
     return config
 
 
-def _model_class(task: str, n_labels: Optional[int]):
+def load_model(s: JobSettings, task: str, n_labels: Optional[int], log: Callable[[str], None]):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    if task == "classification":
-        return types.SimpleNamespace(
-            from_pretrained=lambda d, **kw: AutoModelForSequenceClassification.from_pretrained(
-                d, num_labels=n_labels, **kw))
-    return AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
-
-
-def load_model(s: JobSettings, task: str, n_labels: Optional[int], log: Callable[[str], None]):
     directory = Path(s.model)
-    cls = _model_class(task, n_labels)
-    safetensors = any((directory / f).is_file() for f in WEIGHT_FILES[:2])
+    cls = {"classification": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM}.get(
+        task, AutoModelForCausalLM)
     nf4 = NF4Config(compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    safetensors = any((directory / f).is_file() for f in WEIGHT_FILES[:2])
     if s.qlora and safetensors and task != "classification":  # a new classifier has no weights to stream
         model = load_quantized(directory, nf4, model_class=cls)
         log(f"loaded {directory} with its linear layers quantized to NF4 while reading")
         return model
-    model = cls.from_pretrained(directory)
+    model = cls.from_pretrained(directory, **({"num_labels": n_labels} if task == "classification" else {}))
     if s.qlora:
-        report = quantize_model(model, nf4, skip_modules=["classifier", "score"])
+        report = quantize_model(model, nf4, skip_modules=list(TASK_HEADS["SEQ_CLS"]))  # the new head trains
         log(f"quantized {report.modules} layers to NF4: {report.bits_per_weight:.3f} bits per weight")
     return model
 
