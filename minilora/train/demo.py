@@ -205,7 +205,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
                                paged=name.startswith("qlora"))
         config.replay_ratio = REPLAY_RATIO if name.endswith("_replay") else 0.0
         resume = (run_dir / "checkpoint.pt").is_file() and not s.overwrite
-        checkpoint.prepare(run_dir, {"strategy": name, **asdict(config), "progress": None}, resume,
+        checkpoint.prepare(run_dir, {"strategy": name, **config.settings()}, resume,
                            overwrite=not resume)
         setup_seconds = time.perf_counter() - start
         result = Trainer(model, config, domain, domain_val, retain, replay=general, out=run_dir,

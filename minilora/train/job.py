@@ -134,7 +134,7 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
     replay = retain_examples(replay_file, t.task, tokens, s.seq_len, labels) if t.replay_ratio > 0 else None
     out = Path(s.out)
     run = {**{k: v for k, v in asdict(s).items() if k not in ("resume", "overwrite")},
-           **{k: v for k, v in asdict(t).items() if k != "progress"}}
+           **t.settings()}
     procs = setup()
     if procs.is_main:  # one process checks and prepares the directory; the others wait for it
         checkpoint.prepare(out, run, s.resume, s.overwrite)

@@ -73,6 +73,10 @@ class TrainConfig:
     progress: bool = True  # a tqdm progress bar
     seed: int = 0
 
+    def settings(self) -> dict:
+        """The fields that decide what a run computes (all but `progress`): what a resumed run must match."""
+        return {k: v for k, v in asdict(self).items() if k != "progress"}
+
     def check(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
