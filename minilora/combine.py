@@ -8,32 +8,45 @@ r"""New adapters made from old ones: ΔW_new ≈ Σᵢ wᵢ ΔWᵢ, with ΔWᵢ 
     "svd"     best rank-k approximation: ΔW = Σᵢ wᵢ sᵢ Bᵢ Aᵢ densely, ΔW = U Σ Vᵀ, keep k:
               B = U_k Σ_k, A = V_kᵀ. The error ‖ΔW − BA‖_F is √(Σ_{j>k} σⱼ²); the captured energy
               Σ_{j≤k} σⱼ² / Σ σⱼ² is reported per layer.
+
+These are functions over one layer's factors and the adapters' configs; LoraModel registers the
+result as a new adapter.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
 from .config import LoraConfig
-from .lora import LoRALinear
-
-if TYPE_CHECKING:
-    from .model import LoraModel
+from .lora import LoraPart, LoRALinear
 
 COMBINATIONS = ("cat", "linear", "svd")
 
 
-def _factors(layer: LoRALinear, names: list[str], weights: list[float], span: tuple[int, int]):
-    """(w, s, A (r, d_in), B (d_part, r)) of each adapter that has a part over `span`."""
+def check_request(configs: list[LoraConfig], weights: list[float], combination_type: str) -> None:
+    """Refuse a combination that cannot be made, saying why; `configs` of the adapters combined."""
+    if combination_type not in COMBINATIONS:
+        raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
+    if len(configs) != len(weights) or not configs:
+        raise ValueError(f"give one weight per adapter: {len(configs)} adapters, {len(weights)} weights")
+    if combination_type == "linear" and any(w < 0 for w in weights):
+        raise ValueError("combination_type='linear' takes square roots of the weights: they must be ≥ 0")
+    if any(c.modules_to_save for c in configs):
+        raise ValueError("adapters with modules_to_save (trained heads) cannot be combined: their heads have no "
+                         "low-rank form to weight; combine adapters without modules_to_save")
+
+
+def _factors(layer: LoRALinear, names: list[str], weights: list[float], columns: tuple[int, int]):
+    """(w, s, A (r, d_in), B (d_part, r)) of each adapter that has a part over these columns."""
     out = []
     for name, w in zip(names, weights):
-        for part, part_span in layer.spans.get(name, {}).items():
-            if part_span == span:
-                out.append((w, layer.scaling[name][part], layer.lora_A[name][part].weight.detach().float(),
-                            layer.lora_B[name][part].weight.detach().float()))
+        for part_name, part in layer.parts.get(name, {}).items():
+            if (part.first, part.end) == columns:
+                out.append((w, layer.scaling[name][part_name], layer.lora_A[name][part_name].weight.detach().float(),
+                            layer.lora_B[name][part_name].weight.detach().float()))
     return out
 
 
@@ -60,46 +73,26 @@ def _combine(factors, combination: str, svd_rank: Optional[int], where: str):
     return Vh[:k], U[:, :k] * S[:k], energy
 
 
-def add_weighted_adapter(model: "LoraModel", adapters: list[str], weights: list[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: Optional[int] = None) -> dict[str, float]:
-    """Add `adapter_name` ≈ Σ wᵢ adapters[i]; returns the captured energy per layer ("svd"), else {}."""
-    if combination_type not in COMBINATIONS:
-        raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
-    if len(adapters) != len(weights) or not adapters:
-        raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-    model._check_exists(adapters)
-    if adapter_name in model.peft_config:
-        raise ValueError(f"adapter {adapter_name!r} already exists; pick another name")
-    if combination_type == "linear" and any(w < 0 for w in weights):
-        raise ValueError("combination_type='linear' takes square roots of the weights: they must be ≥ 0")
-    if any(model.peft_config[a].modules_to_save for a in adapters):
-        raise ValueError("adapters with modules_to_save (trained heads) cannot be combined: their heads have no "
-                         "low-rank form to weight; combine adapters without modules_to_save")
-    energies = {}
-    first = model.peft_config[adapters[0]]
-    for path, layer in model.model.named_modules():
-        if not isinstance(layer, LoRALinear):
-            continue
-        spans = dict.fromkeys(s for a in adapters for s in layer.spans.get(a, {}).values())
-        if not spans:
-            continue
-        parts, new = {}, {}
-        for i, span in enumerate(spans):
-            A, B, energy = _combine(_factors(layer, adapters, weights, span), combination_type, svd_rank, path)
-            part = next(p for a in adapters for p, s in layer.spans.get(a, {}).items() if s == span)
-            parts[part] = (span, A.shape[0], float(A.shape[0]))  # alpha = r: scale 1
-            new[part] = (A, B)
-            if energy is not None:
-                energies[f"{path}:{part}"] = energy
-        layer.add_adapter(adapter_name, parts, init_lora_weights=True)
-        with torch.no_grad():
-            for part, (A, B) in new.items():
-                layer.lora_A[adapter_name][part].weight.copy_(A)
-                layer.lora_B[adapter_name][part].weight.copy_(B)
-    model.peft_config[adapter_name] = LoraConfig(
-        r=max(max(layer.r[adapter_name].values()) for layer in model._lora_layers() if adapter_name in layer.r),
+def combine_layer(layer: LoRALinear, adapters: list[str], weights: list[float], combination_type: str,
+                  svd_rank: Optional[int], where: str) -> tuple[dict[str, LoraPart], dict[str, tuple], dict[str, float]]:
+    """On one layer: the combined adapter's parts (scale 1: alpha = r), its (A, B) per part, and
+    the energy each "svd" part keeps. Empty when none of `adapters` is on this layer."""
+    columns = dict.fromkeys((p.first, p.end) for a in adapters for p in layer.parts.get(a, {}).values())
+    parts, factors, energies = {}, {}, {}
+    for first, end in columns:
+        A, B, energy = _combine(_factors(layer, adapters, weights, (first, end)), combination_type, svd_rank, where)
+        part_name = next(n for a in adapters for n, p in layer.parts.get(a, {}).items() if (p.first, p.end) == (first, end))
+        parts[part_name] = LoraPart(first, end, r=A.shape[0], alpha=float(A.shape[0]))
+        factors[part_name] = (A, B)
+        if energy is not None:
+            energies[part_name] = energy
+    return parts, factors, energies
+
+
+def combined_config(first: LoraConfig, plan: dict[str, dict[str, LoraPart]]) -> LoraConfig:
+    """The new adapter's config: the largest rank it got, the first adapter's targets; inference only."""
+    return LoraConfig(
+        r=max(part.r for parts in plan.values() for part in parts.values()),
         lora_alpha=first.lora_alpha, target_modules=first.target_modules, task_type=first.task_type,
         inference_mode=True, bias="none",
     )
-    model._apply_active()
-    return energies

@@ -19,36 +19,38 @@ The "minilora" key keeps the original config (roles, bands), so minilora reads s
 slices. Writes are atomic: each file goes to a temporary name in the same directory, is fsynced,
 then renamed over the old one. Nothing in an adapter directory is ever executed: tensors come from
 safetensors, or from `adapter_model.bin` through `torch.load(weights_only=True)` only.
+
+These are functions over plain data: a mapping of module path -> adapter layer (LoRALinear, or
+ModulesToSave for a trained head) and the adapter's name and config in; tensors, config dicts and
+files out. LoraModel decides which layers and biases belong to an adapter and calls them.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import Union
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import LoraConfig
-from .lora import FULL, LoRALinear
-from .surgery import TASK_HEADS, ModulesToSave, has_module
-
-if TYPE_CHECKING:
-    from .model import LoraModel
+from .files import atomic_write
+from .lora import LoRALinear
+from .roles import FULL
+from .surgery import ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-TASK_HEAD_NAMES = {name for heads in TASK_HEADS.values() for name in heads}
+AdapterModules = dict[str, nn.Module]  # module path -> LoRALinear or ModulesToSave holding the adapter
 
 # PEFT fields minilora does not implement: ignored when they hold their default, refused otherwise.
 _PEFT_DEFAULTS = {
@@ -63,100 +65,62 @@ _PEFT_INERT = {"auto_mapping", "revision", "peft_version", "megatron_core", "qal
                "ensure_weight_tying", "layers_pattern_type"}
 
 
-# ---------------------------------------------------------------------------- atomic writes
-def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same directory, fsync, rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable (POSIX; other systems skip this step)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 # ---------------------------------------------------------------------------- model -> files
 def _export_scale(layer: LoRALinear, name: str, r_total: int, rslora: bool) -> tuple[float, float]:
     """(alpha, scale) of the exported single LoRA: same scale as the first part, rank r_total."""
-    first = next(iter(layer.spans[name]))
-    scale = layer.scaling[name][first]
-    alpha = layer.lora_alpha[name][first] if r_total == layer.r[name][first] else (
-        scale * math.sqrt(r_total) if rslora else scale * r_total)
+    first_name, first = next(iter(layer.parts[name].items()))
+    scale = layer.scaling[name][first_name]
+    alpha = first.alpha if r_total == first.r else (scale * math.sqrt(r_total) if rslora else scale * r_total)
     return alpha, scale
 
 
 def _export_layer(layer: LoRALinear, name: str, rslora: bool) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """One LoRA over the whole output, equal to the layer's parts: (A, B, r, alpha)."""
-    A_parts = [layer.lora_A[name][p].weight.detach() for p in layer.spans[name]]  # (r_p, d_in) each
-    if list(layer.spans[name]) == [FULL]:
-        return A_parts[0], layer.lora_B[name][FULL].weight.detach(), layer.r[name][FULL], layer.lora_alpha[name][FULL]
+    parts = layer.parts[name]
+    A_parts = [layer.lora_A[name][p].weight.detach() for p in parts]  # (r_p, d_in) each
+    if list(parts) == [FULL]:
+        return A_parts[0], layer.lora_B[name][FULL].weight.detach(), parts[FULL].r, parts[FULL].alpha
     A = torch.cat(A_parts)  # (Σ r_p, d_in)
     r_total = A.shape[0]
     alpha, scale = _export_scale(layer, name, r_total, rslora)
     B = torch.zeros(layer.out_features, r_total, dtype=A.dtype)  # (d_out, Σ r_p): zero outside the parts
     offset = 0
-    for part, (first, end) in layer.spans[name].items():
-        r = layer.r[name][part]
-        ratio = layer.scaling[name][part] / scale  # 1.0 unless parts differ in scale
-        B[first:end, offset:offset + r] = layer.lora_B[name][part].weight.detach() * ratio
-        offset += r
+    for part_name, part in parts.items():
+        ratio = layer.scaling[name][part_name] / scale  # 1.0 unless parts differ in scale
+        B[part.first:part.end, offset:offset + part.r] = layer.lora_B[name][part_name].weight.detach() * ratio
+        offset += part.r
     return A, B, r_total, alpha
 
 
-def _trained_biases(model: "LoraModel", bias: str) -> dict[str, torch.nn.Parameter]:
-    """The biases an adapter trains, by parameter path: PEFT keeps `.base_layer.` in their keys."""
-    if bias == "none":
-        return {}
-    owners = {f"{p}.base_layer.bias" for p, m in model.model.named_modules() if isinstance(m, LoRALinear)}
-    return {
-        path: param for path, param in model.model.named_parameters()
-        if path.endswith("bias") and "lora_" not in path and ".modules_to_save." not in path
-        and ".original_module." not in path and (bias == "all" or path in owners)
-    }
-
-
-def adapter_state_dict(model: "LoraModel", name: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
-    """The adapter's tensors under PEFT's keys, and (r, alpha) per adapted module as exported."""
+def adapter_tensors(modules: AdapterModules, name: str, use_rslora: bool, biases: dict[str, nn.Parameter]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+    """Adapter `name`'s tensors under PEFT's keys, and (r, alpha) per adapted module as exported.
+    `biases`: the base biases it trains, by parameter path."""
     tensors, ranks = {}, {}
-    bias, rslora = model.peft_config[name].bias, model.peft_config[name].use_rslora
-    for path, module in model.model.named_modules():
-        if isinstance(module, LoRALinear) and name in module.lora_A:
-            A, B, r, alpha = _export_layer(module, name, rslora)
+    for path, module in modules.items():
+        if isinstance(module, LoRALinear):
+            A, B, r, alpha = _export_layer(module, name, use_rslora)
             tensors[f"{PREFIX}{path}.lora_A.weight"] = A
             tensors[f"{PREFIX}{path}.lora_B.weight"] = B
             ranks[path] = (r, alpha)
-        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+        else:  # ModulesToSave: the adapter's trained copy
             for param, value in module.modules_to_save[name].state_dict().items():
                 tensors[f"{PREFIX}{path}.{param}"] = value.detach()
-    for path, param in _trained_biases(model, bias).items():
+    for path, param in biases.items():
         tensors[PREFIX + path] = param.detach()
     return {k: v.contiguous() for k, v in tensors.items()}, ranks
 
 
-def peft_config_dict(model: "LoraModel", name: str, ranks: dict[str, tuple[int, float]]) -> dict:
-    """The config PEFT reads. Roles, slices and bands become explicit module paths and patterns."""
-    config = model.peft_config[name]
+def peft_config_dict(config: LoraConfig, modules: AdapterModules, name: str, ranks: dict[str, tuple[int, float]],
+                     peft_reads_targets_alike: bool, base_model_name: Union[str, None]) -> dict:
+    """The config PEFT reads. Roles, slices and bands become explicit module paths and patterns.
+    `peft_reads_targets_alike`: PEFT would adapt the same modules from config.target_modules."""
     out = {k: v for k, v in config.to_dict().items() if k not in ("layer_bands", "component_ranks")}
-    if not out["base_model_name_or_path"]:
-        out["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
+    out["base_model_name_or_path"] = out["base_model_name_or_path"] or base_model_name or None
     out["inference_mode"] = True
-    sliced = {p: list(m.spans[name]) for p, m in model.model.named_modules()
-              if isinstance(m, LoRALinear) and name in m.spans and list(m.spans[name]) != [FULL]}
-    plain = not sliced and config.layer_bands is None and not config.component_ranks and _peft_names_only(model, config)
+    sliced = {path: list(m.parts[name]) for path, m in modules.items()
+              if isinstance(m, LoRALinear) and list(m.parts[name]) != [FULL]}
+    plain = not sliced and config.layer_bands is None and not config.component_ranks and peft_reads_targets_alike
     if not plain:
         # Explicit: every adapted module by its full path, and its exported rank/alpha.
         r0, a0 = next(iter(ranks.values()))
@@ -173,34 +137,19 @@ def _exact(path: str) -> str:
     return path.replace(".", r"\.")
 
 
-def _peft_names_only(model: "LoraModel", config: LoraConfig) -> bool:
-    """True when target_modules means the same to PEFT as to minilora (no role names)."""
-    from .roles import family_of, parse_selector
-
-    targets = config.target_modules
-    if targets is None or isinstance(targets, str):
-        return True
-    return family_of(model.model) is None or all(parse_selector(t) is None or _is_module_name(model, t) for t in targets)
-
-
-def _is_module_name(model: "LoraModel", key: str) -> bool:
-    return any(n == key or n.endswith("." + key) for n, _ in model.model.named_modules())
-
-
-def save_adapters(model: "LoraModel", directory: Union[str, Path], selected_adapters: Optional[list[str]] = None) -> None:
-    """Write each adapter: "default" into `directory`, any other into `directory/<name>`."""
-    names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
-    model._check_exists(names)
+def adapter_directory(directory: Union[str, Path], name: str) -> Path:
+    """Where adapter `name` lives under a save directory: "default" in it, any other in `<dir>/<name>`."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory; pick another path")
-    for name in names:
-        target = directory if name == "default" else directory / name
-        tensors, ranks = adapter_state_dict(model, name)
-        config = peft_config_dict(model, name, ranks)
-        # weights first: a reader never sees a config that promises tensors the file lacks
-        atomic_write(target / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        atomic_write(target / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return directory if name == "default" else directory / name
+
+
+def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """adapter_model.safetensors, then adapter_config.json, each written atomically."""
+    # weights first: a reader never sees a config that promises tensors the file lacks
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
 
 
 # ---------------------------------------------------------------------------- files -> model
@@ -275,27 +224,12 @@ def read_tensors(directory: Union[str, Path]) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path} is missing (no {LEGACY_WEIGHTS_NAME} either) in {directory}")
 
 
-def load_adapter(model: "LoraModel", directory: Union[str, Path], adapter_name: str, is_trainable: bool = False) -> None:
-    """Add adapter `adapter_name` from `directory` to `model`; the others are left untouched."""
-    if adapter_name in model.peft_config:
-        raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or load under another name")
-    config = read_config(directory)
-    config.inference_mode = not is_trainable
-    if config.modules_to_save:  # PEFT lists every task head it might add, "score" on BERT included
-        config.modules_to_save = [m for m in config.modules_to_save if m not in TASK_HEAD_NAMES or has_module(model.model, m)]
-    tensors = read_tensors(directory)
-    model.add_adapter(adapter_name, config)
-    try:
-        _fill(model, adapter_name, tensors, Path(directory))
-    except BaseException:
-        model.delete_adapter(adapter_name)  # all or nothing
-        raise
-    model._apply_active()
-
-
 @torch.no_grad()
-def _fill(model: "LoraModel", name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    expected, _ = adapter_state_dict(model, name)
+def fill_adapter(modules: AdapterModules, name: str, use_rslora: bool, biases: dict[str, nn.Parameter],
+                 tensors: dict[str, torch.Tensor], directory: Union[str, Path]) -> None:
+    """Copy a file's `tensors` into adapter `name`, freshly created on `modules`, and into the base
+    `biases` it trains. Every key and shape is checked before anything is written."""
+    expected, _ = adapter_tensors(modules, name, use_rslora, biases)
     unexpected = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unexpected or missing:
@@ -311,33 +245,31 @@ def _fill(model: "LoraModel", name: str, tensors: dict[str, torch.Tensor], direc
                 f"{directory}: {key} has shape {tuple(tensors[key].shape)} in the file but {tuple(value.shape)} "
                 "in this model; the adapter was saved for a different base model"
             )
-    rslora = model.peft_config[name].use_rslora
-    for path, module in model.model.named_modules():
-        if isinstance(module, LoRALinear) and name in module.lora_A:
+    for path, module in modules.items():
+        if isinstance(module, LoRALinear):
             A, B = tensors[f"{PREFIX}{path}.lora_A.weight"], tensors[f"{PREFIX}{path}.lora_B.weight"]
-            _import_layer(module, name, A, B, path, rslora)
-        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            _import_layer(module, name, A, B, path, use_rslora)
+        else:
             copy = module.modules_to_save[name]
             copy.load_state_dict({p: tensors[f"{PREFIX}{path}.{p}"] for p in copy.state_dict()})
-    for path, param in _trained_biases(model, model.peft_config[name].bias).items():
+    for path, param in biases.items():
         param.copy_(tensors[PREFIX + path])  # the base's own bias: shared by every adapter, as in PEFT
 
 
 def _import_layer(layer: LoRALinear, name: str, A: torch.Tensor, B: torch.Tensor, path: str, rslora: bool) -> None:
     """The inverse of `_export_layer`: split one whole-layer LoRA back into the layer's parts."""
-    if list(layer.spans[name]) == [FULL]:
-        layer.lora_A[name][FULL].weight.copy_(A)
-        layer.lora_B[name][FULL].weight.copy_(B)
+    parts = layer.parts[name]
+    if list(parts) == [FULL]:
+        layer.set_part_weights(name, FULL, A, B)
         return
     _, scale = _export_scale(layer, name, A.shape[0], rslora)
     covered = torch.zeros(B.shape, dtype=torch.bool)
     offset = 0
-    for part, (first, end) in layer.spans[name].items():
-        r = layer.r[name][part]
-        layer.lora_A[name][part].weight.copy_(A[offset:offset + r])
-        layer.lora_B[name][part].weight.copy_(B[first:end, offset:offset + r] * (scale / layer.scaling[name][part]))
-        covered[first:end, offset:offset + r] = True
-        offset += r
+    for part_name, part in parts.items():
+        rows, cols = slice(part.first, part.end), slice(offset, offset + part.r)
+        layer.set_part_weights(name, part_name, A[cols], B[rows, cols] * (scale / layer.scaling[name][part_name]))
+        covered[rows, cols] = True
+        offset += part.r
     if B[~covered].abs().max() > 0:
         raise ValueError(
             f"{path}: lora_B has non-zero entries outside the slices the config names (e.g. K's rows), so it "

@@ -20,7 +20,14 @@ merge. The low-rank path runs on activations; the dense ΔW is built only by `me
 
     y = [ q | k | v ]      q += α/r · (x A_qᵀ) B_qᵀ      v += α/r · (x A_vᵀ) B_vᵀ      k as it was
 
-A whole (unsliced) layer is the special case of a single part, named "full", covering all columns.
+A *part* is a named set of output columns (roles.Part): "q", "v", or FULL for every column; a
+whole (unsliced) layer is the special case of the single part FULL. An adapter holds one
+`LoraPart` (columns, rank, alpha) and one (A, B) pair per part it covers.
+
+Everything a forward pass reads besides the weights (which adapters are active, whether adapters
+are disabled, a per-call routing of several adapters) sits in one `AdapterState` that a LoraModel
+shares with all its layers. The plain path below is what runs unless a call routes several
+adapters at once; that case is one call into mixing.py.
 
 Shape legend for this file: N = tokens (batch × time, flattened), d_in / d_out = the base
 layer's features, r = rank, d_part = the columns of one part.
@@ -29,34 +36,66 @@ layer's features, r = rank, d_part = the columns of one part.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from . import mixing
-from .roles import features
+from .roles import FULL, features
 
-FULL = "full"  # the part name of an adapter that covers the whole output
+
+@dataclass(frozen=True)
+class LoraPart:
+    """One (A, B) pair of an adapter: it writes output columns [first, end) at rank r, scaled by
+    alpha / r (or alpha / sqrt(r) with rsLoRA)."""
+
+    first: int  # first output column it writes
+    end: int  # one past the last
+    r: int  # rank: A is (r, d_in), B is (end - first, r)
+    alpha: float  # lora_alpha
+
+    @property
+    def width(self) -> int:
+        return self.end - self.first
+
+    def scale(self, use_rslora: bool = False) -> float:
+        return self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
+
+
+@dataclass
+class AdapterState:
+    """What every adapter layer of a model reads in its forward pass, besides weights. A LoraModel
+    owns one and hands the same object to each layer: a switch rewrites it once, not per layer."""
+
+    active: list[str] = field(default_factory=list)  # adapters applied, in this order
+    disabled: bool = False  # True inside LoraModel.disable_adapter(): the base model alone
+    routing: Optional[mixing.Routing] = None  # this call's choice of several adapters, or None
 
 
 class LoRALinear(nn.Module):
     """A frozen base layer plus any number of named adapters, each over one or more output parts."""
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, state: Optional[AdapterState] = None):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = features(base_layer)
         self.lora_A = nn.ModuleDict()  # adapter -> {part -> Linear(d_in, r)}     weight (r, d_in)
         self.lora_B = nn.ModuleDict()  # adapter -> {part -> Linear(r, d_part)}   weight (d_part, r)
         self.lora_dropout = nn.ModuleDict()  # adapter -> Dropout or Identity
-        self.r: dict[str, dict[str, int]] = {}  # adapter -> {part -> rank}
-        self.lora_alpha: dict[str, dict[str, float]] = {}  # adapter -> {part -> alpha}
-        self.scaling: dict[str, dict[str, float]] = {}  # adapter -> {part -> alpha / r (or alpha / sqrt(r))}
-        self.spans: dict[str, dict[str, tuple[int, int]]] = {}  # adapter -> {part -> (first, end) column}
-        self.active_adapters: list[str] = []
+        self.parts: dict[str, dict[str, LoraPart]] = {}  # adapter -> {part name -> columns, rank, alpha}
+        self.scaling: dict[str, dict[str, float]] = {}  # adapter -> {part name -> alpha / r}
         self.merged_adapters: list[str] = []
-        self.disabled = False  # True inside LoraModel.disable_adapter()
+        self.state = state if state is not None else AdapterState()
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.state.active
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        self.state.active[:] = names  # in place: the state may be shared with the rest of a model
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -67,7 +106,7 @@ class LoRALinear(nn.Module):
     def add_adapter(
         self,
         name: str,
-        parts: dict[str, tuple[tuple[int, int], int, float]],  # part -> ((first, end), r, alpha)
+        parts: dict[str, LoraPart],  # part name -> its columns, rank, alpha
         lora_dropout: float = 0.0,
         init_lora_weights=True,
         use_rslora: bool = False,
@@ -82,25 +121,22 @@ class LoRALinear(nn.Module):
         if not weight.is_floating_point():  # a quantized base stores codes, not values
             dtype = torch.float32
         A, B = nn.ModuleDict(), nn.ModuleDict()
-        self.r[name], self.lora_alpha[name], self.scaling[name], self.spans[name] = {}, {}, {}, {}
-        for part, ((first, end), r, alpha) in parts.items():
-            d_part = end - first
-            if not 0 <= first < end <= self.out_features:
-                raise ValueError(f"part {part!r} covers columns [{first}, {end}) outside 0..{self.out_features}")
-            if r > min(self.in_features, d_part):
+        for part_name, part in parts.items():
+            if not 0 <= part.first < part.end <= self.out_features:
+                raise ValueError(f"part {part_name!r} covers columns [{part.first}, {part.end}) outside 0..{self.out_features}")
+            if part.r > min(self.in_features, part.width):
                 raise ValueError(
-                    f"rank r={r} for part {part!r} is larger than min(d_in={self.in_features}, "
-                    f"d_out={d_part}); a rank above that adds parameters but no expressiveness: lower r"
+                    f"rank r={part.r} for part {part_name!r} is larger than min(d_in={self.in_features}, "
+                    f"d_out={part.width}); a rank above that adds parameters but no expressiveness: lower r"
                 )
-            A[part] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
-            B[part] = nn.Linear(r, d_part, bias=False, device=weight.device, dtype=dtype)
-            self.r[name][part], self.lora_alpha[name][part] = r, alpha
-            self.scaling[name][part] = alpha / math.sqrt(r) if use_rslora else alpha / r
-            self.spans[name][part] = (first, end)
+            A[part_name] = nn.Linear(self.in_features, part.r, bias=False, device=weight.device, dtype=dtype)
+            B[part_name] = nn.Linear(part.r, part.width, bias=False, device=weight.device, dtype=dtype)
+        self.parts[name] = dict(parts)
+        self.scaling[name] = {part_name: part.scale(use_rslora) for part_name, part in parts.items()}
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.reset_adapter(name, init_lora_weights)
-        self.__dict__.pop("_stack_cache", None)  # mixed-batch stacks (mixing.py) are out of date
+        mixing.forget_stacks(self)  # mixed-batch stacks are out of date
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init_lora_weights=True) -> None:
@@ -116,48 +152,45 @@ class LoRALinear(nn.Module):
             else:
                 nn.init.zeros_(B.weight)
 
+    @torch.no_grad()
+    def set_part_weights(self, name: str, part: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy A (r, d_in) and B (d_part, r) into adapter `name`'s pair for `part`."""
+        self.lora_A[name][part].weight.copy_(A)
+        self.lora_B[name][part].weight.copy_(B)
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge([name])
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
-        del self.r[name], self.lora_alpha[name], self.scaling[name], self.spans[name]
-        self.__dict__.pop("_stack_cache", None)
-        if name in self.active_adapters:
-            self.active_adapters.remove(name)  # in place: the list may be shared by a LoraModel
+        del self.parts[name], self.scaling[name]
+        mixing.forget_stacks(self)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)  # (..., d_out)
-        if self.disabled:
+        state = self.state
+        if state.disabled:
             return y
-        routing = mixing.current()  # set by LoraModel.forward(adapter_names= / adapter_weights=)
-        if routing is not None and routing.rows is not None:
-            return mixing.add_rows(self, y, x, routing)
-        if routing is not None and routing.mixture is not None:
-            return mixing.add_mixture(self, y, x, *routing.mixture)
-        if routing is not None and routing.weights is not None:
-            for name, weight in routing.weights.items():
-                if name in self.lora_A:
-                    y = self._add_lora(y, x, name, weight)
-            return y
-        for name in self.active_adapters:
+        if state.routing is not None:  # several adapters in this one call (adapter_names=, ...)
+            return mixing.apply(self, y, x, state.routing)
+        for name in state.active:
             if name in self.lora_A and name not in self.merged_adapters:
-                y = self._add_lora(y, x, name)
+                y = self.add_lora(y, x, name)
         return y
 
-    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
         """y[..., part] + weight · (alpha/r) · (dropout(x) Aᵀ) Bᵀ for each part of adapter `name`."""
         A, B = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(next(iter(A.values())).weight.dtype))  # (..., d_in)
-        spans, scales, factors = [], [], []
-        for part, span in self.spans[name].items():
-            h = A[part](x).reshape(-1, A[part].out_features)  # (N, d_in) @ (d_in, r) -> (N, r)
-            spans.append(span)
-            scales.append(weight * self.scaling[name][part])
-            factors += [h.to(y.dtype), B[part].weight.to(y.dtype)]  # h (N, r), B (d_part, r)
+        columns, scales, factors = [], [], []
+        for part_name, part in self.parts[name].items():
+            h = A[part_name](x).reshape(-1, part.r)  # (N, d_in) @ (d_in, r) -> (N, r)
+            columns.append((part.first, part.end))
+            scales.append(weight * self.scaling[name][part_name])
+            factors += [h.to(y.dtype), B[part_name].weight.to(y.dtype)]  # h (N, r), B (d_part, r)
         y2d = y.reshape(-1, self.out_features)  # (N, d_out)
-        return LowRankAdd.apply(y2d, tuple(spans), tuple(scales), *factors).view(y.shape)
+        return LowRankAdd.apply(y2d, tuple(columns), tuple(scales), *factors).view(y.shape)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, name: str, part: str) -> torch.Tensor:
@@ -169,12 +202,12 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _fold(self, name: str, sign: float) -> None:
         W = self.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
-        for part, (first, end) in self.spans[name].items():
-            delta = sign * self.delta_weight(name, part)  # (d_part, d_in)
-            if self.fan_in_fan_out:
-                W[:, first:end] = (W[:, first:end].float() + delta.T).to(W.dtype)  # Conv1D: transpose
+        for part_name, part in self.parts[name].items():
+            delta = sign * self.delta_weight(name, part_name)  # (d_part, d_in)
+            if self.fan_in_fan_out:  # Conv1D: transpose
+                W[:, part.first:part.end] = (W[:, part.first:part.end].float() + delta.T).to(W.dtype)
             else:
-                W[first:end] = (W[first:end].float() + delta).to(W.dtype)
+                W[part.first:part.end] = (W[part.first:part.end].float() + delta).to(W.dtype)
 
     def merge(self, adapter_names: Optional[list[str]] = None) -> None:
         """W ← W + (alpha/r)·B·A for each adapter not merged yet. Merging twice is a no-op."""
@@ -200,8 +233,8 @@ class LoRALinear(nn.Module):
         return bool(self.merged_adapters)
 
     def extra_repr(self) -> str:
-        parts = {n: {p: self.lora_A[n][p].out_features for p in self.spans[n]} for n in self.spans}
-        return f"in={self.in_features}, out={self.out_features}, adapters(rank per part)={parts}"
+        ranks = {n: {p: part.r for p, part in parts.items()} for n, parts in self.parts.items()}
+        return f"in={self.in_features}, out={self.out_features}, adapters(rank per part)={ranks}"
 
 
 class LowRankAdd(torch.autograd.Function):
@@ -222,27 +255,28 @@ class LowRankAdd(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, spans, scales, *factors):  # y (N, d_out); factors: h_1, B_1, h_2, B_2, ...
+    def forward(ctx, y, columns, scales, *factors):  # y (N, d_out); factors: h_1, B_1, h_2, B_2, ...
         with torch.autocast(y.device.type, enabled=False):  # the caller already chose the dtype
-            if len(spans) == 1 and spans[0] == (0, y.shape[1]):
+            if len(columns) == 1 and columns[0] == (0, y.shape[1]):
                 h, B = factors
                 out = torch.addmm(y, h, B.t(), alpha=scales[0])  # y + s·h Bᵀ in one GEMM
             else:
                 out = y.clone()
-                for (first, end), scale, h, B in zip(spans, scales, factors[::2], factors[1::2]):
+                for (first, end), scale, h, B in zip(columns, scales, factors[0::2], factors[1::2]):
                     out[:, first:end].addmm_(h, B.t(), alpha=scale)
         ctx.save_for_backward(*factors)
-        ctx.spans, ctx.scales = spans, scales
+        ctx.columns, ctx.scales = columns, scales
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (N, d_out)
         factors = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[3:]  # one flag per factor, after y, columns and scales
         grads = []
-        for i, ((first, end), scale) in enumerate(zip(ctx.spans, ctx.scales)):
-            h, B = factors[2 * i], factors[2 * i + 1]
+        for (first, end), scale, h, B, want_h, want_B in zip(
+            ctx.columns, ctx.scales, factors[0::2], factors[1::2], wanted[0::2], wanted[1::2]
+        ):
             G = grad_out[:, first:end]  # (N, d_part)
-            grad_h = (G @ B).mul_(scale) if ctx.needs_input_grad[3 + 2 * i] else None  # (N, r)
-            grad_B = (G.t() @ h).mul_(scale) if ctx.needs_input_grad[4 + 2 * i] else None  # (d_part, r)
-            grads += [grad_h, grad_B]
+            grads.append((G @ B).mul_(scale) if want_h else None)  # (N, r)
+            grads.append((G.t() @ h).mul_(scale) if want_B else None)  # (d_part, r)
         return (grad_out, None, None, *grads)

@@ -14,47 +14,56 @@ way, "segments", runs each adapter's rows through their own matmuls; the benchma
 
 Weighted mixing: y = x Wᵀ + Σ_a w_a · s_a · (x A_aᵀ) B_aᵀ, each adapter's low-rank path weighted.
 
-`LoraModel.forward(..., adapter_names=[...])` / `(..., adapter_weights={...})` set a context that
-every LoRALinear reads during that one call.
+`LoraModel.forward(..., adapter_names=[...])` / `(..., adapter_weights={...})` put a `Routing` in
+the model's AdapterState for that one call; each LoRALinear then hands its work to `apply`.
+Nothing here reads global or context-local state, so a compiled model traces straight through.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
 BASE = "__base__"  # the row runs the base model, no adapter
 
 
+@dataclass
+class Mixture:
+    """Per-row (or per-token) weights over adapters, filled in during the forward pass by a router
+    (routing.LoraRouter) before the first adapted layer that should use them."""
+
+    adapters: tuple[str, ...]  # the adapters mixed, in the order of the weights' last axis
+    weights: Optional[torch.Tensor] = None  # (B, n) per sequence or (B, T, n) per token; None: not yet
+
+
 @dataclass(frozen=True)
 class Routing:
-    """How adapters apply during one forward call."""
+    """How adapters apply during one forward call; exactly one of rows, weights, mixture is set."""
 
     rows: Optional[tuple[str, ...]] = None  # one adapter name (or BASE) per batch row
     method: str = "gather"  # rows: "gather" (stacked weights, batched matmuls) or "segments" (per adapter)
     row_index: dict = field(default_factory=dict, compare=False)  # per call: adapter set -> row indices
     weights: Optional[dict[str, float]] = None  # adapter -> weight of its low-rank path
-    mixture: Optional[tuple[tuple[str, ...], torch.Tensor]] = None  # (adapters, weights (B, n) or (B, T, n))
+    mixture: Optional[Mixture] = None  # weights per row or token, from a router
 
 
-_current: contextvars.ContextVar[Optional[Routing]] = contextvars.ContextVar("minilora_routing", default=None)
+def apply(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """y (the base layer's output) plus the low-rank paths that `routing` chooses, for one layer."""
+    if routing.rows is not None:
+        return add_rows(layer, y, x, routing)
+    if routing.mixture is not None:
+        return add_mixture(layer, y, x, routing.mixture)
+    for name, weight in routing.weights.items():
+        if name in layer.lora_A:
+            y = layer.add_lora(y, x, name, weight)
+    return y
 
 
-def current() -> Optional[Routing]:
-    return _current.get()
-
-
-@contextlib.contextmanager
-def routed(routing: Routing) -> Iterator[None]:
-    token = _current.set(routing)
-    try:
-        yield
-    finally:
-        _current.reset(token)
+def forget_stacks(layer) -> None:
+    """Drop the layer's cached mixed-batch stacks (its adapters changed)."""
+    layer.__dict__.pop("_stack_cache", None)
 
 
 def _stacks(layer, entries: tuple, d_part: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,11 +71,21 @@ def _stacks(layer, entries: tuple, d_part: int, dtype: torch.dtype) -> tuple[tor
     zeros. Cached on the layer and rebuilt when a weight changes (its version counter moves), when
     the layer moves, or when adapters are added or deleted (LoRALinear drops the cache then)."""
     weights = [(layer.lora_A[n][p].weight, layer.lora_B[n][p].weight) for n, p in entries]
+    if torch.compiler.is_compiling():  # a compiled graph builds the stacks itself: nothing to cache
+        return _build_stacks(layer, entries, weights, d_part, dtype)
     versions = tuple((a._version, b._version) for a, b in weights)
     cache = layer.__dict__.setdefault("_stack_cache", {})
     key = (entries, dtype, weights[0][0].device)
     if key in cache and cache[key][0] == versions:
         return cache[key][1]
+    stacks = _build_stacks(layer, entries, weights, d_part, dtype)
+    if len(cache) > 64:  # a bounded cache: mixed batches tend to repeat their adapter sets
+        cache.clear()
+    cache[key] = (versions, stacks)
+    return stacks
+
+
+def _build_stacks(layer, entries: tuple, weights: list, d_part: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     r_max = max(a.shape[0] for a, _ in weights)
     device = weights[0][0].device
     A_stack = torch.zeros(len(entries) + 1, r_max, layer.in_features, dtype=dtype, device=device)
@@ -75,9 +94,6 @@ def _stacks(layer, entries: tuple, d_part: int, dtype: torch.dtype) -> tuple[tor
         for i, ((n, p), (a, b)) in enumerate(zip(entries, weights), start=1):
             A_stack[i, : a.shape[0]] = a.to(dtype)  # zero-padded ranks change nothing
             B_stack[i, :, : a.shape[0]] = b.to(dtype) * layer.scaling[n][p]
-    if len(cache) > 64:  # a bounded cache: mixed batches tend to repeat their adapter sets
-        cache.clear()
-    cache[key] = (versions, (A_stack, B_stack))
     return A_stack, B_stack
 
 
@@ -98,14 +114,14 @@ def add_rows(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch
         for name in used:
             idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
             x_rows = x3[idx]  # (b, T, d_in)
-            for part, (first, end) in layer.spans[name].items():
-                A, B = layer.lora_A[name][part].weight, layer.lora_B[name][part].weight
-                delta = (x_rows.to(A.dtype) @ A.t()) @ B.t() * layer.scaling[name][part]  # (b, T, d_part)
-                y3[idx, :, first:end] += delta.to(y3.dtype)
+            for part_name, part in layer.parts[name].items():
+                A, B = layer.lora_A[name][part_name].weight, layer.lora_B[name][part_name].weight
+                delta = (x_rows.to(A.dtype) @ A.t()) @ B.t() * layer.scaling[name][part_name]  # (b, T, d_part)
+                y3[idx, :, part.first:part.end] += delta.to(y3.dtype)
         return y3.view(y.shape)
-    spans = dict.fromkeys(span for n in used for span in layer.spans[n].values())
-    for first, end in spans:
-        entries = tuple((n, p) for n in used for p, span in layer.spans[n].items() if span == (first, end))
+    columns = dict.fromkeys((part.first, part.end) for n in used for part in layer.parts[n].values())
+    for first, end in columns:  # adapters' parts over the same columns share one pair of batched matmuls
+        entries = tuple((n, p) for n in used for p, part in layer.parts[n].items() if (part.first, part.end) == (first, end))
         A_stack, B_stack = _stacks(layer, entries, end - first, x.dtype)
         idx = routing.row_index.get(entries)  # the same for every layer with this adapter set
         if idx is None:
@@ -116,9 +132,12 @@ def add_rows(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch
     return y3.view(y.shape)  # y itself when contiguous; the copy reshape made otherwise
 
 
-def add_mixture(layer, y: torch.Tensor, x: torch.Tensor, names: tuple[str, ...], weights: torch.Tensor) -> torch.Tensor:
+def add_mixture(layer, y: torch.Tensor, x: torch.Tensor, mixture: Mixture) -> torch.Tensor:
     """y + Σ_a weights[..., a] · s_a (x A_aᵀ) B_aᵀ: each row (or token) mixes the adapters by its own
-    weights, (B, n) per sequence or (B, T, n) per token."""
+    weights, (B, n) per sequence or (B, T, n) per token. Before the router has set them: y."""
+    if mixture.weights is None:
+        return y
+    names, weights = mixture.adapters, mixture.weights
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, layer.in_features)  # (B, T, d_in)
     out = y.reshape(batch, -1, layer.out_features)  # (B, T, d_out)
@@ -126,10 +145,11 @@ def add_mixture(layer, y: torch.Tensor, x: torch.Tensor, names: tuple[str, ...],
     for a, name in enumerate(names):
         if name not in layer.lora_A:
             continue
-        for part, (first, end) in layer.spans[name].items():
-            h = x3.to(layer.lora_A[name][part].weight.dtype) @ layer.lora_A[name][part].weight.t()  # (B, T, r)
-            delta = (h @ layer.lora_B[name][part].weight.t()) * layer.scaling[name][part]  # (B, T, d_part)
-            pad = (first, layer.out_features - end)
+        for part_name, part in layer.parts[name].items():
+            A, B = layer.lora_A[name][part_name].weight, layer.lora_B[name][part_name].weight
+            h = x3.to(A.dtype) @ A.t()  # (B, T, d_in) @ (d_in, r) -> (B, T, r)
+            delta = (h @ B.t()) * layer.scaling[name][part_name]  # (B, T, d_part)
+            pad = (part.first, layer.out_features - part.end)
             out = out + torch.nn.functional.pad(delta * w[..., a:a + 1], pad).to(out.dtype)
     return out.view(y.shape)
 

@@ -8,32 +8,39 @@
     base = model.merge_and_unload()                        # a plain HF model again
 
 Attributes the wrapper doesn't have are looked up on the HF model (`model.config`, ...).
+
+LoraModel is the only owner of adapter state: `peft_config`, which adapters are active, which
+parameters train. Every adapter comes to exist through one path, `_register` (from a config,
+from files, or combined from others); io.py and combine.py are functions over plain data that
+it calls. Every adapter layer reads one shared `AdapterState` in its forward pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
 
+from . import combine, io, mixing
 from .config import LoraConfig
-from .io import load_adapter, save_adapters
-from . import mixing
-from .combine import add_weighted_adapter
-from .lora import LoRALinear
+from .lora import AdapterState, LoRALinear
 from .params import count_parameters, format_trainable, parameter_breakdown
 from .quant import Linear4bit, NF4Config
+from .roles import walk
 from .surgery import (
     TASK_HEADS,
     ModulesToSave,
-    _set_submodule,
-    adapter_layers,
+    Plan,
     has_module,
     inject_adapter,
-    mark_trainable,
+    peft_reads_targets_alike,
+    resolve_targets,
+    set_submodule,
+    trained_biases,
     wrap_modules_to_save,
 )
 
@@ -45,7 +52,7 @@ class LoraModel(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
-        self._active: list[str] = []  # shared with every adapter layer: mutated in place, never rebound
+        self._state = AdapterState()  # read by every adapter layer: active names, disabled, routing
         self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its parameters (for set_adapter)
         self.mixed_batch_method = "gather"  # adapter_names: "gather" (batched matmuls) or "segments"
         if config is not None:  # None: adapters come later, from files (`from_pretrained`)
@@ -57,21 +64,35 @@ class LoraModel(nn.Module):
                 adapter_weights: Optional[dict[str, float]] = None, **kwargs):
         """The HF model's forward. `adapter_names`: one adapter (or "__base__") per batch row, in
         eval mode. `adapter_weights`: {adapter: weight}, the weighted sum of their low-rank paths."""
-        with self._routing(adapter_names, adapter_weights, args, kwargs):
+        with self.routed(self._routing(adapter_names, adapter_weights, args, kwargs)):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[list[str]] = None,
                  adapter_weights: Optional[dict[str, float]] = None, **kwargs):
         """The HF model's generate, with the same per-row / weighted adapter choice as forward."""
-        with self._routing(adapter_names, adapter_weights, args, kwargs):
+        with self.routed(self._routing(adapter_names, adapter_weights, args, kwargs)):
             return self.model.generate(*args, **kwargs)
 
-    def _routing(self, adapter_names, adapter_weights, args, kwargs):
+    @contextlib.contextmanager
+    def routed(self, routing: Optional[mixing.Routing]) -> Iterator[None]:
+        """Inside this block every adapter layer applies `routing` (see mixing.py). None changes
+        nothing: a plain call inside a routed block keeps the block's routing."""
+        if routing is None:
+            yield
+            return
+        previous, self._state.routing = self._state.routing, routing
+        try:
+            yield
+        finally:
+            self._state.routing = previous
+
+    def _routing(self, adapter_names, adapter_weights, args, kwargs) -> Optional[mixing.Routing]:
+        """The Routing for one call's `adapter_names` / `adapter_weights`, checked; None if neither."""
         if adapter_names is None and adapter_weights is None:
-            return contextlib.nullcontext()
+            return None
         if adapter_names is not None and adapter_weights is not None:
             raise ValueError("give adapter_names (one adapter per row) or adapter_weights (a mix), not both")
-        if any(layer.merged for layer in self._lora_layers()):
+        if any(layer.merged for layer in self._lora_layers().values()):
             raise RuntimeError("adapters are merged into the weights; call unmerge_adapter() before choosing adapters per call")
         chosen = list(adapter_names) if adapter_names is not None else list(adapter_weights)
         unknown = sorted({n for n in chosen if n != mixing.BASE and n not in self.peft_config})
@@ -81,13 +102,13 @@ class LoraModel(nn.Module):
             bad = {n: w for n, w in adapter_weights.items() if not isinstance(w, (int, float)) or w != w}
             if bad:
                 raise ValueError(f"adapter_weights must map adapter names to numbers, got {bad}")
-            return mixing.routed(mixing.Routing(weights={n: float(w) for n, w in adapter_weights.items() if n != mixing.BASE}))
+            return mixing.Routing(weights={n: float(w) for n, w in adapter_weights.items() if n != mixing.BASE})
         if self.training:
             raise RuntimeError("mixed batches (adapter_names) run in eval mode: call model.eval() first")
         ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(ids, torch.Tensor) and ids.shape[0] != len(chosen):
             raise ValueError(f"adapter_names has {len(chosen)} entries but the batch has {ids.shape[0]} rows: give one per row")
-        return mixing.routed(mixing.Routing(rows=tuple(chosen), method=self.mixed_batch_method))
+        return mixing.Routing(rows=tuple(chosen), method=self.mixed_batch_method)
 
     def __getattr__(self, name: str):
         try:
@@ -108,14 +129,51 @@ class LoraModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     @property
     def active_adapters(self) -> list[str]:
-        return list(self._active)
+        return list(self._state.active)
 
     @property
     def active_adapter(self) -> Optional[str]:
-        return self._active[0] if self._active else None
+        return self._state.active[0] if self._state.active else None
 
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Add an adapter (not active until `set_adapter`); targets are resolved on this model."""
+        self._check_new(adapter_name)
+        config = copy.deepcopy(config)
+        heads = [h for h in TASK_HEADS.get(config.task_type, ()) if has_module(self.model, h)]
+        if heads:  # as PEFT does: a task head trains along with the adapter
+            config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
+        self._register(adapter_name, config, resolve_targets(self.model, config))
+
+    def _register(self, name: str, config: LoraConfig, plan: Plan) -> None:
+        """The one way an adapter comes to exist (added, loaded or combined): LoRA on the modules
+        of `plan`, trainable copies of `config.modules_to_save`, and requires_grad set. Its cost
+        does not grow with the number of adapters already loaded."""
+        layers = inject_adapter(self.model, plan, name, config, self._state)
+        copies = wrap_modules_to_save(self.model, config.modules_to_save, name, self._state)
+        if not self.peft_config:  # the first adapter freezes the base
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        self.peft_config[name] = config
+        self._params[name] = [p for layer in layers for table in (layer.lora_A, layer.lora_B)
+                              for p in table[name].parameters()]
+        self._params[name] += [p for wrapper in copies for p in wrapper.modules_to_save[name].parameters()]
+        self._update_trainable([name])
+
+    def _update_trainable(self, names: list[str]) -> None:
+        """requires_grad for the parameters of adapters `names` (active and not inference_mode), and
+        for the base biases that the first active adapter trains (its `bias`)."""
+        for name in names:
+            trainable = name in self._state.active and not self.peft_config[name].inference_mode
+            for p in self._params[name]:
+                p.requires_grad_(trainable)
+        if all(c.bias == "none" for c in self.peft_config.values()):
+            return  # no adapter trains biases: nothing to recompute
+        first = self.peft_config.get(self.active_adapter)
+        chosen = trained_biases(self.model, first.bias) if first and not first.inference_mode else {}
+        for path, p in trained_biases(self.model, "all").items():
+            p.requires_grad_(path in chosen)
+
+    def _check_new(self, adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
         if adapter_name in self.peft_config:
@@ -123,26 +181,6 @@ class LoraModel(nn.Module):
                 f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first or pick "
                 f"another name (existing: {sorted(self.peft_config)})"
             )
-        config = copy.deepcopy(config)
-        heads = [h for h in TASK_HEADS.get(config.task_type, ()) if has_module(self.model, h)]
-        if heads:  # as PEFT does: a task head trains along with the adapter
-            config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
-        paths = inject_adapter(self.model, config, adapter_name)
-        wrappers = wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
-        self.peft_config[adapter_name] = config
-        if len(self.peft_config) == 1 or config.bias != "none":
-            self._apply_active()  # the first adapter freezes the base; biases are shared by all
-            return
-        # only the new adapter's layers need linking: the cost does not grow with the adapters loaded
-        self._params[adapter_name] = []
-        for layer in [self.model.get_submodule(p) for p in paths] + wrappers:
-            layer.active_adapters = self._active
-            tables = (layer.lora_A, layer.lora_B) if isinstance(layer, LoRALinear) else (layer.modules_to_save,)
-            for table in tables:
-                self._params[adapter_name].extend(table[adapter_name].parameters())
-        trainable = adapter_name in self._active and not config.inference_mode
-        for p in self._params[adapter_name]:
-            p.requires_grad_(trainable)
 
     def _check_exists(self, names: list[str]) -> None:
         for name in names:
@@ -152,77 +190,80 @@ class LoraModel(nn.Module):
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
         """Make these adapters the active (and trainable) ones; the others stay but sleep.
 
-        Every adapter layer holds the same list of active names, so a switch rewrites one list and
-        flips requires_grad on the adapters going out and coming in: its cost does not grow with
-        the number of adapters loaded."""
+        Every adapter layer reads the same state, so a switch rewrites one list and flips
+        requires_grad on the adapters going out and coming in: its cost does not grow with the
+        number of adapters loaded."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_exists(names)
-        outgoing = [n for n in self._active if n not in names]
-        biases = {self.peft_config[n].bias for n in names + self._active}
-        self._active[:] = names  # in place: the list every layer reads
-        if biases != {"none"}:  # trainable biases belong to no single adapter: recompute everything
-            self._apply_active()
-            return
-        for name in outgoing:
-            for p in self._params[name]:
-                p.requires_grad_(False)
-        for name in names:
-            trainable = not self.peft_config[name].inference_mode
-            for p in self._params[name]:
-                p.requires_grad_(trainable)
-
-    def _apply_active(self) -> None:
-        """Point every adapter layer at the shared list of active names; recompute requires_grad."""
-        self._params = {name: [] for name in self.peft_config}  # adapter -> its parameters
-        for layer in adapter_layers(self.model):
-            layer.active_adapters = self._active
-            tables = (layer.lora_A, layer.lora_B) if isinstance(layer, LoRALinear) else (layer.modules_to_save,)
-            for table in tables:
-                for name, module in table.items():
-                    self._params[name].extend(module.parameters())
-        trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
-        bias = self.peft_config[self._active[0]].bias if self._active else "none"
-        mark_trainable(self.model, trainable, bias)
+        changed = list(dict.fromkeys([n for n in self._state.active if n not in names] + names))
+        self._state.active[:] = names
+        self._update_trainable(changed)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and free its weights. If it was active, the first remaining one is."""
         self._check_exists([adapter_name])
-        for layer in adapter_layers(self.model):
-            if isinstance(layer, LoRALinear) and adapter_name in layer.lora_A:
+        for layer in self._adapter_modules(adapter_name).values():
+            if isinstance(layer, LoRALinear):
                 layer.delete_adapter(adapter_name)
-            elif isinstance(layer, ModulesToSave) and adapter_name in layer.modules_to_save:
+            else:
                 del layer.modules_to_save[adapter_name]
-        del self.peft_config[adapter_name]
-        self._active[:] = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
-        self._apply_active()
+        del self.peft_config[adapter_name], self._params[adapter_name]
+        self._state.active[:] = [n for n in self._state.active if n != adapter_name] or list(self.peft_config)[:1]
+        self._update_trainable(self.active_adapters)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: Optional[int] = None) -> dict[str, float]:
         """A new adapter ≈ Σ wᵢ adapters[i] ("cat": exact, "linear": approximate, "svd": best rank-k).
-        Returns the energy each "svd" layer keeps (fraction of Σσ²). See minilora/combine.py."""
-        return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        Returns the energy each "svd" layer keeps (fraction of Σσ²), keyed "path:part". See combine.py."""
+        self._check_exists(adapters)
+        self._check_new(adapter_name)
+        combine.check_request([self.peft_config[a] for a in adapters], weights, combination_type)
+        plan, factors, energies = {}, {}, {}
+        for path, layer in self._lora_layers().items():
+            parts, pairs, kept = combine.combine_layer(layer, adapters, weights, combination_type, svd_rank, path)
+            if parts:
+                plan[path], factors[path] = parts, pairs
+                energies.update({f"{path}:{part}": e for part, e in kept.items()})
+        self._register(adapter_name, combine.combined_config(self.peft_config[adapters[0]], plan), plan)
+        for path, pairs in factors.items():
+            for part, (A, B) in pairs.items():
+                self.model.get_submodule(path).set_part_weights(adapter_name, part, A, B)
+        return energies
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside this block the model computes exactly what the base model computes."""
-        layers = adapter_layers(self.model)
-        merged = [l for l in layers if isinstance(l, LoRALinear) and l.merged]
-        if merged:
+        if any(layer.merged for layer in self._lora_layers().values()):
             raise RuntimeError("adapters are merged into the weights; call unmerge_adapter() before disabling")
-        for layer in layers:
-            layer.disabled = True
+        self._state.disabled = True
         try:
             yield
         finally:
-            for layer in layers:
-                layer.disabled = False
+            self._state.disabled = False
+
+    def _adapter_modules(self, name: str) -> dict[str, nn.Module]:
+        """Module path -> the LoRALinear or ModulesToSave holding adapter `name`."""
+        return {path: m for path, m in walk(self.model)
+                if (isinstance(m, LoRALinear) and name in m.lora_A)
+                or (isinstance(m, ModulesToSave) and name in m.modules_to_save)}
+
+    def _lora_layers(self) -> dict[str, LoRALinear]:
+        return {path: m for path, m in walk(self.model) if isinstance(m, LoRALinear)}
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory, selected_adapters: Optional[list[str]] = None, **_ignored) -> None:
         """PEFT's layout: adapter_config.json + adapter_model.safetensors; non-default adapters in
         subdirectories. Extra PEFT keyword arguments (safe_serialization, ...) are accepted and ignored:
         minilora always writes safetensors."""
-        save_adapters(self, save_directory, selected_adapters)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self._check_exists(names)
+        base_name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        for name in names:
+            config, modules = self.peft_config[name], self._adapter_modules(name)
+            tensors, ranks = io.adapter_tensors(modules, name, config.use_rslora, trained_biases(self.model, config.bias))
+            alike = peft_reads_targets_alike(self.model, config)
+            written = io.peft_config_dict(config, modules, name, ranks, alike, base_name)
+            io.write_adapter(io.adapter_directory(save_directory, name), tensors, written)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default",
@@ -230,28 +271,40 @@ class LoraModel(nn.Module):
         """Wrap `model` with the adapter saved in `model_id` (by minilora or by PEFT), active.
         Frozen and in eval mode unless `is_trainable`."""
         wrapped = cls(model, None)
-        load_adapter(wrapped, model_id, adapter_name, is_trainable)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable)
         wrapped.set_adapter(adapter_name)
         return wrapped if is_trainable else wrapped.eval()
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, **_ignored) -> None:
-        """Add the adapter saved in `model_id` under `adapter_name`; active adapters don't change."""
-        load_adapter(self, model_id, adapter_name, is_trainable)
+        """Add the adapter saved in `model_id` under `adapter_name`; active adapters don't change.
+        All or nothing: a file that does not fit leaves the model as it was."""
+        self._check_new(adapter_name)
+        config = io.read_config(model_id)
+        config.inference_mode = not is_trainable
+        if config.modules_to_save:  # PEFT lists every task head it might add, "score" on BERT included
+            heads = {h for names in TASK_HEADS.values() for h in names}
+            config.modules_to_save = [m for m in config.modules_to_save if m not in heads or has_module(self.model, m)]
+        tensors = io.read_tensors(model_id)
+        self.add_adapter(adapter_name, config)
+        config = self.peft_config[adapter_name]
+        try:
+            io.fill_adapter(self._adapter_modules(adapter_name), adapter_name, config.use_rslora,
+                            trained_biases(self.model, config.bias), tensors, Path(model_id))
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
 
     # ------------------------------------------------------------------ merging
-    def _lora_layers(self) -> list[LoRALinear]:
-        return [m for m in adapter_layers(self.model) if isinstance(m, LoRALinear)]
-
     def merge_adapter(self, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the (active, or named) adapters into the base weights. Idempotent."""
         names = adapter_names or self.active_adapters
         self._check_exists(names)
-        for layer in self._lora_layers():
+        for layer in self._lora_layers().values():
             layer.merge([n for n in names if n in layer.lora_A])
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out of the base weights. Idempotent."""
-        for layer in self._lora_layers():
+        for layer in self._lora_layers().values():
             layer.unmerge()
 
     def _unload(self, merge: bool, adapter_names: Optional[list[str]] = None) -> nn.Module:
@@ -261,9 +314,9 @@ class LoraModel(nn.Module):
             self.unmerge_adapter()
         for name, module in list(self.model.named_modules()):
             if isinstance(module, LoRALinear):
-                _set_submodule(self.model, name, module.base_layer)
+                set_submodule(self.model, name, module.base_layer)
             elif isinstance(module, ModulesToSave):
-                _set_submodule(self.model, name, module.active_module if merge else module.original_module)
+                set_submodule(self.model, name, module.active_module if merge else module.original_module)
         for p in self.model.parameters():
             p.requires_grad_(False)
         return self.model
@@ -277,8 +330,8 @@ class LoraModel(nn.Module):
         NF4Config) those layers are quantized again and `self.merge_report` says what that cost:
         the relative error ‖Q(W') − W'‖ / ‖W'‖ per layer."""
         quantized = {}
-        for name, module in self.model.named_modules():
-            if isinstance(module, LoRALinear) and isinstance(module.base_layer, Linear4bit):
+        for name, module in self._lora_layers().items():
+            if isinstance(module.base_layer, Linear4bit):
                 quantized[name] = module.base_layer.config
                 module.base_layer = module.base_layer.to_float()
         merged = self._unload(merge=True, adapter_names=adapter_names)
@@ -290,7 +343,7 @@ class LoraModel(nn.Module):
                 W = dense.weight.detach().float()
                 W = W.t() if layer.from_conv1d else W  # (out, in)
                 errors[name] = ((layer.dequantized_weight(torch.float32) - W).norm() / W.norm()).item()
-                _set_submodule(merged, name, layer)
+                set_submodule(merged, name, layer)
             self.merge_report = {"requantized_layers": len(errors), "relative_error": errors,
                                  "max_relative_error": max(errors.values()),
                                  "mean_relative_error": sum(errors.values()) / len(errors)}

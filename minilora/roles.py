@@ -80,12 +80,26 @@ _CROSS_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention")
 
 
 @dataclass(frozen=True)
+class Part:
+    """A named set of a layer's output columns, [first, end): "q" of GPT-2's fused c_attn, or
+    FULL, every column. The word "part" means this everywhere in minilora."""
+
+    name: str
+    first: int
+    end: int
+
+
+FULL = "full"  # the name of the part that covers every output column of a layer
+
+
+@dataclass(frozen=True)
 class Site:
     """What one Linear / Conv1D is in its model."""
 
     name: str  # module path, e.g. "transformer.h.3.attn.c_attn"
     role: Optional[str]  # q k v o up down gate, a fused "q_k_v" / "gate_up", or None if unknown
-    parts: Optional[tuple[tuple[str, int], ...]]  # fused outputs in order: (("q", 768), ("k", 768), ...)
+    parts: Optional[tuple[Part, ...]]  # a fused layer's outputs in order: q [0, 768), k [768, 1536), ...
+    out_features: int  # the layer's output columns (every part lies inside [0, out_features))
     layer: Optional[int]  # index in the layer list, None outside it (lm_head, pooler)
     stack: Optional[str]  # "encoder" / "decoder" in encoder-decoder models, else None
     attention: Optional[str]  # "self" / "cross" for attention projections, else None
@@ -189,7 +203,8 @@ def classify(model: nn.Module, layers_pattern=None) -> dict[str, Site]:
         for pattern, candidate in rules:
             if re.search(rf"(?:^|\.){pattern}$", name):
                 role = candidate  # later rules are more specific (wi_0 after wi)
-        parts = _fused_parts(role, features(module)[1], config) if role and "_" in role else None
+        out_features = features(module)[1]
+        parts = _fused_parts(role, out_features, config) if role and "_" in role else None
         if role and "_" in role and parts is None:
             role = None  # a fused layer whose split we cannot know is not sliced
         attention = None
@@ -198,11 +213,20 @@ def classify(model: nn.Module, layers_pattern=None) -> dict[str, Site]:
         stack = None
         if encoder_decoder:
             stack = "decoder" if "decoder." in name else "encoder" if "encoder." in name else None
-        sites[name] = Site(name, role, parts, layer_index(name, layers_pattern), stack, attention)
+        sites[name] = Site(name, role, parts, out_features, layer_index(name, layers_pattern), stack, attention)
     return sites
 
 
-def _fused_parts(role: str, d_out: int, config) -> Optional[tuple[tuple[str, int], ...]]:
+def _fused_parts(role: str, d_out: int, config) -> Optional[tuple[Part, ...]]:
+    """A fused projection's parts, in output order, from the model config."""
+    sizes = _fused_sizes(role, d_out, config)
+    if sizes is None:
+        return None
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    return tuple(Part(name, end - size, end) for name, size, end in zip(role.split("_"), sizes, ends))
+
+
+def _fused_sizes(role: str, d_out: int, config) -> Optional[tuple[int, ...]]:
     """Output sizes of a fused projection's parts, from the model config."""
     names = role.split("_")
     if role == "q_k_v":
@@ -212,9 +236,9 @@ def _fused_parts(role: str, d_out: int, config) -> Optional[tuple[tuple[str, int
             head_dim = getattr(config, "head_dim", None) or (d_out // (heads + 2 * kv_heads))
             sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
             if sum(sizes) == d_out:
-                return tuple(zip(names, sizes))
+                return sizes
     if d_out % len(names) == 0:
-        return tuple((n, d_out // len(names)) for n in names)
+        return (d_out // len(names),) * len(names)
     return None
 
 
@@ -223,7 +247,7 @@ def supported_roles(model: nn.Module) -> list[str]:
     found = set()
     for site in classify(model).values():
         if site.parts:
-            found.update(p for p, _ in site.parts)
+            found.update(part.name for part in site.parts)
         elif site.role:
             found.add(site.role)
     return [r for r in ROLES if r in found]

@@ -83,7 +83,9 @@ class LoraRouter(nn.Module):
     def __init__(self, model, adapters: list[str], feature_module: Optional[str] = None,
                  per_token: bool = False, top_k: Optional[int] = None):
         super().__init__()
-        model._check_exists(adapters)
+        unknown = [a for a in adapters if a not in model.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown}; available adapters: {sorted(model.peft_config)}")
         self.adapters = list(adapters)
         self.feature_module = feature_module
         self.per_token, self.top_k = per_token, top_k
@@ -129,22 +131,20 @@ class LoraRouter(nn.Module):
         return captured["h"]
 
     def forward(self, model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-        """Run `model` with the adapters mixed by this router: one pass."""
-        token = None
+        """Run `model` with the adapters mixed by this router: one pass. Adapted layers before the
+        feature module run without adapters; those after it mix them by the router's weights."""
+        mixture = mixing.Mixture(tuple(self.adapters))
 
         def route(module, inputs, out):
-            nonlocal token
             hidden = out[0] if isinstance(out, tuple) else out
-            weights = self.weights(self.logits(hidden, attention_mask))
-            token = mixing._current.set(mixing.Routing(mixture=(tuple(self.adapters), weights)))
+            mixture.weights = self.weights(self.logits(hidden, attention_mask))
 
         handle = self._module(model).register_forward_hook(route)
         try:
-            return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            with model.routed(mixing.Routing(mixture=mixture)):
+                return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             handle.remove()
-            if token is not None:
-                mixing._current.reset(token)
 
     def fit(self, model, input_ids: torch.Tensor, labels: torch.Tensor, steps: int = 200, lr: float = 1e-2,
             balance: float = 0.01, batch_size: int = 64, seed: int = 0) -> float:

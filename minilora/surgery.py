@@ -1,9 +1,12 @@
 """The walker: decide which modules get which adapter, swap them in place, freeze the rest.
 
-    resolve_targets(model, config)  ->  {module path: {part: ((first, end), r, alpha)}}
-    inject_adapter(model, config, name)    wraps targets in LoRALinear (or adds to existing ones)
-    wrap_modules_to_save(model, names, adapter)   trainable full copies (LM head, classifier)
-    mark_trainable(model, active, bias)     requires_grad only where training should happen
+    resolve_targets(model, config)  ->  Plan: {module path: {part name: LoraPart}}
+    inject_adapter(model, plan, name, config, state)     wraps targets in LoRALinear (or adds to existing ones)
+    wrap_modules_to_save(model, names, adapter, state)   trainable full copies (LM head, classifier)
+    trained_biases(model, bias)                          the biases an adapter with this `bias` trains
+
+Surgery changes modules; which parameters train, and which adapters are active, is the
+LoraModel's business alone.
 
 Nothing here matches silently: a target entry that selects nothing is an error that lists the
 nearest module names and the roles this model family has.
@@ -19,9 +22,9 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .config import LoraConfig
-from .lora import FULL, LoRALinear
-from .roles import Site, classify, family_of, parse_selector, supported_roles, walk
+from .config import Band, LoraConfig
+from .lora import AdapterState, LoraPart, LoRALinear
+from .roles import FULL, Part, Site, classify, family_of, parse_selector, supported_roles, walk
 
 # PEFT's defaults when target_modules is None, per family.
 DEFAULT_TARGETS = {
@@ -39,7 +42,7 @@ TASK_HEADS = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 
-Parts = dict[str, tuple[tuple[int, int], int, float]]  # part -> ((first, end) columns, r, alpha)
+Plan = dict[str, dict[str, LoraPart]]  # module path -> {part name -> LoraPart}
 
 
 def _name_matches(name: str, key: str) -> bool:
@@ -98,7 +101,7 @@ def _unmatched_error(entry: str, model: nn.Module, sites: dict[str, Site], why: 
     )
 
 
-def resolve_targets(model: nn.Module, config: LoraConfig) -> dict[str, Parts]:
+def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
     """Which modules get LoRA, over which output columns, with which rank and alpha."""
     sites = classify(model, config.layers_pattern)
     family = family_of(model)
@@ -136,17 +139,13 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> dict[str, Parts]:
                     "pick one: its module name for one LoRA over the fused output, or role names for slices"
                 )
 
-    plan: dict[str, Parts] = {}
-    for name, parts in chosen.items():
+    plan: Plan = {}
+    for name, part_names in chosen.items():
         site = sites[name]
-        if _matches(name, config.exclude_modules):
+        if _matches(name, config.exclude_modules) or not _layer_selected(config, site, depths):
             continue
-        band_rank = _band_rank(config, site, depths)
-        if band_rank is False:
-            continue
-        r, alpha = _rank_alpha(config, site, band_rank)
-        spans = _spans(site, parts)
-        plan[name] = {part: (span, r, alpha) for part, span in spans.items()}
+        r, alpha = _rank_alpha(config, site, _band(config, site, depths))
+        plan[name] = {part.name: LoraPart(part.first, part.end, r, alpha) for part in _parts(site, part_names)}
 
     if not plan:
         raise ValueError(
@@ -164,21 +163,17 @@ def _select(entry: str, sites: dict[str, Site], known_family: bool) -> list[tupl
     hits = []
     for name, site in sites.items():
         if site.parts:  # fused: pick the matching slices
-            hits += [(name, part) for part, _ in site.parts if selector.matches(site, part)]
+            hits += [(name, part.name) for part in site.parts if selector.matches(site, part.name)]
         elif site.role and selector.matches(site, site.role):
             hits.append((name, FULL))
     return hits
 
 
-def _spans(site: Site, parts: set[str]) -> dict[str, tuple[int, int]]:
-    if parts == {FULL}:
-        return {FULL: (0, -1)}  # -1: resolved to d_out when the module is wrapped
-    spans, first = {}, 0
-    for part, size in site.parts:
-        if part in parts:
-            spans[part] = (first, first + size)
-        first += size
-    return spans
+def _parts(site: Site, names: set[str]) -> list[Part]:
+    """The parts of `site` called `names`, in output order; FULL is every column."""
+    if names == {FULL}:
+        return [Part(FULL, 0, site.out_features)]
+    return [part for part in site.parts if part.name in names]
 
 
 def _check_layers(config: LoraConfig, depths: dict) -> None:
@@ -194,24 +189,26 @@ def _check_layers(config: LoraConfig, depths: dict) -> None:
         )
 
 
-def _band_rank(config: LoraConfig, site: Site, depths) -> "tuple[int, float] | None | bool":
-    """False: this layer gets no LoRA. None: no band decides the rank. Else the band's (r, alpha)."""
+def _layer_selected(config: LoraConfig, site: Site, depths) -> bool:
+    """Whether the layer of `site` gets LoRA at all (layers_to_transform, or any band covering it)."""
     if config.layers_to_transform is not None:
-        return None if site.layer in config.layers_to_transform else False
+        return site.layer in config.layers_to_transform
     if config.layer_bands is None:
+        return True
+    return _band(config, site, depths) is not None
+
+
+def _band(config: LoraConfig, site: Site, depths) -> Optional[Band]:
+    """The layer band that covers `site`, if bands are in use (and layers_to_transform is not)."""
+    if config.layers_to_transform is not None or config.layer_bands is None or site.layer is None:
         return None
-    if site.layer is None:
-        return False
-    for band in config.layer_bands:
-        if site.layer in band.layers(depths[site.stack]):
-            return band.r, band.lora_alpha
-    return False
+    return next((b for b in config.layer_bands if site.layer in b.layers(depths[site.stack])), None)
 
 
-def _rank_alpha(config: LoraConfig, site: Site, band_rank) -> tuple[int, float]:
+def _rank_alpha(config: LoraConfig, site: Site, band: Optional[Band]) -> tuple[int, float]:
     r, alpha = config.r, config.lora_alpha
-    if band_rank is not None:
-        r, alpha = band_rank
+    if band is not None:
+        r, alpha = band.r, band.lora_alpha
     if site.component in config.component_ranks:
         r, alpha = config.component_ranks[site.component]
     for key, value in config.rank_pattern.items():
@@ -225,18 +222,20 @@ def _rank_alpha(config: LoraConfig, site: Site, band_rank) -> tuple[int, float]:
     return r, alpha
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at path `name` in `model`, replacing what was there."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
-    """Wrap every target in a LoRALinear (or add to one already there). Returns the paths."""
-    plan = resolve_targets(model, config)
+def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: LoraConfig,
+                   state: AdapterState) -> list[LoRALinear]:
+    """Give every module in `plan` adapter `adapter_name`, wrapping it in a LoRALinear that reads
+    `state` unless it is one already. `config` gives dropout and initialisation. The layers."""
+    layers = []
     for name, parts in plan.items():
         module = model.get_submodule(name)
-        layer = module if isinstance(module, LoRALinear) else LoRALinear(module)
-        parts = {p: ((f, layer.out_features if e == -1 else e), r, a) for p, ((f, e), r, a) in parts.items()}
+        layer = module if isinstance(module, LoRALinear) else LoRALinear(module, state)
         try:
             layer.add_adapter(
                 adapter_name,
@@ -248,29 +247,29 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         if layer is not module:
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         if layer.fan_in_fan_out:
             config.fan_in_fan_out = True  # recorded for PEFT: GPT-2 Conv1D stores W as (in, out)
-    return sorted(plan)
+        layers.append(layer)
+    return layers
 
 
 class ModulesToSave(nn.Module):
     """A module trained in full: the original stays frozen, each adapter trains its own copy."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, state: AdapterState):
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()  # adapter -> trainable copy
-        self.active_adapters: list[str] = []  # the first one with a copy is used
-        self.disabled = False
+        self.state = state  # the first active adapter with a copy is used
 
     def add(self, adapter_name: str) -> None:
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)  # own storage: untied
 
     @property
     def active_module(self) -> nn.Module:
-        active = next((n for n in self.active_adapters if n in self.modules_to_save), None)
-        if self.disabled or active is None:
+        active = next((n for n in self.state.active if n in self.modules_to_save), None)
+        if self.state.disabled or active is None:
             return self.original_module
         return self.modules_to_save[active]
 
@@ -282,7 +281,8 @@ class ModulesToSave(nn.Module):
         return self.active_module(*args, **kwargs)
 
 
-def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_name: str) -> list["ModulesToSave"]:
+def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_name: str,
+                         state: AdapterState) -> list["ModulesToSave"]:
     """Give `adapter_name` a trainable copy of each module named in `names`; the wrappers."""
     wrappers = []
     if not names:
@@ -304,8 +304,8 @@ def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_n
                         "untied so the embeddings stay frozen",
                         stacklevel=3,
                     )
-                wrapper = ModulesToSave(module)
-                _set_submodule(model, path, wrapper)
+                wrapper = ModulesToSave(module, state)
+                set_submodule(model, path, wrapper)
                 module = wrapper
             if adapter_name in module.modules_to_save:
                 raise ValueError(f"{path} already has a copy for adapter {adapter_name!r}")
@@ -314,26 +314,26 @@ def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_n
     return wrappers
 
 
-def mark_trainable(model: nn.Module, active: list[str], bias: str = "none") -> None:
-    """requires_grad only for the active adapters' LoRA weights, their module copies and biases."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            for name in active:
-                if name in module.lora_A:
-                    module.lora_A[name].requires_grad_(True)
-                    module.lora_B[name].requires_grad_(True)
-            if bias == "lora_only" and module.base_layer.bias is not None:
-                module.base_layer.bias.requires_grad_(True)
-        elif isinstance(module, ModulesToSave):
-            for name in active:
-                if name in module.modules_to_save:
-                    module.modules_to_save[name].requires_grad_(True)
-    if bias == "all":
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and "lora_" not in name:
-                p.requires_grad_(True)
+def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
+    """The base biases an adapter with this `bias` setting trains, by parameter path (PEFT keeps
+    `.base_layer.` in these keys): none, those of LoRA layers ("lora_only"), or all ("all")."""
+    if bias == "none":
+        return {}
+    owners = {f"{p}.base_layer.bias" for p, m in walk(model) if isinstance(m, LoRALinear)}
+    return {
+        path: param for path, param in model.named_parameters()
+        if path.endswith("bias") and "lora_" not in path and ".modules_to_save." not in path
+        and ".original_module." not in path and (bias == "all" or path in owners)
+    }
+
+
+def peft_reads_targets_alike(model: nn.Module, config: LoraConfig) -> bool:
+    """True when PEFT, given this config's target_modules, adapts the modules minilora does
+    (no role names; or role names that are also module names in this model)."""
+    targets = config.target_modules
+    if targets is None or isinstance(targets, str) or family_of(model) is None:
+        return True
+    return all(parse_selector(t) is None or has_module(model, t) for t in targets)
 
 
 def adapter_layers(model: nn.Module):

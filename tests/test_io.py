@@ -77,7 +77,7 @@ def test_sliced_adapter_exports_as_rank_2r_with_zero_k_rows_and_reloads_as_slice
     assert B.shape == (96, 8) and torch.count_nonzero(B[32:64]) == 0  # K's rows
     assert torch.count_nonzero(B[:32, 4:]) == 0 and torch.count_nonzero(B[64:, :4]) == 0
     back = LoraModel.from_pretrained(make("gpt2"), tmp_path)
-    assert list(back.model.transformer.h[0].attn.c_attn.spans["default"]) == ["q", "v"]
+    assert list(back.model.transformer.h[0].attn.c_attn.parts["default"]) == ["q", "v"]
     layer, original = back.model.transformer.h[0].attn.c_attn, ours.model.transformer.h[0].attn.c_attn
     assert torch.equal(layer.lora_B["default"]["v"].weight, original.lora_B["default"]["v"].weight)
 
@@ -164,7 +164,7 @@ WRITER = """
 import os, sys, time, torch
 sys.path.insert(0, {tests!r})
 from conftest import make
-import minilora.io
+import minilora.files
 from minilora import LoraConfig, get_peft_model
 torch.manual_seed(1)
 model = get_peft_model(make("gpt2"), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
@@ -172,7 +172,7 @@ real_fsync = os.fsync
 def stall(fd):  # the new weights are written to the temporary file: now die before the rename
     open({marker!r}, "w").close()
     time.sleep(60)
-minilora.io.os.fsync = stall
+minilora.files.os.fsync = stall
 model.save_pretrained({directory!r})
 """
 

@@ -8,13 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from conftest import linear
 from minilora import LoRALinear
-from minilora.lora import FULL
+from minilora.lora import FULL, LoraPart
 
 
 def lora(base, parts=None, r=4, alpha=8.0, init=False, **kw):
     layer = LoRALinear(base)
     parts = parts or {FULL: (0, layer.out_features)}
-    layer.add_adapter("a", {p: (span, r, alpha) for p, span in parts.items()}, init_lora_weights=init, **kw)
+    layer.add_adapter("a", {p: LoraPart(first, end, r, alpha) for p, (first, end) in parts.items()},
+                      init_lora_weights=init, **kw)
     layer.active_adapters = ["a"]
     return layer
 

@@ -159,4 +159,4 @@ def test_training_lowers_the_loss():
     losses = train_losses(pm)
     assert losses[-1] < losses[0] - 0.3  # nats; a random tiny GPT-2 starts at ln(128) ≈ 4.85
     k = pm.model.transformer.h[0].attn.c_attn
-    assert set(k.spans["default"]) == {"q", "v"}  # K was never part of training
+    assert set(k.parts["default"]) == {"q", "v"}  # K was never part of training

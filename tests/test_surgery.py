@@ -15,14 +15,14 @@ def plan(family, **kw):
 
 
 def ranks(p):
-    return {name: {part: r for part, (_, r, _) in parts.items()} for name, parts in p.items()}
+    return {name: {part_name: part.r for part_name, part in parts.items()} for name, parts in p.items()}
 
 
 def test_gpt2_q_v_are_slices_of_c_attn_and_k_is_left_out():
     p = plan("gpt2", target_modules=["q", "v"])  # n_embd = 32
     assert set(p) == {f"transformer.h.{i}.attn.c_attn" for i in range(4)}
-    spans = {part: span for part, (span, _, _) in p["transformer.h.0.attn.c_attn"].items()}
-    assert spans == {"q": (0, 32), "v": (64, 96)}
+    columns = {name: (part.first, part.end) for name, part in p["transformer.h.0.attn.c_attn"].items()}
+    assert columns == {"q": (0, 32), "v": (64, 96)}
 
 
 def test_c_attn_keeps_peft_meaning_and_mixing_whole_and_slices_is_an_error():
@@ -97,7 +97,7 @@ def test_component_ranks_for_encoder_decoders():
         p = resolve_targets(model, LoraConfig(target_modules=["q", "v"], component_ranks=sizes))
         by_component = {}
         for name, parts in p.items():
-            by_component.setdefault(sites[name].component, set()).update(r for _, r, _ in parts.values())
+            by_component.setdefault(sites[name].component, set()).update(part.r for part in parts.values())
         assert by_component == {"encoder_self": {2}, "decoder_self": {4}, "cross": {8}}
 
 
@@ -105,8 +105,8 @@ def test_rank_pattern_alpha_pattern_exclude_all_linear_and_regex():
     p = plan("llama", target_modules="all-linear", rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 3},
              exclude_modules=["k_proj"])
     assert "lm_head" not in p and not any(n.endswith("k_proj") for n in p)
-    assert p["model.layers.0.mlp.down_proj"][FULL][1] == 2
-    assert p["model.layers.0.self_attn.q_proj"][FULL][2] == 3
+    assert p["model.layers.0.mlp.down_proj"][FULL].r == 2
+    assert p["model.layers.0.self_attn.q_proj"][FULL].alpha == 3
     assert set(plan("llama", target_modules=r".*\.1\.self_attn\.(q|v)_proj")) == {
         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
 
@@ -117,7 +117,7 @@ def test_classify_sees_wrapped_layers_as_sites():
     assert "transformer.h.0.attn.c_attn" in sites and not any("lora_" in n or "base_layer" in n for n in sites)
     pm.add_adapter("second", LoraConfig(target_modules=["k"]))
     layer = pm.model.transformer.h[0].attn.c_attn
-    assert isinstance(layer, LoRALinear) and set(layer.spans) == {"default", "second"}
+    assert isinstance(layer, LoRALinear) and set(layer.parts) == {"default", "second"}
 
 
 # ---------------------------------------------------------------- bad input, clear errors
@@ -200,9 +200,9 @@ def test_phi3_fused_qkv_and_gate_up_are_sliced_by_the_config_sizes():
                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                                        pad_token_id=0, bos_token_id=0, eos_token_id=0)).eval()
     p = resolve_targets(model, LoraConfig(r=2, target_modules=["v", "up"]))
-    qkv = {part: span for part, (span, _, _) in p["model.layers.0.self_attn.qkv_proj"].items()}
+    qkv = {name: (part.first, part.end) for name, part in p["model.layers.0.self_attn.qkv_proj"].items()}
     assert qkv == {"v": (32 + 16, 32 + 16 + 16)}  # q: 4 heads × 8, k and v: 2 heads × 8
-    gate_up = {part: span for part, (span, _, _) in p["model.layers.0.mlp.gate_up_proj"].items()}
+    gate_up = {name: (part.first, part.end) for name, part in p["model.layers.0.mlp.gate_up_proj"].items()}
     assert gate_up == {"up": (48, 96)}
     ids = torch.randint(0, 64, (1, 6))
     expected = logits(model, {"input_ids": ids})

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ..io import atomic_write
+from ..files import atomic_write
 
 RUN_FILES = ("run.json", "checkpoint.pt", "metrics.jsonl", "curves.png", "result.json", "adapter", "labels.json")
 

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ..config import LoraConfig
-from ..io import atomic_write
+from ..files import atomic_write
 from ..model import get_peft_model
 from ..params import count_parameters
 from ..quant import NF4Config, quantize_model

@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import torch
 
 from ..config import LoraConfig
-from ..io import atomic_write, read_config_file
+from ..files import atomic_write
+from ..io import read_config_file
 from ..model import get_peft_model
 from ..params import format_trainable
 from ..surgery import TASK_HEADS

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..io import atomic_write
+from ..files import atomic_write
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, log: Callable[[str], None] = print) -> Optional[Path]:

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..io import atomic_write
+from ..files import atomic_write
 from ..model import LoraModel
 from ..optim import PagedAdamW
 from . import checkpoint
