@@ -10,6 +10,7 @@ A missing Triton or GPU is never an error under "auto": only a slower path.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -49,3 +50,8 @@ def pick(name: str, backend: str, tensor: torch.Tensor) -> str:
     if backend == "auto" and tensor.is_cuda and name in TRITON_KERNELS:
         return "triton"
     return "torch"
+
+
+def implementation(name: str, backend: str, tensor: torch.Tensor, reference: Callable) -> Callable:
+    """The function that computes kernel `name` on `tensor`: its Triton kernel or `reference`."""
+    return TRITON_KERNELS[name] if pick(name, backend, tensor) == "triton" else reference

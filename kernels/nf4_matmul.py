@@ -11,19 +11,22 @@ codes on the fly) and feeds it to tl.dot, masking the edges of M, N and K. The b
 reads the same tiles in the transposed pattern. The torch reference dequantizes W for the product
 and drops it straight after: nothing dense is kept between forward and backward.
 
-Two regimes share one kernel through its tile shapes: small M (decoding: a GEMV in disguise, where
-wide BLOCK_N tiles keep the 4-bit weight stream saturating memory bandwidth) and large M
-(training: square GEMM tiles). On a GPU, autotuning picks among configs sized for Ampere and
-Hopper; under the interpreter one small config runs.
+Two regimes share one kernel through its tile shapes, chosen by `_tiles` from M alone (no
+autotuning): M ≤ 16 (decoding: a GEMV in disguise) takes one fixed config with wide 128 × 128
+weight tiles, so the 4-bit weight stream keeps memory bandwidth busy; larger M (training) takes
+one fixed config of 128 × 128 × 64 GEMM tiles. Under the interpreter one small config runs.
+
+The public, dispatching, differentiable `nf4_matmul` and `nf4_matmul_grad_input` are the custom
+ops in ops.py; this file holds the kernels and their references.
 """
 
 from __future__ import annotations
 
 import torch
 
-from minilora.quant.nf4 import DYNAMIC_MAP, NF4_LEVELS, NF4State, check_state
+from minilora.quant.nf4 import NF4State, check_state
 
-from .dispatch import TRITON_KERNELS, interpreting, pick, triton, triton_launch_options
+from .dispatch import TRITON_KERNELS, interpreting, triton, triton_launch_options
 from .nf4_dequant import nf4_dequant_reference
 
 
@@ -49,6 +52,8 @@ def nf4_matmul_grad_input_reference(grad_y: torch.Tensor, packed: torch.Tensor, 
 if triton is not None:
     import triton.language as tl
 
+    from .nf4_dequant import block_scale, weight_args
+
     @triton.jit
     def _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dynamic_map_ptr, levels_ptr, offset, rn, rk, N, K,
                      QUANT_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
@@ -58,13 +63,7 @@ if triton is not None:
         byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
         code = tl.where(idx % 2 == 0, byte >> 4, byte & 0xF)
         level = tl.load(levels_ptr + code, mask=mask, other=0.0)
-        block = idx // QUANT_BLOCK
-        if DOUBLE_QUANT:
-            q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(dynamic_map_ptr + q, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // 256, mask=mask, other=0.0)
-            scale = scale + offset
-        else:
-            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = block_scale(absmax_ptr, absmax2_ptr, dynamic_map_ptr, offset, idx // QUANT_BLOCK, mask, DOUBLE_QUANT)
         return level * scale
 
     @triton.jit
@@ -129,11 +128,6 @@ if triton is not None:
             return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)  # GEMM tiles (Ampere/Hopper)
 
-    def _weight_args(packed: torch.Tensor, state: NF4State):
-        dq, device = state.double_quant, packed.device
-        return (packed, state.absmax, state.absmax2 if dq else state.absmax, DYNAMIC_MAP.to(device),
-                NF4_LEVELS.to(device))
-
     def _launch(kernel, a: torch.Tensor, packed: torch.Tensor, state: NF4State, grad: bool) -> torch.Tensor:
         """Checks, allocates, launches one of the two kernels on a (..., in) -> (..., out), where
         (in, out) is (K, N) for the forward product and (N, K) for the input gradient."""
@@ -146,8 +140,8 @@ if triton is not None:
         out = torch.empty(M, d_out, dtype=a.dtype, device=a.device)  # (M, out)
         tiles = _tiles(M)
         grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(d_out, tiles["BLOCK_K" if grad else "BLOCK_N"]))
-        offset = float(state.offset) if state.double_quant else 0.0
-        kernel[grid](a2, *_weight_args(packed, state), out, M, N, K, offset,
+        pointers, offset = weight_args(packed, state)
+        kernel[grid](a2, *pointers, out, M, N, K, offset,
                      a2.stride(0), a2.stride(1), out.stride(0), out.stride(1),
                      QUANT_BLOCK=state.blocksize, DOUBLE_QUANT=state.double_quant, **tiles, **triton_launch_options())
         return out.view(*a.shape[:-1], d_out)
@@ -163,16 +157,3 @@ if triton is not None:
     TRITON_KERNELS["nf4_matmul"] = nf4_matmul_triton
     TRITON_KERNELS["nf4_matmul_grad_input"] = nf4_matmul_grad_input_triton
 
-
-def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: NF4State, backend: str = "auto") -> torch.Tensor:
-    """y = x · dequant(W)ᵀ."""
-    if pick("nf4_matmul", backend, x) == "triton":
-        return TRITON_KERNELS["nf4_matmul"](x, packed, state)
-    return nf4_matmul_reference(x, packed, state)
-
-
-def nf4_matmul_grad_input(grad_y: torch.Tensor, packed: torch.Tensor, state: NF4State, backend: str = "auto") -> torch.Tensor:
-    """x_grad = y_grad · dequant(W)."""
-    if pick("nf4_matmul_grad_input", backend, grad_y) == "triton":
-        return TRITON_KERNELS["nf4_matmul_grad_input"](grad_y, packed, state)
-    return nf4_matmul_grad_input_reference(grad_y, packed, state)

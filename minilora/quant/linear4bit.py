@@ -4,8 +4,10 @@ r"""Linear4bit: a frozen Linear whose weight is stored in NF4 (4-bit codes + blo
     ∂L/∂x = ∂L/∂y · dequant(W)          W rebuilt in the backward pass, never kept in between
 
 W never trains (QLoRA freezes the base), so the backward pass needs only the input gradient,
-and the dense W exists only for the duration of one product. LoRA wraps a Linear4bit exactly as
-it wraps an nn.Linear: that is QLoRA,
+and the dense W exists only for the duration of one product. The product is the custom op
+minilora::nf4_matmul, whose backward is minilora::nf4_matmul_grad_input (kernels/ops.py), so
+torch.compile(fullgraph=True) traces Linear4bit layers, forward and backward, without a graph
+break. LoRA wraps a Linear4bit exactly as it wraps an nn.Linear: that is QLoRA,
 
     y = x · dequant(W_nf4)ᵀ + b + (α/r) · (x Aᵀ) Bᵀ        A, B in fp32/bf16, trained
 
@@ -21,14 +23,15 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from minilora.kernels import nf4_dequant, nf4_matmul, nf4_matmul_grad_input
+from minilora.kernels import nf4_dequant, nf4_matmul
 
-from .nf4 import NF4State, check_blocksize, nf4_quantize
+from .nf4 import SCALE_BLOCK, NF4State, check_blocksize, nf4_quantize
 
 
-@dataclass
+@dataclass(frozen=True)
 class NF4Config:
-    """How to quantize a model's linear layers."""
+    """How to quantize a model's linear layers. Frozen, so a default instance is safe to share;
+    derive a variant with dataclasses.replace(config, blocksize=128)."""
 
     blocksize: int = 64  # values per absmax block (a power of two, 32..4096)
     double_quant: bool = True  # quantize the absmax vector too (4.127 instead of 4.5 bits per weight)
@@ -38,22 +41,6 @@ class NF4Config:
         check_blocksize(self.blocksize)
         if self.compute_dtype is not None and not self.compute_dtype.is_floating_point:
             raise ValueError(f"compute_dtype must be a floating dtype, got {self.compute_dtype}")
-
-
-class _NF4Linear(torch.autograd.Function):
-    """y = x · dequant(W)ᵀ whose backward rebuilds W instead of keeping it."""
-
-    @staticmethod
-    def forward(ctx, x, packed, absmax, absmax2, offset, state: NF4State, backend: str):
-        ctx.save_for_backward(packed, absmax, absmax2, offset)  # 4-bit codes and scales only
-        ctx.state, ctx.backend = state, backend
-        return nf4_matmul(x, packed, state, backend)  # (..., K) @ (K, N) -> (..., N)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        packed, _, _, _ = ctx.saved_tensors
-        grad_x = nf4_matmul_grad_input(grad_y, packed, ctx.state, ctx.backend) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None, None, None
 
 
 class Linear4bit(nn.Module):
@@ -73,7 +60,7 @@ class Linear4bit(nn.Module):
         self.register_buffer("weight", torch.zeros((in_features * out_features + 1) // 2, dtype=torch.uint8, device=device))
         dq = config.double_quant
         self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8 if dq else torch.float32, device=device))
-        self.register_buffer("absmax2", torch.zeros(-(-n_blocks // 256), device=device) if dq else None)
+        self.register_buffer("absmax2", torch.zeros(-(-n_blocks // SCALE_BLOCK), device=device) if dq else None)
         self.register_buffer("offset", torch.zeros((), device=device) if dq else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
@@ -129,7 +116,7 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = self.config.compute_dtype or x.dtype
-        y = _NF4Linear.apply(x.to(compute), self.weight, self.absmax, self.absmax2, self.offset, self.state, self.backend)
+        y = nf4_matmul(x.to(compute), self.weight, self.state, self.backend)  # (..., in) @ (in, out) -> (..., out)
         if self.bias is not None:
             y = y + self.bias.to(compute)
         return y.to(x.dtype)

@@ -79,7 +79,7 @@ class NF4State:
     dtype: torch.dtype  # the original weight's dtype (the default dequantization dtype)
     blocksize: int  # values per block (a power of two, 32..4096)
     double_quant: bool  # whether absmax is itself quantized
-    absmax2: Optional[torch.Tensor] = None  # fp32 [n_blocks2]: per-256-block scale of (absmax - offset)
+    absmax2: Optional[torch.Tensor] = None  # fp32 [n_blocks2]: per-SCALE_BLOCK scale of (absmax - offset)
     offset: Optional[torch.Tensor] = None  # fp32 scalar: mean of absmax, subtracted before quantizing it
 
     @property
