@@ -190,7 +190,9 @@ class LoRALinear(nn.Module):
             scales.append(weight * self.scaling[name][part_name])
             factors += [h.to(y.dtype), B[part_name].weight.to(y.dtype)]  # h (N, r), B (d_part, r)
         y2d = y.reshape(-1, self.out_features)  # (N, d_out)
-        return LowRankAdd.apply(y2d, tuple(columns), tuple(scales), *factors).view(y.shape)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (y2d, *factors)):
+            return LowRankAdd.apply(y2d, tuple(columns), tuple(scales), *factors).view(y.shape)
+        return low_rank_add(y2d, columns, scales, factors).view(y.shape)  # no gradient: no Function needed
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, name: str, part: str) -> torch.Tensor:
@@ -237,6 +239,19 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters(rank per part)={ranks}"
 
 
+def low_rank_add(y: torch.Tensor, columns, scales, factors) -> torch.Tensor:
+    """out[:, first:end] = y[:, first:end] + s_p · h_p B_pᵀ for each part p; y itself is not changed.
+    factors: h_1 (N, r_1), B_1 (d_1, r_1), h_2, B_2, ..."""
+    with torch.autocast(y.device.type, enabled=False):  # the caller already chose the dtype
+        if len(columns) == 1 and tuple(columns[0]) == (0, y.shape[1]):
+            h, B = factors
+            return torch.addmm(y, h, B.t(), alpha=scales[0])  # y + s·h Bᵀ in one GEMM
+        out = y.clone()
+        for (first, end), scale, h, B in zip(columns, scales, factors[0::2], factors[1::2]):
+            out[:, first:end].addmm_(h, B.t(), alpha=scale)  # (N, r) @ (r, d_part)
+        return out
+
+
 class LowRankAdd(torch.autograd.Function):
     r"""out = y, plus s_p · h_p B_pᵀ added into the columns of each part p; the backward written out.
 
@@ -256,14 +271,7 @@ class LowRankAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, columns, scales, *factors):  # y (N, d_out); factors: h_1, B_1, h_2, B_2, ...
-        with torch.autocast(y.device.type, enabled=False):  # the caller already chose the dtype
-            if len(columns) == 1 and columns[0] == (0, y.shape[1]):
-                h, B = factors
-                out = torch.addmm(y, h, B.t(), alpha=scales[0])  # y + s·h Bᵀ in one GEMM
-            else:
-                out = y.clone()
-                for (first, end), scale, h, B in zip(columns, scales, factors[0::2], factors[1::2]):
-                    out[:, first:end].addmm_(h, B.t(), alpha=scale)
+        out = low_rank_add(y, columns, scales, factors)
         ctx.save_for_backward(*factors)
         ctx.columns, ctx.scales = columns, scales
         return out
