@@ -199,6 +199,28 @@ def test_ctrl_c_checkpoints_and_resume_is_bit_exact(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
+def test_training_runs_in_a_worker_thread_and_leaves_ctrl_c_alone():
+    import threading
+
+    outcome = {}
+
+    def work():
+        try:
+            model = lora_gpt2()
+            trainer = Trainer(model, config(steps=3, eval_every=3), windows(DOMAIN, 40, 0), windows(DOMAIN, 8, 1), log=quiet)
+            outcome["result"] = trainer.train()
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread to fail the test
+            outcome["error"] = err
+
+    before = signal.getsignal(signal.SIGINT)
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].steps_done == 3 and outcome["result"].stop_reason == "completed"
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_non_finite_losses_are_skipped_then_stop_training(tmp_path):
     model = lora_gpt2()
     calls = {"n": 0}

@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
-from contextlib import nullcontext
+import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -166,7 +167,7 @@ class Trainer:
         device = self.procs.device.type
         bf16 = self.config.precision == "bf16" or (
             self.config.precision == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
-        return torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
+        return torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def _global_batch(self, step: int) -> dict[str, torch.Tensor]:
         """The G rows of this step: training examples, then the replayed ones."""
@@ -309,19 +310,21 @@ class Trainer:
                 checkpoint.truncate_metrics(self.out / "metrics.jsonl", -1)  # a fresh run starts a fresh file
             torch.manual_seed(cfg.seed)
             self._eval(None)
-        previous_handler = self._catch_interrupt()
-        try:
+        with self._catching_interrupt():
             self._loop()
-        finally:
-            signal.signal(signal.SIGINT, previous_handler)
         stop = self.monitor.stop_reason or ("interrupted" if self._interrupted else "completed")
         self.save_checkpoint()
         if not self._interrupted:
             self._restore_best()
         return self._finish(stop, self._seconds())
 
-    def _catch_interrupt(self):
-        """The first Ctrl-C finishes the current step and writes a checkpoint; a second one stops at once."""
+    @contextlib.contextmanager
+    def _catching_interrupt(self) -> Iterator[None]:
+        """The first Ctrl-C finishes the current step and writes a checkpoint; a second one stops at once.
+        Only the main thread may handle signals: elsewhere training runs with Ctrl-C left alone."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
         previous = signal.getsignal(signal.SIGINT)
 
         def handler(signum, frame):
@@ -329,11 +332,11 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
             self.log("interrupted: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
 
+        signal.signal(signal.SIGINT, handler)
         try:
-            signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: Ctrl-C is not ours to catch
-            return previous
-        return previous
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _loop(self) -> None:
         cfg = self.config
