@@ -8,6 +8,9 @@ Peers, all measured in the same run, interleaved in a shuffled order every repea
   minilora    LoRA r=8 on c_attn (whole fused QKV output), every layer
   minilora_qv LoRA r=8 on the Q and V slices of c_attn, every layer
   peft        PEFT's LoRA r=8 on c_attn, every layer
+  minilora compiled, minilora_qv compiled, peft compiled
+              the same models under torch.compile (Inductor), compiled during the warm-up rounds
+              (--no-compile leaves them out)
 Prints medians as ratios and writes benchmarks/results/lora_step.{json,md}.
 """
 
@@ -48,7 +51,12 @@ def peers(args) -> dict[str, torch.nn.Module]:
         models["peft"] = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["c_attn"], **cfg))
     except ImportError:
         print("peft is not installed: measuring without it")
-    return {name: m.train() for name, m in models.items()}
+    models = {name: m.train() for name, m in models.items()}
+    if args.compile:
+        for name in ("minilora", "minilora_qv", "peft"):
+            if name in models:
+                models[f"{name} compiled"] = torch.compile(copy.deepcopy(models[name]))
+    return models
 
 
 def main(argv=None) -> dict:
@@ -60,6 +68,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab", type=int, default=8192, help="GPT-2's own is 50257; a big head hides LoRA's cost")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled peers")
     parser.add_argument("--out", type=Path, default=RESULTS / "lora_step")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
@@ -68,9 +77,13 @@ def main(argv=None) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     median = interleaved_medians({n: training_step(m, ids) for n, m in models.items()}, args.repeats, args.warmup)
     ratios = {f"{name} / base": median[name] / median["base"] for name in median if name != "base"}
-    if "peft" in median:
-        ratios["minilora / peft"] = median["minilora"] / median["peft"]
-        ratios["minilora_qv / peft"] = median["minilora_qv"] / median["peft"]
+    for suffix in ("", " compiled"):
+        if f"peft{suffix}" in median:
+            for ours in ("minilora", "minilora_qv"):
+                ratios[f"{ours}{suffix} / peft{suffix}"] = median[f"{ours}{suffix}"] / median[f"peft{suffix}"]
+    for ours in ("minilora", "minilora_qv", "peft"):
+        if f"{ours} compiled" in median:
+            ratios[f"{ours} compiled / {ours}"] = median[f"{ours} compiled"] / median[ours]
     print(f"{args.layers} layers × {args.width} wide, batch {args.batch}×{args.seq}, vocab {args.vocab}, "
           f"{args.repeats} repeats, {torch.get_num_threads()} threads")
     table = ["| ratio of medians | value |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]

@@ -4,8 +4,10 @@ against plain bf16 LoRA on the unquantized model (the limit: no dequantization a
     python benchmarks/qlora_step.py [--hidden 1024 --layers 4 --batch 4 --seq 128 --repeats 7]
 
 A LLaMA-style model whose linear layers dominate (small vocabulary), all seven projections of every
-layer adapted with r=16, bf16 weights and bf16 autocast. Peers run interleaved in shuffled order;
-medians, as ratios. Writes benchmarks/results/qlora_step.{json,md}.
+layer adapted with r=16, bf16 weights and bf16 autocast. The QLoRA peers run eager and under
+torch.compile (Inductor; compiled during the warm-up rounds; --no-compile leaves them out).
+Peers run interleaved in shuffled order; medians, as ratios. Writes
+benchmarks/results/qlora_step.{json,md}.
 """
 
 from __future__ import annotations
@@ -61,7 +63,12 @@ def peers(args) -> dict:
         models["QLoRA (PEFT + bitsandbytes)"] = peft.get_peft_model(b, peft.LoraConfig(**lora))
     except ImportError:
         print("peft or bitsandbytes is not installed: measured without them")
-    return {name: m.train() for name, m in models.items()}
+    models = {name: m.train() for name, m in models.items()}
+    if args.compile:
+        for name in ("QLoRA (minilora)", "QLoRA (PEFT + bitsandbytes)"):
+            if name in models:
+                models[f"{name} compiled"] = torch.compile(copy.deepcopy(models[name]))
+    return models
 
 
 def main(argv=None) -> dict:
@@ -72,17 +79,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled peers")
     parser.add_argument("--out", type=Path, default=RESULTS / "qlora_step")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     models = peers(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    median = interleaved_medians({n: training_step(m, ids, torch.bfloat16) for n, m in models.items()}, args.repeats)
+    median = interleaved_medians({n: training_step(m, ids, torch.bfloat16) for n, m in models.items()},
+                                 args.repeats, args.warmup)
     limit = median["bf16 LoRA (minilora)"]
     ratios = {f"{n} / bf16 LoRA": median[n] / limit for n in median}
     if "QLoRA (PEFT + bitsandbytes)" in median:
         ratios["speed-up of minilora QLoRA over PEFT + bitsandbytes"] = (
             median["QLoRA (PEFT + bitsandbytes)"] / median["QLoRA (minilora)"])
+    compiled = ("QLoRA (minilora) compiled", "QLoRA (PEFT + bitsandbytes) compiled")
+    if all(name in median for name in compiled):
+        ratios["QLoRA (minilora) compiled / QLoRA (PEFT + bitsandbytes) compiled"] = median[compiled[0]] / median[compiled[1]]
+    if compiled[0] in median:
+        ratios["QLoRA (minilora) compiled / QLoRA (minilora)"] = median[compiled[0]] / median["QLoRA (minilora)"]
     print(f"hidden {args.hidden}, {args.layers} layers, batch {args.batch}×{args.seq}, r=16 on all 7 projections, "
           f"bf16 autocast, {args.repeats} repeats, {torch.get_num_threads()} threads")
     table = ["| ratio of medians | value |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]

@@ -240,10 +240,12 @@ torch::Tensor nf4_unpack(torch::Tensor packed, torch::Tensor scales, torch::Tens
   return out;
 }
 
-// Double quant: the fp32 absmax of each block from its 8-bit code: code[q] × absmax2[b / 256] + offset,
+// Double quant: the fp32 absmax of each block from its 8-bit code: code[q] × absmax2[b / scale_block] + offset,
 // a product then a sum, each rounded (built with -ffp-contract=off: no fused multiply-add).
-torch::Tensor dq_scales(torch::Tensor codes, torch::Tensor absmax2, torch::Tensor offset, torch::Tensor dynamic_map) {
+torch::Tensor dq_scales(torch::Tensor codes, torch::Tensor absmax2, torch::Tensor offset, torch::Tensor dynamic_map,
+                        int64_t scale_block) {
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == torch::kUInt8, "dq_scales: uint8 CPU codes expected");
+  TORCH_CHECK(scale_block > 0, "dq_scales: scale_block must be positive");
   const int64_t n = codes.numel();
   auto out = torch::empty({n}, torch::dtype(torch::kFloat32));
   auto q = codes.contiguous();
@@ -256,7 +258,7 @@ torch::Tensor dq_scales(torch::Tensor codes, torch::Tensor absmax2, torch::Tenso
   float* po = out.data_ptr<float>();
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const float product = pm[pq[b]] * pa[b / 256];
+      const float product = pm[pq[b]] * pa[b / scale_block];
       po[b] = product + off;
     }
   });

@@ -220,7 +220,7 @@ def nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
     check_state(packed, state)
     module = _native(packed, state.numel, native)
     if module is not None:
-        scales = (module.dq_scales(state.absmax, state.absmax2, state.offset, DYNAMIC_MAP) if state.double_quant
+        scales = (module.dq_scales(state.absmax, state.absmax2, state.offset, DYNAMIC_MAP, SCALE_BLOCK) if state.double_quant
                   else state.absmax)
         flat = module.nf4_unpack(packed.reshape(-1).contiguous(), scales, NF4_LEVELS, state.numel, state.blocksize, dtype)
         return flat.view(state.shape)
