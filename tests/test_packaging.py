@@ -31,3 +31,11 @@ def test_minilora_kernels_imports_and_kernels_is_not_ours():
     assert Path(minilora.kernels.__file__).parent == ROOT / "kernels"
     spec = importlib.util.find_spec("kernels")  # Hugging Face's package, if anything
     assert spec is None or Path(spec.origin).parent != ROOT / "kernels"
+
+
+def test_no_script_folder_holds_a_module_named_kernels():
+    """`python benchmarks/x.py` puts benchmarks/ first on sys.path: a kernels.py there would be the
+    `kernels` that bitsandbytes and transformers import while the benchmark runs."""
+    script_folders = [ROOT / "benchmarks", ROOT / "docs", ROOT / "tests"]
+    found = [p for folder in script_folders for p in (folder / "kernels.py", folder / "kernels")]
+    assert [str(p.relative_to(ROOT)) for p in found if p.exists()] == []

@@ -1,7 +1,7 @@
 """The NF4 kernels: y = x · dequant(W)ᵀ and standalone dequant, against bf16 matmul, the torch
 reference, and bitsandbytes.
 
-    python benchmarks/kernels.py            # on a GPU: the Triton kernels; on a CPU: the reference path
+    python benchmarks/nf4_kernels.py            # on a GPU: the Triton kernels; on a CPU: the reference path
 
 On a GPU, for LLaMA-7B-like weights (4096×4096, 4096×11008, 11008×4096) and M ∈ {1, 16, 128, 2048}:
 time (triton.testing.do_bench), TFLOP/s, GB/s counting 0.516 bytes per weight (4-bit codes plus
@@ -9,7 +9,7 @@ double-quantized scales) plus activations, % of the device's memory bandwidth (m
 device-to-device copy), and ratios against (a) bf16 torch.matmul on the unquantized weight, (b) the
 torch reference dequant + matmul, (c) bitsandbytes' matmul_4bit / dequantize_4bit. Without a GPU it
 times the reference path on small shapes with the same table, and says that GPU figures need a GPU.
-Writes benchmarks/results/kernels.{json,md,png}.
+Writes benchmarks/results/nf4_kernels.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def bandwidth(cuda: bool) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=RESULTS / "kernels")
+    parser.add_argument("--out", type=Path, default=RESULTS / "nf4_kernels")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
