@@ -17,7 +17,7 @@ Linear4bit stores (out, in) and computes the same way; `to_float()` restores the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -43,8 +43,17 @@ class NF4Config:
             raise ValueError(f"compute_dtype must be a floating dtype, got {self.compute_dtype}")
 
 
+QUANT_STATE = ("absmax", "absmax2", "offset")  # buffers that a module cast moves but never converts
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # extra state: index into this
+
+
 class Linear4bit(nn.Module):
-    """A frozen NF4 linear layer. Buffers: weight (packed uint8), absmax, absmax2, offset."""
+    """A frozen NF4 linear layer. Buffers: weight (packed uint8), absmax, absmax2, offset.
+
+    The stored weight never changes after quantization. `model.to(torch.bfloat16)`, `.half()`,
+    `.float()` convert the bias and move `compute_dtype` along (when one is set), but leave the
+    codes and their fp32 scales as they are; `.to(device)` moves everything. The original dtype
+    travels in the state dict (as `_extra_state`), so a reloaded layer computes as the saved one."""
 
     LINEAR_LIKE = True  # surgery treats it as a Linear: LoRA can wrap it
 
@@ -63,6 +72,31 @@ class Linear4bit(nn.Module):
         self.register_buffer("absmax2", torch.zeros(-(-n_blocks // SCALE_BLOCK), device=device) if dq else None)
         self.register_buffer("offset", torch.zeros((), device=device) if dq else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / half / bfloat16 / float / cuda: scales are moved, never converted."""
+        order = list(self._buffers)
+        held = {name: self._buffers.pop(name) for name in QUANT_STATE}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = self.weight.device  # uint8 codes: a dtype cast leaves them, a move takes them along
+            moved = {name: None if t is None else t.to(device) for name, t in held.items()}
+            self._buffers = {name: moved[name] if name in moved else self._buffers[name] for name in order}
+        cast = _cast_dtype(fn, device)
+        if cast is not None and self.config.compute_dtype is not None:
+            self.config = replace(self.config, compute_dtype=cast)
+        return self
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The original weight's dtype, as an index into WEIGHT_DTYPES (a tensor: safetensors can hold it)."""
+        return torch.tensor(WEIGHT_DTYPES.index(self.weight_dtype), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        index = int(state)
+        if not 0 <= index < len(WEIGHT_DTYPES):
+            raise ValueError(f"Linear4bit extra state {index} names no dtype; expected 0..{len(WEIGHT_DTYPES) - 1}")
+        self.weight_dtype = WEIGHT_DTYPES[index]
 
     @property
     def state(self) -> NF4State:
@@ -124,3 +158,11 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.config.double_quant else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, blocksize={self.config.blocksize}{dq}"
+
+
+def _cast_dtype(fn, device: torch.device) -> Optional[torch.dtype]:
+    """The floating dtype that `fn` (what Module._apply applies) converts every float tensor to,
+    or None when it keeps dtypes (a move): fp32 and fp16 probes end in one dtype only under a cast."""
+    a = fn(torch.zeros((), dtype=torch.float32, device=device))
+    b = fn(torch.zeros((), dtype=torch.float16, device=device))
+    return a.dtype if a.dtype == b.dtype else None

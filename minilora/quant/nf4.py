@@ -41,21 +41,23 @@ BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096
 
 
 def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (Dettmers, 2016), 256 sorted fp32 values in [-1, 1].
+    """bitsandbytes' signed 8-bit dynamic map (Dettmers, 2016), 256 sorted fp32 values in [-1, 1],
+    built exactly as bitsandbytes builds it for its GPU path and saves it in its checkpoints.
 
     For each decade e = 0..6: the 2^e midpoints of 2^e + 1 evenly spaced points on [0.1, 1],
-    scaled by 10^(e-6), with both signs (127 magnitudes from 1e-7 to ~1); then 0 and 1. The most
-    negative entry is -1.0 (not the construction's -0.993), as bitsandbytes' CPU path sets it, so
-    that a block's own absmax is represented exactly.
+    scaled by 10^(e-6), with both signs (127 magnitudes from ~5.5e-7 to ~0.993); then 0 and 1.
+    The most negative entry is therefore -0.99297, not -1.0: a scale group's most negative
+    value, stored as code 0, reads back 0.7 % small. Both libraries must read code 0 the same
+    way, so minilora decodes with bitsandbytes' entry rather than a "better" -1.0. (Encoding is
+    another matter: bitsandbytes' CPU quantizer searches a copy whose entry 0 is -1.0, and so do
+    the decision boundaries below, so the bytes stay bitsandbytes' too.)
     """
     values = [0.0, 1.0]
     for e in range(7):
         grid = torch.linspace(0.1, 1, 2**e + 1)  # fp32, like every step below
         midpoints = (grid[:-1] + grid[1:]) / 2
         values += ((10 ** (e - 6)) * midpoints).tolist() + (-(10 ** (e - 6)) * midpoints).tolist()
-    code = torch.tensor(sorted(values), dtype=torch.float32)
-    code[0] = -1.0
-    return code
+    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 DYNAMIC_MAP = dynamic_map()
@@ -67,7 +69,7 @@ def _midpoints(levels: torch.Tensor) -> torch.Tensor:
 
 
 _NF4_BOUNDS = _midpoints(NF4_LEVELS)
-_DYNAMIC_BOUNDS = _midpoints(DYNAMIC_MAP)
+_DYNAMIC_BOUNDS = _midpoints(torch.cat([torch.tensor([-1.0]), DYNAMIC_MAP[1:]]))  # see dynamic_map()
 
 
 @dataclass
@@ -108,7 +110,9 @@ class NF4State:
 
 def check_blocksize(blocksize: int) -> None:
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
+        extra = (" (bitsandbytes accepts 16 on some paths; minilora's kernels tile in blocks of at least 32: "
+                 "use 32 for the finest scales)") if blocksize == 16 else ""
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}{extra}")
 
 
 def blockwise_absmax_scale(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,16 +131,26 @@ def blockwise_absmax_scale(A: torch.Tensor, blocksize: int) -> tuple[torch.Tenso
 
 
 def _quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Double quant: (codes uint8 [n_blocks], absmax2 fp32 [n_blocks2], offset fp32 scalar)."""
+    """Double quant: (codes uint8 [n_blocks], absmax2 fp32 [n_blocks2], offset fp32 scalar).
+
+    Two edge cases, each a group of SCALE_BLOCK scales:
+      all equal to their mean  absmax2 = 0: every code is 0, as bitsandbytes writes (any code
+                               reads back code × 0 + offset = the exact scale)
+      centred values below 2.9e-39 (subnormal)  the true quotient x / absmax2. bitsandbytes
+                               multiplies by 1 / absmax2, which overflows to inf there and writes
+                               codes 0 and 255 whatever the values: minilora keeps the values
+                               right and its bytes differ from bitsandbytes' (README, QLoRA)."""
     offset = absmax.mean()
     centered = absmax - offset  # (n_blocks,)
     n = centered.numel()
     blocks2 = -(-n // SCALE_BLOCK)
     padded = torch.nn.functional.pad(centered, (0, blocks2 * SCALE_BLOCK - n)).view(blocks2, SCALE_BLOCK)
     absmax2 = padded.abs().amax(dim=1)  # (n_blocks2,)
-    normed = (padded / absmax2.clamp(min=1e-38).unsqueeze(1)).view(-1)[:n]  # division, as bitsandbytes
-    codes = torch.bucketize(normed, _DYNAMIC_BOUNDS.to(normed.device), out_int32=True).to(torch.uint8)
-    return codes, absmax2, offset
+    flat = absmax2.unsqueeze(1) == 0  # (n_blocks2, 1): a group with nothing to scale
+    normed = padded / torch.where(flat, torch.ones_like(absmax2).unsqueeze(1), absmax2.unsqueeze(1))
+    codes = torch.bucketize(normed.view(-1)[:n], _DYNAMIC_BOUNDS.to(normed.device), out_int32=True)
+    codes = codes.masked_fill(flat.expand(-1, SCALE_BLOCK).reshape(-1)[:n], 0)
+    return codes.to(torch.uint8), absmax2, offset
 
 
 def _native(tensor: torch.Tensor, numel: int, native: Optional[bool]):
