@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..roles import is_linear
 from .linear4bit import Linear4bit, NF4Config
+from .safetensors_file import read_safetensors
 
 
 @dataclass
@@ -164,39 +165,6 @@ def load_quantized(path: Union[str, Path], config: NF4Config = NF4Config(), skip
     if missing:
         raise ValueError(f"{path}: no tensor for {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     return model.requires_grad_(False)
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-def read_safetensors(path: Path):
-    """(name, tensor) pairs of a safetensors file, read one tensor at a time into one reused buffer:
-    each tensor is valid until the next is read (copy what you keep).
-
-    The format: 8 bytes of little-endian header length, a JSON header mapping each name to its
-    dtype, shape and byte range, then the raw data. Reading with readinto (rather than mapping the
-    file) keeps the file's pages out of this process, and reusing one buffer keeps the allocator
-    from fragmenting: only the tensor being read is resident."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not a safetensors file (bad header: {err})") from None
-        start = 8 + size
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
-        buffer = torch.empty(max((e - b for _, v in entries for b, e in [v["data_offsets"]]), default=0), dtype=torch.uint8)
-        for name, info in entries:
-            if info["dtype"] not in _DTYPES:
-                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which load_quantized does not read")
-            begin, end = info["data_offsets"]
-            raw = buffer[: end - begin]
-            f.seek(start + begin)
-            if f.readinto(memoryview(raw.numpy())) != end - begin:
-                raise ValueError(f"{path} is truncated: tensor {name} is incomplete")
-            yield name, raw.view(_DTYPES[info["dtype"]]).view(info["shape"])
 
 
 def _key_prefixes(model: nn.Module) -> list[str]:
