@@ -2,9 +2,11 @@ r"""New adapters made from old ones: ΔW_new ≈ Σᵢ wᵢ ΔWᵢ, with ΔWᵢ 
 
     "cat"     exact. Stack the factors: A = [A₁; A₂; …] (Σrᵢ × d_in), B = [w₁s₁B₁ | w₂s₂B₂ | …]
               (d_out × Σrᵢ), scale 1. Then B·A = Σᵢ wᵢ sᵢ Bᵢ Aᵢ: one adapter of rank Σrᵢ.
-    "linear"  approximate, same rank: A = Σᵢ √wᵢ sᵢ Aᵢ, B = Σᵢ √wᵢ Bᵢ, scale 1. Expanding
-              B·A = Σᵢ wᵢ sᵢ Bᵢ Aᵢ + Σ_{i≠j} √(wᵢwⱼ) sⱼ Bᵢ Aⱼ: the cross terms are not in the target,
-              and vanish only when the adapters' subspaces do not interact.
+    "linear"  approximate, same rank, PEFT's formula: with cᵢ = wᵢ sᵢ,
+              A = Σᵢ sign(cᵢ) √|cᵢ| Aᵢ, B = Σᵢ √|cᵢ| Bᵢ, scale 1. Expanding,
+              B·A = Σᵢ cᵢ Bᵢ Aᵢ + Σ_{i≠j} sign(cⱼ) √|cᵢcⱼ| Bᵢ Aⱼ: the cross terms are not in the target,
+              and vanish only when the adapters' subspaces do not interact. A negative weight
+              negates an adapter (task arithmetic's "forgetting by negation").
     "svd"     best rank-k approximation: ΔW = Σᵢ wᵢ sᵢ Bᵢ Aᵢ densely, ΔW = U Σ Vᵀ, keep k:
               B = U_k Σ_k, A = V_kᵀ. The error ‖ΔW − BA‖_F is √(Σ_{j>k} σⱼ²); the captured energy
               Σ_{j≤k} σⱼ² / Σ σⱼ² is reported per layer.
@@ -32,8 +34,6 @@ def check_request(configs: list[LoraConfig], weights: list[float], combination_t
         raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
     if len(configs) != len(weights) or not configs:
         raise ValueError(f"give one weight per adapter: {len(configs)} adapters, {len(weights)} weights")
-    if combination_type == "linear" and any(w < 0 for w in weights):
-        raise ValueError("combination_type='linear' takes square roots of the weights: they must be ≥ 0")
     if any(c.modules_to_save for c in configs):
         raise ValueError("adapters with modules_to_save (trained heads) cannot be combined: their heads have no "
                          "low-rank form to weight; combine adapters without modules_to_save")
@@ -63,8 +63,8 @@ def _combine(factors, combination: str, svd_rank: Optional[int], where: str):
                 f"{where}: combination_type='linear' needs adapters of one rank, got ranks {sorted(ranks)}; "
                 "use 'cat' (exact) or 'svd' instead"
             )
-        A = sum(math.sqrt(w) * s * A for w, s, A, _ in factors)
-        B = sum(math.sqrt(w) * B for w, _, _, B in factors)
+        A = sum(math.copysign(math.sqrt(abs(w * s)), w * s) * A for w, s, A, _ in factors)
+        B = sum(math.sqrt(abs(w * s)) * B for w, s, _, B in factors)
         return A, B, None
     delta = sum(w * s * (B @ A) for w, s, A, B in factors)  # (d_part, d_in)
     k = min(svd_rank or max(A.shape[0] for _, _, A, _ in factors), *delta.shape)

@@ -1,6 +1,8 @@
 """Adapter files in PEFT's format, both ways: what minilora saves PEFT loads, and the other way round.
 
-    <dir>/adapter_config.json          PEFT's field names, plus a "minilora" key PEFT ignores
+    <dir>/adapter_config.json          PEFT's field names, nothing else (PEFT warns on keys it does not know)
+    <dir>/minilora_config.json         minilora's own config (roles, bands, slices), tied by hash to the above
+    <dir>/README.md                    a model card, as PEFT writes one (only when none is there)
     <dir>/adapter_model.safetensors    base_model.model.<module path>.lora_A.weight   (r, d_in)
                                        base_model.model.<module path>.lora_B.weight   (d_out, r)
                                        base_model.model.<module path>.<param>         modules_to_save
@@ -15,8 +17,10 @@ written as one LoRA of rank r_q + r_v over the whole fused output, which compute
 
     B·A = [B_q A_q ; 0 ; B_v A_v]. The scale must not change: with α/r scaling, α doubles with r.
 
-The "minilora" key keeps the original config (roles, bands), so minilora reads slices back as
-slices. Writes are atomic: each file goes to a temporary name in the same directory, is fsynced,
+`minilora_config.json` keeps the original config (roles, bands), so minilora reads slices back as
+slices; it carries the SHA-256 of the adapter_config.json it belongs to, and is ignored when that
+file has changed since (say, PEFT saved over the directory). Files written by earlier versions,
+with a "minilora" key inside adapter_config.json, still load. Writes are atomic: each file goes to a temporary name in the same directory, is fsynced,
 then renamed over the old one. Nothing in an adapter directory is ever executed: tensors come from
 safetensors, or from `adapter_model.bin` through `torch.load(weights_only=True)` only.
 
@@ -27,6 +31,7 @@ files out. LoraModel decides which layers and biases belong to an adapter and ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -47,6 +52,8 @@ from .roles import FULL
 from .surgery import ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
+MINILORA_CONFIG_NAME = "minilora_config.json"
+MODEL_CARD_NAME = "README.md"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -128,7 +135,6 @@ def peft_config_dict(config: LoraConfig, modules: AdapterModules, name: str, ran
                    layers_pattern=None, exclude_modules=None)
         out["rank_pattern"] = {_exact(p): r for p, (r, a) in ranks.items() if r != r0}
         out["alpha_pattern"] = {_exact(p): a for p, (r, a) in ranks.items() if a != a0}
-    out["minilora"] = {"config": config.to_dict(), "sliced": sliced}
     return out
 
 
@@ -145,11 +151,31 @@ def adapter_directory(directory: Union[str, Path], name: str) -> Path:
     return directory if name == "default" else directory / name
 
 
-def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """adapter_model.safetensors, then adapter_config.json, each written atomically."""
-    # weights first: a reader never sees a config that promises tensors the file lacks
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], peft_config: dict, config: LoraConfig,
+                  safe_serialization: bool = True) -> None:
+    """The weights (safetensors, or with `safe_serialization=False` PEFT's adapter_model.bin: a
+    dict of tensors), minilora_config.json, then adapter_config.json, each written atomically, and
+    a model card if the directory has none. The weights come first: a reader never sees a config
+    that promises tensors the file lacks."""
+    weights, stale = (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if safe_serialization else (LEGACY_WEIGHTS_NAME, WEIGHTS_NAME)
+    if safe_serialization:
+        atomic_write(directory / weights, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    else:
+        atomic_write(directory / weights, lambda p: torch.save(tensors, p))
+    (directory / stale).unlink(missing_ok=True)  # a reader prefers safetensors: no stale file may shadow
+    text = json.dumps(peft_config, indent=2, sort_keys=True)
+    record = {"config": config.to_dict(), "adapter_config_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    atomic_write(directory / MINILORA_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(record, indent=2)))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    if not (directory / MODEL_CARD_NAME).exists():
+        card = _model_card(peft_config.get("base_model_name_or_path"))
+        atomic_write(directory / MODEL_CARD_NAME, lambda p: Path(p).write_text(card))
+
+
+def _model_card(base_model: Union[str, None]) -> str:
+    front = (f"base_model: {base_model}\n" if base_model else "") + "library_name: peft\ntags:\n- lora\n- minilora\n"
+    return (f"---\n{front}---\n\n# LoRA adapter\n\nSaved by minilora in PEFT's format. Load it with\n"
+            "`peft.PeftModel.from_pretrained(base_model, path)` or `minilora.LoraModel.from_pretrained(base_model, path)`.\n")
 
 
 # ---------------------------------------------------------------------------- files -> model
@@ -176,7 +202,10 @@ def read_config_file(path: Union[str, Path]) -> LoraConfig:
     if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
         kind = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{path} describes a {kind} adapter, not LoRA; minilora loads LoRA adapters only")
-    if "minilora" in raw:
+    own = _minilora_record(path)
+    if own is not None:
+        raw = own
+    elif "minilora" in raw:  # written by an earlier minilora, inside adapter_config.json
         raw = raw["minilora"]["config"]
     elif "peft_type" in raw:
         return _from_peft(raw, path)
@@ -187,6 +216,21 @@ def read_config_file(path: Union[str, Path]) -> LoraConfig:
     stored = dict(raw)
     stored["component_ranks"] = {k: tuple(v) for k, v in stored.get("component_ranks", {}).items()}
     return LoraConfig(**stored)
+
+
+def _minilora_record(path: Path):
+    """minilora's own config beside an adapter_config.json, if it belongs to that very file."""
+    record_path = path.parent / MINILORA_CONFIG_NAME
+    if path.name != CONFIG_NAME or not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        current = hashlib.sha256(path.read_bytes()).hexdigest()
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None  # damaged: adapter_config.json alone still describes the adapter for PEFT and for us
+    if not isinstance(record, dict) or record.get("adapter_config_sha256") != current:
+        return None  # adapter_config.json changed since (saved over by PEFT, edited): it is what counts
+    return record["config"]
 
 
 def _from_peft(raw: dict, path: Path) -> LoraConfig:

@@ -124,11 +124,8 @@ class LoRALinear(nn.Module):
         for part_name, part in parts.items():
             if not 0 <= part.first < part.end <= self.out_features:
                 raise ValueError(f"part {part_name!r} covers columns [{part.first}, {part.end}) outside 0..{self.out_features}")
-            if part.r > min(self.in_features, part.width):
-                raise ValueError(
-                    f"rank r={part.r} for part {part_name!r} is larger than min(d_in={self.in_features}, "
-                    f"d_out={part.width}); a rank above that adds parameters but no expressiveness: lower r"
-                )
+            if part.r <= 0:
+                raise ValueError(f"rank r={part.r} for part {part_name!r}: a rank must be a positive integer")
             A[part_name] = nn.Linear(self.in_features, part.r, bias=False, device=weight.device, dtype=dtype)
             B[part_name] = nn.Linear(part.r, part.width, bias=False, device=weight.device, dtype=dtype)
         self.parts[name] = dict(parts)
@@ -211,17 +208,31 @@ class LoRALinear(nn.Module):
             else:
                 W[part.first:part.end] = (W[part.first:part.end].float() + delta).to(W.dtype)
 
-    def merge(self, adapter_names: Optional[list[str]] = None) -> None:
-        """W ← W + (alpha/r)·B·A for each adapter not merged yet. Merging twice is a no-op."""
+    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """W ← W + (alpha/r)·B·A for each adapter not merged yet. Merging twice is a no-op.
+        `safe_merge`: first check that W + ΔW is finite; if not, raise ValueError and change nothing."""
         if not self.base_layer.weight.is_floating_point():
             raise TypeError(
                 "cannot merge into a quantized (4-bit) base weight; use merge_and_unload(), which dequantizes "
                 "the base first, or keep the adapter unmerged"
             )
-        for name in adapter_names or self.active_adapters:
-            if name in self.lora_A and name not in self.merged_adapters:
-                self._fold(name, +1.0)
-                self.merged_adapters.append(name)
+        names = [n for n in (adapter_names or self.active_adapters) if n in self.lora_A and n not in self.merged_adapters]
+        if safe_merge:
+            for name in names:
+                self._check_finite(name)
+        for name in names:
+            self._fold(name, +1.0)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def _check_finite(self, name: str) -> None:
+        W = self.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
+        for part_name, part in self.parts[name].items():
+            delta = self.delta_weight(name, part_name)  # (d_part, d_in)
+            rows = W[:, part.first:part.end].T if self.fan_in_fan_out else W[part.first:part.end]
+            if not torch.isfinite(rows.float() + delta).all():
+                raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} (part {part_name!r}) "
+                                 "seems to be broken; nothing was merged")
 
     def unmerge(self, adapter_names: Optional[list[str]] = None) -> None:
         """W ← W − (alpha/r)·B·A for merged adapters, latest first. Unmerging twice is a no-op."""

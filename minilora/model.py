@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,7 @@ from .lora import AdapterState, LoRALinear
 from .params import count_parameters, format_trainable, parameter_breakdown
 from .quant import Linear4bit, NF4Config
 from .roles import walk
+from .signature import bind_forward
 from .surgery import (
     TASK_HEADS,
     ModulesToSave,
@@ -45,6 +47,13 @@ from .surgery import (
 )
 
 
+class LoadResult(NamedTuple):
+    """What `load_adapter` returns, as PEFT (and torch's load_state_dict) do."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 class LoraModel(nn.Module):
     """A HF model whose target layers carry LoRA adapters. `self.model` is the HF model."""
 
@@ -55,15 +64,38 @@ class LoraModel(nn.Module):
         self._state = AdapterState()  # read by every adapter layer: active names, disabled, routing
         self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its parameters (for set_adapter)
         self.mixed_batch_method = "gather"  # adapter_names: "gather" (batched matmuls) or "segments"
+        bind_forward(self, model)  # inspect.signature(self.forward) names the HF model's inputs
+        self._take_over_earlier_adapters(adapter_name if config is not None else None)
         if config is not None:  # None: adapters come later, from files (`from_pretrained`)
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
 
+    def _take_over_earlier_adapters(self, replaced: Optional[str]) -> None:
+        """A base wrapped a second time (a second get_peft_model, as PEFT allows): its adapter layers
+        now read this model's state, and an earlier adapter named `replaced` gives way to the new one.
+        Other earlier adapters stay in the layers, inactive and unregistered here."""
+        layers = [m for _, m in walk(self.model) if isinstance(m, (LoRALinear, ModulesToSave))]
+        if not layers:
+            return
+        warnings.warn("this model already carries minilora adapters from an earlier get_peft_model: the new "
+                      f"LoraModel takes over its layers{f' and replaces adapter {replaced!r}' if replaced else ''}; "
+                      "use add_adapter on one LoraModel to keep several adapters", stacklevel=3)
+        for layer in layers:
+            layer.state = self._state
+            if isinstance(layer, LoRALinear) and replaced in layer.lora_A:
+                layer.delete_adapter(replaced)
+            elif isinstance(layer, ModulesToSave) and replaced in layer.modules_to_save:
+                del layer.modules_to_save[replaced]
+
     # ------------------------------------------------------------------ passthrough
-    def forward(self, *args, adapter_names: Optional[list[str]] = None,
+    def forward(self, *args, labels=None, adapter_names: Optional[list[str]] = None,
                 adapter_weights: Optional[dict[str, float]] = None, **kwargs):
         """The HF model's forward. `adapter_names`: one adapter (or "__base__") per batch row, in
-        eval mode. `adapter_weights`: {adapter: weight}, the weighted sum of their low-rank paths."""
+        eval mode. `adapter_weights`: {adapter: weight}, the weighted sum of their low-rank paths.
+        `labels` is named because transformers' Trainer finds label names in the class's forward;
+        each instance's forward shows the HF model's own signature (see signature.py)."""
+        if labels is not None:
+            kwargs["labels"] = labels
         with self.routed(self._routing(adapter_names, adapter_weights, args, kwargs)):
             return self.model(*args, **kwargs)
 
@@ -93,7 +125,7 @@ class LoraModel(nn.Module):
         if adapter_names is not None and adapter_weights is not None:
             raise ValueError("give adapter_names (one adapter per row) or adapter_weights (a mix), not both")
         if any(layer.merged for layer in self._lora_layers().values()):
-            raise RuntimeError("adapters are merged into the weights; call unmerge_adapter() before choosing adapters per call")
+            raise ValueError("adapters are merged into the weights; call unmerge_adapter() before choosing adapters per call")
         chosen = list(adapter_names) if adapter_names is not None else list(adapter_weights)
         unknown = sorted({n for n in chosen if n != mixing.BASE and n not in self.peft_config})
         if unknown:
@@ -104,7 +136,7 @@ class LoraModel(nn.Module):
                 raise ValueError(f"adapter_weights must map adapter names to numbers, got {bad}")
             return mixing.Routing(weights={n: float(w) for n, w in adapter_weights.items() if n != mixing.BASE})
         if self.training:
-            raise RuntimeError("mixed batches (adapter_names) run in eval mode: call model.eval() first")
+            raise ValueError("mixed batches (adapter_names) run in eval mode: call model.eval() first")
         ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(ids, torch.Tensor) and ids.shape[0] != len(chosen):
             raise ValueError(f"adapter_names has {len(chosen)} entries but the batch has {ids.shape[0]} rows: give one per row")
@@ -132,12 +164,27 @@ class LoraModel(nn.Module):
         return list(self._state.active)
 
     @property
-    def active_adapter(self) -> Optional[str]:
-        return self._state.active[0] if self._state.active else None
+    def active_adapter(self) -> Union[str, list[str], None]:
+        """The active adapter's name; a list when several are active, as in PEFT."""
+        active = self._state.active
+        return active[0] if len(active) == 1 else (list(active) if active else None)
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Add an adapter (not active until `set_adapter`); targets are resolved on this model."""
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Paths of the modules that carry LoRA, as PEFT lists them."""
+        return list(self._lora_layers())
+
+    def add_adapter(self, adapter_name: str, peft_config: Optional[LoraConfig] = None, *,
+                    config: Optional[LoraConfig] = None, **_ignored) -> None:
+        """Add an adapter (not active until `set_adapter`); targets are resolved on this model.
+        `peft_config` is PEFT's name for the config; `config=` is accepted too."""
+        config = peft_config if peft_config is not None else config
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"add_adapter needs a minilora LoraConfig as peft_config, got {type(config).__name__}")
         self._check_new(adapter_name)
+        if sum(c.bias != "none" for c in [config, *self.peft_config.values()]) > 1:
+            raise ValueError("LoraModel supports only 1 adapter with bias (as PEFT): when using several adapters, "
+                             "set bias='none' for all of them")
         config = copy.deepcopy(config)
         heads = [h for h in TASK_HEADS.get(config.task_type, ()) if has_module(self.model, h)]
         if heads:  # as PEFT does: a task head trains along with the adapter
@@ -232,14 +279,32 @@ class LoraModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside this block the model computes exactly what the base model computes."""
-        if any(layer.merged for layer in self._lora_layers().values()):
-            raise RuntimeError("adapters are merged into the weights; call unmerge_adapter() before disabling")
-        self._state.disabled = True
+        """Inside this block the model computes exactly what the base model computes, and no adapter
+        parameter requires a gradient. Merged adapters are unmerged first (and stay unmerged), as PEFT does."""
+        was_disabled = self._state.disabled
+        self.disable_adapter_layers()
         try:
             yield
         finally:
-            self._state.disabled = False
+            if not was_disabled:
+                self.enable_adapter_layers()
+
+    def disable_adapter_layers(self) -> None:
+        """Switch every adapter off until `enable_adapter_layers()`: base outputs, no adapter gradients."""
+        for active in self._state.active:
+            if self.peft_config[active].bias != "none":
+                warnings.warn(f"adapter {active!r} trains biases (bias={self.peft_config[active].bias!r}): with the "
+                              "adapters disabled the model still has the trained biases, not the base's", stacklevel=2)
+        self.unmerge_adapter()
+        self._state.disabled = True
+        for name in self.peft_config:
+            for p in self._params[name]:
+                p.requires_grad_(False)
+
+    def enable_adapter_layers(self) -> None:
+        """Switch the active adapters back on (and trainable, unless loaded for inference)."""
+        self._state.disabled = False
+        self._update_trainable(self.active_adapters)
 
     def _adapter_modules(self, name: str) -> dict[str, nn.Module]:
         """Module path -> the LoRALinear or ModulesToSave holding adapter `name`."""
@@ -251,10 +316,11 @@ class LoraModel(nn.Module):
         return {path: m for path, m in walk(self.model) if isinstance(m, LoRALinear)}
 
     # ------------------------------------------------------------------ files
-    def save_pretrained(self, save_directory, selected_adapters: Optional[list[str]] = None, **_ignored) -> None:
-        """PEFT's layout: adapter_config.json + adapter_model.safetensors; non-default adapters in
-        subdirectories. Extra PEFT keyword arguments (safe_serialization, ...) are accepted and ignored:
-        minilora always writes safetensors."""
+    def save_pretrained(self, save_directory, selected_adapters: Optional[list[str]] = None,
+                        safe_serialization: bool = True, **_ignored) -> None:
+        """PEFT's layout: adapter_config.json + adapter_model.safetensors (adapter_model.bin, a dict of
+        tensors, with `safe_serialization=False`) and a model card; non-default adapters in
+        subdirectories. PEFT's other keyword arguments are accepted and ignored."""
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_exists(names)
         base_name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
@@ -263,23 +329,26 @@ class LoraModel(nn.Module):
             tensors, ranks = io.adapter_tensors(modules, name, config.use_rslora, trained_biases(self.model, config.bias))
             alike = peft_reads_targets_alike(self.model, config)
             written = io.peft_config_dict(config, modules, name, ranks, alike, base_name)
-            io.write_adapter(io.adapter_directory(save_directory, name), tensors, written)
+            io.write_adapter(io.adapter_directory(save_directory, name), tensors, written, config, safe_serialization)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default",
-                        is_trainable: bool = False, **_ignored) -> "LoraModel":
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None, **_ignored) -> "LoraModel":
         """Wrap `model` with the adapter saved in `model_id` (by minilora or by PEFT), active.
-        Frozen and in eval mode unless `is_trainable`."""
+        Frozen and in eval mode unless `is_trainable`. `config`: use this LoraConfig instead of
+        the directory's adapter_config.json (as PEFT's `config=`)."""
         wrapped = cls(model, None)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable, config=config)
         wrapped.set_adapter(adapter_name)
         return wrapped if is_trainable else wrapped.eval()
 
-    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, **_ignored) -> None:
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
+                     config: Optional[LoraConfig] = None, **_ignored) -> "LoadResult":
         """Add the adapter saved in `model_id` under `adapter_name`; active adapters don't change.
-        All or nothing: a file that does not fit leaves the model as it was."""
+        All or nothing: a file that does not fit leaves the model as it was, so the result PEFT
+        returns (missing and unexpected keys) is always empty here."""
         self._check_new(adapter_name)
-        config = io.read_config(model_id)
+        config = copy.deepcopy(config) if config is not None else io.read_config(model_id)
         config.inference_mode = not is_trainable
         if config.modules_to_save:  # PEFT lists every task head it might add, "score" on BERT included
             heads = {h for names in TASK_HEADS.values() for h in names}
@@ -293,23 +362,30 @@ class LoraModel(nn.Module):
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+        return LoadResult(missing_keys=[], unexpected_keys=[])
 
     # ------------------------------------------------------------------ merging
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold the (active, or named) adapters into the base weights. Idempotent."""
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Fold the (active, or named) adapters into the base weights. Idempotent: merging an adapter
+        already merged warns and does nothing. `safe_merge`: check the merged weights are finite
+        before writing them, and raise ValueError (nothing changed) if not."""
         names = adapter_names or self.active_adapters
         self._check_exists(names)
-        for layer in self._lora_layers().values():
-            layer.merge([n for n in names if n in layer.lora_A])
+        layers = self._lora_layers().values()
+        already = sorted({n for layer in layers for n in layer.merged_adapters if n in names})
+        if already:
+            warnings.warn(f"adapters {already} are already merged; merging them again does nothing", stacklevel=2)
+        for layer in layers:
+            layer.merge([n for n in names if n in layer.lora_A], safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out of the base weights. Idempotent."""
         for layer in self._lora_layers().values():
             layer.unmerge()
 
-    def _unload(self, merge: bool, adapter_names: Optional[list[str]] = None) -> nn.Module:
+    def _unload(self, merge: bool, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> nn.Module:
         if merge:
-            self.merge_adapter(adapter_names)
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:
             self.unmerge_adapter()
         for name, module in list(self.model.named_modules()):
@@ -321,7 +397,8 @@ class LoraModel(nn.Module):
             p.requires_grad_(False)
         return self.model
 
-    def merge_and_unload(self, adapter_names: Optional[list[str]] = None,
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None,
                          requantize: Union[bool, NF4Config] = False) -> nn.Module:
         """The plain HF model with the adapters folded in (and the trained head copies in place).
 
@@ -334,7 +411,7 @@ class LoraModel(nn.Module):
             if isinstance(module.base_layer, Linear4bit):
                 quantized[name] = module.base_layer.config
                 module.base_layer = module.base_layer.to_float()
-        merged = self._unload(merge=True, adapter_names=adapter_names)
+        merged = self._unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
         if requantize and quantized:
             errors = {}
             for name, config in quantized.items():

@@ -126,12 +126,17 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
         if not chosen:
             raise _unmatched_error(targets, model, sites, "(a regex on the full path) matched no module")
     else:
+        unmatched = []
         for entry in targets:
             hits = _select(entry, sites, family is not None)
-            if not hits:
-                raise _unmatched_error(entry, model, sites, "matched no module")
+            unmatched += [] if hits else [entry]
             for name, part in hits:
                 chosen.setdefault(name, set()).add(part)
+        if not chosen:  # nothing at all: an error, as in PEFT
+            raise _unmatched_error(unmatched[0], model, sites, "matched no module")
+        for entry in unmatched:  # PEFT is silent here; a misspelt entry deserves a word
+            warnings.warn(f"target_modules entry {entry!r} matched no module in {type(model).__name__} (the other "
+                          f"entries did); nearest module names: {', '.join(_nearest(entry, sites))}", stacklevel=4)
         for name, parts in chosen.items():
             if FULL in parts and len(parts) > 1:
                 raise ValueError(
@@ -139,10 +144,17 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
                     "pick one: its module name for one LoRA over the fused output, or role names for slices"
                 )
 
+    saved = config.modules_to_save or []
     plan: Plan = {}
+    excluded = 0
     for name, part_names in chosen.items():
         site = sites[name]
-        if _matches(name, config.exclude_modules) or not _layer_selected(config, site, depths):
+        if any(_name_matches(name, key) for key in saved):  # trained in full: no LoRA on it, as in PEFT
+            continue
+        if _matches(name, config.exclude_modules):
+            excluded += 1
+            continue
+        if not _layer_selected(config, site, depths):
             continue
         r, alpha = _rank_alpha(config, site, _band(config, site, depths))
         plan[name] = {part.name: LoraPart(part.first, part.end, r, alpha) for part in _parts(site, part_names)}
@@ -150,8 +162,10 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
     if not plan:
         raise ValueError(
             f"target_modules={targets!r} matched modules, but layers_to_transform / layer_bands / "
-            f"exclude_modules removed them all (model depth: {dict(depths)}). Widen the layer selection."
+            f"exclude_modules / modules_to_save removed them all (model depth: {dict(depths)}). Widen the selection."
         )
+    if config.exclude_modules and not excluded:
+        warnings.warn(f"exclude_modules={config.exclude_modules!r} excluded no module: check its spelling", stacklevel=4)
     return plan
 
 
@@ -183,10 +197,9 @@ def _check_layers(config: LoraConfig, depths: dict) -> None:
         raise ValueError("layers_to_transform is set, but no module of this model has a layer index")
     depth = max(depths.values())
     bad = [i for i in config.layers_to_transform if not 0 <= i < depth]
-    if bad:
-        raise ValueError(
-            f"layers_to_transform has {bad}, but the model has {depth} layers (indices 0..{depth - 1})"
-        )
+    if bad:  # PEFT selects nothing there, silently; say so
+        warnings.warn(f"layers_to_transform has {bad}, but the model has {depth} layers (indices 0..{depth - 1}): "
+                      "those select nothing", stacklevel=5)
 
 
 def _layer_selected(config: LoraConfig, site: Site, depths) -> bool:

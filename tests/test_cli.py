@@ -137,7 +137,8 @@ def test_qlora_preset_and_paged_optimizer_from_the_command_line(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "quantized to NF4 while reading" in printed and "trainable params:" in printed
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["minilora"]["config"]["layer_bands"] and config["modules_to_save"] == ["lm_head"]
+    own = json.loads((out / "adapter" / "minilora_config.json").read_text())
+    assert own["config"]["layer_bands"] and config["modules_to_save"] == ["lm_head"]
     result = json.loads((out / "result.json").read_text())
     assert result["val_loss_after"] < result["val_loss_before"]
 

@@ -130,9 +130,11 @@ def test_gradients_reach_only_the_adapter():
     assert x.grad is not None  # the input gradient still flows to earlier layers
 
 
-def test_rank_larger_than_the_layer_is_refused():
-    with pytest.raises(ValueError, match=r"larger than min\(d_in=16, d_out=8\)"):
-        lora(linear(16, 8), r=9)
+def test_rank_larger_than_the_layer_works_as_in_peft():
+    layer = lora(linear(16, 8), r=9)  # more rank than min(d_in, d_out): allowed, as PEFT allows it
+    x = torch.randn(3, 16)
+    expected = layer.base_layer(x) + x @ layer.delta_weight("a", FULL).T
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)

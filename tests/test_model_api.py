@@ -101,12 +101,18 @@ def test_adapter_name_errors():
         get_peft_model(make("gpt2"), {"r": 8})
 
 
-def test_disable_while_merged_is_refused():
+def test_disable_while_merged_unmerges_as_peft_does():
     pm, _, _ = wrapped("gpt2")
-    pm.merge_adapter()
-    with pytest.raises(RuntimeError, match="unmerge_adapter"):
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.no_grad():
+        adapted = pm(input_ids=ids).logits
         with pm.disable_adapter():
-            pass
+            base = pm(input_ids=ids).logits
+        pm.merge_adapter()
+        with pm.disable_adapter():
+            torch.testing.assert_close(pm(input_ids=ids).logits, base, atol=1e-5, rtol=1e-5)
+        assert not any(layer.merged for layer in pm.model.modules() if hasattr(layer, "merged_adapters"))
+        torch.testing.assert_close(pm(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_generate_works_and_matches_the_hf_model():

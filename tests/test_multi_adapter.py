@@ -82,11 +82,11 @@ def test_bad_adapter_choices_are_refused():
     with pytest.raises(ValueError, match="not both"):
         pm(input_ids=ids, adapter_names=["b", "b"], adapter_weights={"b": 1.0})
     pm.train()
-    with pytest.raises(RuntimeError, match="eval mode"):
+    with pytest.raises(ValueError, match="eval mode"):
         pm(input_ids=ids, adapter_names=["b", "b"])
     pm.eval()
     pm.merge_adapter()
-    with pytest.raises(RuntimeError, match="unmerge_adapter"):
+    with pytest.raises(ValueError, match="unmerge_adapter"):
         pm(input_ids=ids, adapter_names=["b", "b"])
 
 
@@ -118,8 +118,9 @@ def test_linear_is_the_documented_approximation_and_needs_one_rank():
     A = [q.lora_A[n]["full"].weight for n in ("default", "b")]
     B = [q.lora_B[n]["full"].weight for n in ("default", "b")]
     s = [q.scaling[n]["full"] for n in ("default", "b")]
-    w = [0.6, 0.4]
-    expected = sum(w_i ** 0.5 * B_i for w_i, B_i in zip(w, B)) @ sum(w_i ** 0.5 * s_i * A_i for w_i, s_i, A_i in zip(w, s, A))
+    w = [0.6, 0.4]  # PEFT's formula: c = w·s; B = Σ √|c| B_i, A = Σ sign(c) √|c| A_i
+    c = [w_i * s_i for w_i, s_i in zip(w, s)]
+    expected = sum(c_i ** 0.5 * B_i for c_i, B_i in zip(c, B)) @ sum(c_i ** 0.5 * A_i for c_i, A_i in zip(c, A))
     torch.testing.assert_close(q.delta_weight("lin", "full"), expected, atol=1e-6, rtol=1e-5)
     pm.add_adapter("c", LoraConfig(r=2, target_modules=["q"]))
     with pytest.raises(ValueError, match="needs adapters of one rank.*use 'cat'"):
