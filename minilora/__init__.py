@@ -1,6 +1,7 @@
 """minilora: LoRA and QLoRA from scratch on PyTorch. The public API, and nothing else."""
 
 from .config import ARTICLE_BANDS, Band, LoraConfig
+from .kbit import prepare_model_for_kbit_training
 from .lora import LoRALinear
 from .model import LoraModel, get_peft_model
 from .params import format_breakdown
@@ -17,6 +18,7 @@ __all__ = [
     "get_peft_model",
     "load_quantized",
     "memory_report",
+    "prepare_model_for_kbit_training",
     "quantize_model",
 ]
 __version__ = "0.1.0"

@@ -150,6 +150,10 @@ class LoraModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        bind_forward(self, self.model)  # unpickled, the instance forward comes back as the class's
+
     @property
     def base_model(self) -> "LoraModel":
         """PEFT's `peft_model.base_model.model` path reaches the HF model here too."""
