@@ -3,7 +3,7 @@
 from .config import ARTICLE_BANDS, Band, LoraConfig
 from .kbit import prepare_model_for_kbit_training
 from .lora import LoRALinear
-from .model import LoraModel, get_peft_model
+from .model import LoraModel, get_base_model_state_dict, get_peft_model, set_base_model_state_dict
 from .params import format_breakdown
 from .quant import NF4Config, load_quantized, memory_report, quantize_model
 
@@ -15,10 +15,12 @@ __all__ = [
     "LoraModel",
     "NF4Config",
     "format_breakdown",
+    "get_base_model_state_dict",
     "get_peft_model",
     "load_quantized",
     "memory_report",
     "prepare_model_for_kbit_training",
     "quantize_model",
+    "set_base_model_state_dict",
 ]
 __version__ = "0.1.0"

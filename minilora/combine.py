@@ -34,9 +34,6 @@ def check_request(configs: list[LoraConfig], weights: list[float], combination_t
         raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
     if len(configs) != len(weights) or not configs:
         raise ValueError(f"give one weight per adapter: {len(configs)} adapters, {len(weights)} weights")
-    if any(c.modules_to_save for c in configs):
-        raise ValueError("adapters with modules_to_save (trained heads) cannot be combined: their heads have no "
-                         "low-rank form to weight; combine adapters without modules_to_save")
 
 
 def _factors(layer: LoRALinear, names: list[str], weights: list[float], columns: tuple[int, int]):

@@ -2,7 +2,7 @@
 
     <dir>/adapter_config.json          PEFT's field names, nothing else (PEFT warns on keys it does not know)
     <dir>/minilora_config.json         minilora's own config (roles, bands, slices), tied by hash to the above
-    <dir>/README.md                    a model card, as PEFT writes one (only when none is there)
+    <dir>/README.md                    a model card, as PEFT writes one (one already there keeps its text)
     <dir>/adapter_model.safetensors    base_model.model.<module path>.lora_A.weight   (r, d_in)
                                        base_model.model.<module path>.lora_B.weight   (d_out, r)
                                        base_model.model.<module path>.<param>         modules_to_save
@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import pickle
+import re
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -152,11 +153,12 @@ def adapter_directory(directory: Union[str, Path], name: str) -> Path:
 
 
 def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], peft_config: dict, config: LoraConfig,
-                  safe_serialization: bool = True) -> None:
+                  safe_serialization: bool = True, base_model: Union[str, None] = None) -> None:
     """The weights (safetensors, or with `safe_serialization=False` PEFT's adapter_model.bin: a
     dict of tensors), minilora_config.json, then adapter_config.json, each written atomically, and
-    a model card if the directory has none. The weights come first: a reader never sees a config
-    that promises tensors the file lacks."""
+    a model card (or PEFT's metadata added to the one there). The weights come first: a reader never sees a config
+    that promises tensors the file lacks. `base_model`: the base model's own name (its config's
+    `_name_or_path`), which the card's metadata names as PEFT's does; None for a model without one."""
     weights, stale = (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if safe_serialization else (LEGACY_WEIGHTS_NAME, WEIGHTS_NAME)
     if safe_serialization:
         atomic_write(directory / weights, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
@@ -167,15 +169,86 @@ def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], peft_config
     record = {"config": config.to_dict(), "adapter_config_sha256": hashlib.sha256(text.encode()).hexdigest()}
     atomic_write(directory / MINILORA_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(record, indent=2)))
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
-    if not (directory / MODEL_CARD_NAME).exists():
-        card = _model_card(peft_config.get("base_model_name_or_path"))
-        atomic_write(directory / MODEL_CARD_NAME, lambda p: Path(p).write_text(card))
+    card_path = directory / MODEL_CARD_NAME
+    card = _with_metadata(card_path.read_text(), base_model) if card_path.exists() else _model_card(base_model, peft_config)
+    atomic_write(card_path, lambda p: Path(p).write_text(card))
 
 
-def _model_card(base_model: Union[str, None]) -> str:
-    front = (f"base_model: {base_model}\n" if base_model else "") + "library_name: peft\ntags:\n- lora\n- minilora\n"
-    return (f"---\n{front}---\n\n# LoRA adapter\n\nSaved by minilora in PEFT's format. Load it with\n"
-            "`peft.PeftModel.from_pretrained(base_model, path)` or `minilora.LoraModel.from_pretrained(base_model, path)`.\n")
+def _with_metadata(card: str, base_model: Union[str, None]) -> str:
+    """A model card already in the directory, its text kept, with PEFT's metadata (base_model,
+    library_name, tags) added to its front matter where it lacks them, as PEFT updates a card."""
+    match = re.match(r"---\n(.*?)^---\n", card, re.DOTALL | re.MULTILINE)
+    front, body = (match.group(1), card[match.end():]) if match else ("", card)
+    keys = {line.split(":", 1)[0] for line in front.splitlines() if ":" in line and not line.startswith((" ", "-"))}
+    wanted = {"base_model": f"base_model: {base_model}\n" if base_model else "", "library_name": "library_name: peft\n",
+              "tags": "tags:\n- lora\n- minilora\n"}
+    added = "".join(text for key, text in wanted.items() if key not in keys)
+    return f"---\n{front}{added}---\n{body}"
+
+
+_CARD = """---
+{front}library_name: peft
+tags:
+- lora
+- minilora
+---
+
+# LoRA adapter
+
+A LoRA adapter saved by minilora in PEFT's format: `adapter_config.json` and the adapter's
+weights, not the base model's. It adds (alpha / r) * B * A to each adapted layer of the base model.
+
+## Adapter
+
+- **Base model:** {base}
+- **Task type:** {task_type}
+- **Adapted modules:** {targets}
+- **Rank r / lora_alpha:** {r} / {alpha}{patterns}
+- **rsLoRA scaling (alpha / sqrt(r)):** {rslora}
+- **LoRA dropout:** {dropout}
+- **Trained in full (modules_to_save):** {saved}
+- **Biases trained:** {bias}
+
+## How to load
+
+With PEFT:
+
+```python
+from peft import PeftModel
+model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")
+```
+
+With minilora:
+
+```python
+from minilora import LoraModel
+model = LoraModel.from_pretrained(base_model, "path/to/this/adapter")
+model = model.merge_and_unload()  # optional: fold the adapter into the base weights
+```
+
+## Training details
+
+The training data, objective, hyperparameters and evaluation are not recorded in this card: add
+them here, together with what the adapter was checked for (the tasks it improves, and the base
+model's abilities it was checked not to lose).
+
+## Intended use and limitations
+
+The adapter inherits the base model's limitations and biases; describe here what it is meant for
+and where it should not be used.
+"""
+
+
+def _model_card(base_model: Union[str, None], peft_config: dict) -> str:
+    """The README.md written beside a new adapter: PEFT's metadata, the adapter's settings, how to load it."""
+    patterns = "".join(f"; {key}: `{peft_config[key]}`" for key in ("rank_pattern", "alpha_pattern") if peft_config.get(key))
+    return _CARD.format(
+        front=f"base_model: {base_model}\n" if base_model else "", base=base_model or "not recorded",
+        task_type=peft_config.get("task_type") or "none", targets=f"`{peft_config.get('target_modules')}`",
+        r=peft_config.get("r"), alpha=peft_config.get("lora_alpha"), patterns=patterns,
+        rslora="yes" if peft_config.get("use_rslora") else "no", dropout=peft_config.get("lora_dropout"),
+        saved=f"`{peft_config['modules_to_save']}`" if peft_config.get("modules_to_save") else "none",
+        bias=peft_config.get("bias", "none"))
 
 
 # ---------------------------------------------------------------------------- files -> model

@@ -98,6 +98,19 @@ class LoRALinear(nn.Module):
         self.state.active[:] = names  # in place: the state may be shared with the rest of a model
 
     @property
+    def disable_adapters(self) -> bool:
+        """True while the model's adapters are switched off (PEFT's per-layer flag; here one for all layers)."""
+        return self.state.disabled
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads `layer.weight` sees the base layer's, as in PEFT
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    @property
     def fan_in_fan_out(self) -> bool:
         """True for GPT-2's Conv1D, which stores W as (d_in, d_out)."""
         return type(self.base_layer).__name__ == "Conv1D"
@@ -216,7 +229,8 @@ class LoRALinear(nn.Module):
                 "cannot merge into a quantized (4-bit) base weight; use merge_and_unload(), which dequantizes "
                 "the base first, or keep the adapter unmerged"
             )
-        names = [n for n in (adapter_names or self.active_adapters) if n in self.lora_A and n not in self.merged_adapters]
+        chosen = self.active_adapters if adapter_names is None else adapter_names  # [] merges nothing
+        names = [n for n in chosen if n in self.lora_A and n not in self.merged_adapters]
         if safe_merge:
             for name in names:
                 self._check_finite(name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Union
@@ -154,6 +155,12 @@ class LoraModel(nn.Module):
         super().__setstate__(state)
         bind_forward(self, self.model)  # unpickled, the instance forward comes back as the class's
 
+    def push_to_hub(self, *args, **kwargs):
+        """Not offered: the HF model's own push_to_hub (which attribute passthrough would reach) would
+        upload the whole base model, not the adapter."""
+        raise NotImplementedError("minilora does not upload: save_pretrained(dir) writes the adapter in PEFT's "
+                                  "format; upload that directory with huggingface_hub (upload_folder)")
+
     @property
     def base_model(self) -> "LoraModel":
         """PEFT's `peft_model.base_model.model` path reaches the HF model here too."""
@@ -175,8 +182,18 @@ class LoraModel(nn.Module):
 
     @property
     def targeted_module_names(self) -> list[str]:
-        """Paths of the modules that carry LoRA, as PEFT lists them."""
-        return list(self._lora_layers())
+        """Paths of the modules that carry LoRA, in the order adapters first targeted them, as PEFT lists them."""
+        layers = self._lora_layers()
+        first: dict[str, None] = {}
+        for name in self.peft_config:  # the order the adapters came in
+            first.update(dict.fromkeys(path for path, layer in layers.items() if name in layer.lora_A))
+        return [*first, *(path for path in layers if path not in first)]
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The modules_to_save of all adapters together (PEFT's attribute); None when there are none."""
+        names = {m for config in self.peft_config.values() for m in config.modules_to_save or []}
+        return names or None
 
     def add_adapter(self, adapter_name: str, peft_config: Optional[LoraConfig] = None, *,
                     config: Optional[LoraConfig] = None, **_ignored) -> None:
@@ -210,17 +227,17 @@ class LoraModel(nn.Module):
         self._params[name] += [p for wrapper in copies for p in wrapper.modules_to_save[name].parameters()]
         self._update_trainable([name])
 
-    def _update_trainable(self, names: list[str]) -> None:
+    def _update_trainable(self, names: list[str], frozen: bool = False) -> None:
         """requires_grad for the parameters of adapters `names` (active and not inference_mode), and
-        for the base biases that the first active adapter trains (its `bias`)."""
+        for the base biases that the first active adapter trains (its `bias`). `frozen`: none trains."""
         for name in names:
-            trainable = name in self._state.active and not self.peft_config[name].inference_mode
+            trainable = name in self._state.active and not self.peft_config[name].inference_mode and not frozen
             for p in self._params[name]:
                 p.requires_grad_(trainable)
         if all(c.bias == "none" for c in self.peft_config.values()):
             return  # no adapter trains biases: nothing to recompute
         first = self.peft_config.get(self.active_adapter)
-        chosen = trained_biases(self.model, first.bias) if first and not first.inference_mode else {}
+        chosen = trained_biases(self.model, first.bias) if first and not (first.inference_mode or frozen) else {}
         for path, p in trained_biases(self.model, "all").items():
             p.requires_grad_(path in chosen)
 
@@ -238,17 +255,38 @@ class LoraModel(nn.Module):
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r}; available adapters: {sorted(self.peft_config)}")
 
-    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
-        """Make these adapters the active (and trainable) ones; the others stay but sleep.
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Make these adapters the active ones, trainable unless `inference_mode`; the others stay but sleep.
+        Two active adapters may not both have a trained copy of one module (modules_to_save): a copy
+        replaces the module rather than adding to it, so that is refused, as in PEFT.
 
         Every adapter layer reads the same state, so a switch rewrites one list and flips
         requires_grad on the adapters going out and coming in: its cost does not grow with the
         number of adapters loaded."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_exists(names)
+        shared = self._shared_copies(names) if len(names) > 1 else []
+        if shared:
+            raise ValueError(f"Only one adapter can be set at a time for a module trained in full (modules_to_save): "
+                             f"adapters {names} each have a copy of {shared}; activate one of them")
         changed = list(dict.fromkeys([n for n in self._state.active if n not in names] + names))
         self._state.active[:] = names
-        self._update_trainable(changed)
+        self._update_trainable(changed, frozen=inference_mode)
+
+    def _shared_copies(self, names: list[str]) -> list[str]:
+        """Paths of the modules of which more than one of adapters `names` has a trained copy."""
+        return [path for path, m in walk(self.model)
+                if isinstance(m, ModulesToSave) and sum(n in m.modules_to_save for n in names) > 1]
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Make the parameters of these adapters (LoRA factors and trained copies) trainable or frozen,
+        whether they are active or not, as PEFT's `set_requires_grad`. The next set_adapter,
+        enable_adapter_layers or delete_adapter sets them from the active adapters again."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_exists(names)
+        for name in names:
+            for p in self._params[name]:
+                p.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and free its weights. If it was active, the first remaining one is."""
@@ -265,20 +303,32 @@ class LoraModel(nn.Module):
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: Optional[int] = None) -> dict[str, float]:
         """A new adapter ≈ Σ wᵢ adapters[i] ("cat": exact, "linear": approximate, "svd": best rank-k).
-        Returns the energy each "svd" layer keeps (fraction of Σσ²), keyed "path:part". See combine.py."""
+        Returns the energy each "svd" layer keeps (fraction of Σσ²), keyed "path:part". See combine.py.
+        A module trained in full (modules_to_save) by one of the adapters is copied, trained weights
+        and all, into the new adapter; a module that several of them train cannot be combined."""
         self._check_exists(adapters)
         self._check_new(adapter_name)
         combine.check_request([self.peft_config[a] for a in adapters], weights, combination_type)
+        shared = self._shared_copies(adapters)
+        if shared:
+            raise ValueError(f"Cannot add weighted adapters if they target the same module with modules_to_save: "
+                             f"several of {adapters} have a trained copy of {shared}, which has no weighted form")
         plan, factors, energies = {}, {}, {}
         for path, layer in self._lora_layers().items():
             parts, pairs, kept = combine.combine_layer(layer, adapters, weights, combination_type, svd_rank, path)
             if parts:
                 plan[path], factors[path] = parts, pairs
                 energies.update({f"{path}:{part}": e for part, e in kept.items()})
-        self._register(adapter_name, combine.combined_config(self.peft_config[adapters[0]], plan), plan)
+        config = combine.combined_config(self.peft_config[adapters[0]], plan)
+        config.modules_to_save = sorted({m for a in adapters for m in self.peft_config[a].modules_to_save or []}) or None
+        self._register(adapter_name, config, plan)
         for path, pairs in factors.items():
             for part, (A, B) in pairs.items():
                 self.model.get_submodule(path).set_part_weights(adapter_name, part, A, B)
+        for wrapper in self._adapter_modules(adapter_name).values():
+            if isinstance(wrapper, ModulesToSave):  # the one adapter that trains it gives its copy
+                owner = next(a for a in adapters if a in wrapper.modules_to_save)
+                wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[owner].state_dict())
         return energies
 
     @contextlib.contextmanager
@@ -333,7 +383,8 @@ class LoraModel(nn.Module):
             tensors, ranks = io.adapter_tensors(modules, name, config.use_rslora, trained_biases(self.model, config.bias))
             alike = peft_reads_targets_alike(self.model, config)
             written = io.peft_config_dict(config, modules, name, ranks, alike, base_name)
-            io.write_adapter(io.adapter_directory(save_directory, name), tensors, written, config, safe_serialization)
+            io.write_adapter(io.adapter_directory(save_directory, name), tensors, written, config, safe_serialization,
+                             base_model=base_name or None)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default",
@@ -452,3 +503,32 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if not isinstance(peft_config, LoraConfig):
         raise TypeError(f"peft_config must be a minilora LoraConfig, got {type(peft_config).__name__}")
     return LoraModel(model, peft_config, adapter_name)
+
+
+_WRAPPED = re.compile(r"(^|\.)(?:base_layer|original_module)\.")  # what a wrapper inserts into a base key
+_ADAPTER_WEIGHT = re.compile(r"(^|\.)(?:lora_A|lora_B|modules_to_save)\.")  # weights that belong to an adapter
+
+
+def _base_keys(model: LoraModel) -> dict[str, str]:
+    """Key in the wrapped HF model's state dict -> the key it had before any adapter, for the base's own weights."""
+    return {key: _WRAPPED.sub(r"\1", key) for key in model.model.state_dict() if not _ADAPTER_WEIGHT.search(key)}
+
+
+def get_base_model_state_dict(model: LoraModel) -> dict[str, torch.Tensor]:
+    """The base model's weights under the keys it had before LoRA (no `base_layer.`, no adapter
+    weights), as PEFT's function of that name. Merged adapters stay folded in."""
+    state = model.model.state_dict()
+    return {original: state[key] for key, original in _base_keys(model).items()}
+
+
+def set_base_model_state_dict(model: LoraModel, state_dict: dict[str, torch.Tensor], strict: bool = True) -> LoadResult:
+    """Load base weights given under the base model's own keys into a wrapped model; adapters are
+    untouched. With `strict`, a missing or unknown key raises RuntimeError, as torch's load_state_dict."""
+    wrapped = {original: key for key, original in _base_keys(model).items()}
+    missing = [k for k in wrapped if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in wrapped]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"base model state dict does not fit: missing keys {missing[:5]}, unexpected keys "
+                           f"{unexpected[:5]}; pass strict=False to load the keys that fit")
+    model.model.load_state_dict({wrapped[k]: v for k, v in state_dict.items() if k in wrapped}, strict=False)
+    return LoadResult(missing_keys=missing, unexpected_keys=unexpected)

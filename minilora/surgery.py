@@ -280,6 +280,11 @@ class ModulesToSave(nn.Module):
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)  # own storage: untied
 
     @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters that have a copy here (at most one: LoraModel.set_adapter sees to it)."""
+        return [n for n in self.state.active if n in self.modules_to_save]
+
+    @property
     def active_module(self) -> nn.Module:
         active = next((n for n in self.state.active if n in self.modules_to_save), None)
         if self.state.disabled or active is None:

@@ -129,6 +129,20 @@ def test_linear_is_the_documented_approximation_and_needs_one_rank():
         pm.add_weighted_adapter(["default", "c"], [0.5], "bad", combination_type="cat")
 
 
+def test_a_combination_keeps_the_head_that_one_adapter_trained():
+    pm = get_peft_model(make("llama"), LoraConfig(r=4, target_modules=["q"], modules_to_save=["lm_head"]))
+    pm.add_adapter("b", LoraConfig(r=4, target_modules=["q"]))
+    heads = pm.model.lm_head.modules_to_save
+    with torch.no_grad():
+        heads["default"].weight.add_(1.0)  # as if trained
+    pm.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix", combination_type="cat")
+    assert torch.equal(heads["mix"].weight, heads["default"].weight)  # PEFT's copy would be the untrained head
+    assert not heads["mix"].weight.requires_grad  # a combination is for inference
+    pm.add_adapter("c", LoraConfig(r=4, target_modules=["q"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="same module with modules_to_save"):
+        pm.add_weighted_adapter(["default", "c"], [0.5, 0.5], "clash", combination_type="cat")
+
+
 def test_prompt_tags_route_with_fallback_and_warnings():
     router = TagRouter(adapters=["finance", "medical"])
     with pytest.warns(UserWarning, match="unknown tag 'legal'"):
