@@ -27,8 +27,8 @@ def test_finetune_writes_a_report_and_learns_the_domain(tmp_path):
     assert report["qlora_article"]["trainable_params"] == report["lora_article"]["trainable_params"]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     for name in ("lora_all", "lora_article", "qlora_article"):
-        assert {f.name for f in (tmp_path / name / "adapter").iterdir()} == {"adapter_config.json",
-                                                                           "adapter_model.safetensors"}
+        assert {f.name for f in (tmp_path / name / "adapter").iterdir()} == {
+            "adapter_config.json", "adapter_model.safetensors", "minilora_config.json", "README.md"}
         metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics if m["kind"] == "eval"] == [0, 20, 40, 60, 80]
     assert not list(tmp_path.rglob(".*.tmp*"))  # atomic writes leave no temporaries
