@@ -34,6 +34,9 @@ def check_request(configs: list[LoraConfig], weights: list[float], combination_t
         raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
     if len(configs) != len(weights) or not configs:
         raise ValueError(f"give one weight per adapter: {len(configs)} adapters, {len(weights)} weights")
+    if any(config.use_dora for config in configs):
+        raise ValueError("add_weighted_adapter cannot combine DoRA adapters (use_dora=True): their per-row magnitudes "
+                         "do not add up; merge_and_unload one of them instead, or mix them per call with adapter_weights=")
 
 
 def _factors(layer: LoRALinear, names: list[str], weights: list[float], columns: tuple[int, int]):

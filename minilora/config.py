@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Union
 
+from . import init as named_init
+
 
 @dataclass(frozen=True)
 class Band:
@@ -60,8 +62,10 @@ class LoraConfig:
     fan_in_fan_out: bool = False  # True for GPT-2's Conv1D (weight stored (in, out)); set automatically
     bias: Literal["none", "all", "lora_only"] = "none"  # which biases train
     use_rslora: bool = False  # rank-stabilized scaling lora_alpha / sqrt(r)
+    use_dora: bool = False  # DoRA: a trained magnitude per output row (see dora.py)
     modules_to_save: Union[list[str], None] = None  # modules trained in full, one copy per adapter
-    init_lora_weights: Union[bool, str] = True  # True: kaiming-uniform A; "gaussian": N(0, 1/r); False: B random too
+    init_lora_weights: Union[bool, str] = True  # True: kaiming-uniform A; "gaussian": N(0, 1/r); False: B random too;
+    # "pissa", "pissa_niter_K", "olora" (these rewrite the base weight), "orthogonal": see init.py
     layers_to_transform: Union[list[int], int, None] = None  # only these layer indices
     layers_pattern: Union[list[str], str, None] = None  # name of the layer list ("h", "layers", "block")
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module suffix/regex -> rank
@@ -88,9 +92,10 @@ class LoraConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian") and not named_init.is_named(self.init_lora_weights):
             raise ValueError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+                f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K an integer), "
+                f"'olora' or 'orthogonal', got {self.init_lora_weights!r}"
             )
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:

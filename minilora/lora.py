@@ -27,7 +27,8 @@ whole (unsliced) layer is the special case of the single part FULL. An adapter h
 Everything a forward pass reads besides the weights (which adapters are active, whether adapters
 are disabled, a per-call routing of several adapters) sits in one `AdapterState` that a LoraModel
 shares with all its layers. The plain path below is what runs unless a call routes several
-adapters at once; that case is one call into mixing.py.
+adapters at once; that case is one call into mixing.py. A DoRA adapter (use_dora=True) adds a
+trainable magnitude per output row; its forward pass and merge are one call each into dora.py.
 
 Shape legend for this file: N = tokens (batch × time, flattened), d_in / d_out = the base
 layer's features, r = rank, d_part = the columns of one part.
@@ -42,7 +43,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import mixing
+from . import dora, mixing
+from . import init as named_init
 from .roles import FULL, features
 
 
@@ -84,6 +86,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()  # adapter -> {part -> Linear(d_in, r)}     weight (r, d_in)
         self.lora_B = nn.ModuleDict()  # adapter -> {part -> Linear(r, d_part)}   weight (d_part, r)
         self.lora_dropout = nn.ModuleDict()  # adapter -> Dropout or Identity
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: adapter -> {part -> m (d_part,)}
         self.parts: dict[str, dict[str, LoraPart]] = {}  # adapter -> {part name -> columns, rank, alpha}
         self.scaling: dict[str, dict[str, float]] = {}  # adapter -> {part name -> alpha / r}
         self.merged_adapters: list[str] = []
@@ -124,6 +127,7 @@ class LoRALinear(nn.Module):
         init_lora_weights=True,
         use_rslora: bool = False,
         dtype: Optional[torch.dtype] = None,
+        use_dora: bool = False,
     ) -> None:
         """Create adapter `name`: for each part, A (r, d_in) and B (d_part, r), B = 0."""
         if name in self.lora_A:
@@ -146,11 +150,16 @@ class LoRALinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.reset_adapter(name, init_lora_weights)
+        if use_dora:
+            dora.add_magnitudes(self, name)
         mixing.forget_stacks(self)  # mixed-batch stacks are out of date
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init_lora_weights=True) -> None:
-        """A ~ kaiming-uniform(a=√5) (PEFT's default) or N(0, 1/r); B = 0 unless init is False."""
+        """A ~ kaiming-uniform(a=√5) (PEFT's default) or N(0, 1/r); B = 0 unless init is False.
+        "pissa", "pissa_niter_K", "olora" and "orthogonal" are one call into init.py."""
+        if named_init.is_named(init_lora_weights):
+            return named_init.initialise(self, name, init_lora_weights)
         for part, A in self.lora_A[name].items():
             B = self.lora_B[name][part]
             if init_lora_weights == "gaussian":
@@ -171,8 +180,9 @@ class LoRALinear(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge([name])
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            del table[name]
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in table:
+                del table[name]
         del self.parts[name], self.scaling[name]
         mixing.forget_stacks(self)
 
@@ -191,6 +201,8 @@ class LoRALinear(nn.Module):
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
         """y[..., part] + weight · (alpha/r) · (dropout(x) Aᵀ) Bᵀ for each part of adapter `name`."""
+        if name in self.lora_magnitude_vector:
+            return dora.add_dora(self, y, x, name, weight)
         A, B = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(next(iter(A.values())).weight.dtype))  # (..., d_in)
         columns, scales, factors = [], [], []
@@ -213,6 +225,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def _fold(self, name: str, sign: float) -> None:
+        if name in self.lora_magnitude_vector:
+            return dora.fold(self, name, sign)
         W = self.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
         for part_name, part in self.parts[name].items():
             delta = sign * self.delta_weight(name, part_name)  # (d_part, d_in)

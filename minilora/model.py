@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 
 from . import combine, io, mixing
+from . import convert
+from . import init as named_init
 from .config import LoraConfig
 from .lora import AdapterState, LoRALinear
 from .params import count_parameters, format_trainable, parameter_breakdown
@@ -222,8 +224,8 @@ class LoraModel(nn.Module):
             for p in self.model.parameters():
                 p.requires_grad_(False)
         self.peft_config[name] = config
-        self._params[name] = [p for layer in layers for table in (layer.lora_A, layer.lora_B)
-                              for p in table[name].parameters()]
+        self._params[name] = [p for layer in layers for table in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
+                              if name in table for p in table[name].parameters()]
         self._params[name] += [p for wrapper in copies for p in wrapper.modules_to_save[name].parameters()]
         self._update_trainable([name])
 
@@ -371,10 +373,13 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory, selected_adapters: Optional[list[str]] = None,
-                        safe_serialization: bool = True, **_ignored) -> None:
+                        safe_serialization: bool = True, path_initial_model_for_weight_conversion=None,
+                        **_ignored) -> None:
         """PEFT's layout: adapter_config.json + adapter_model.safetensors (adapter_model.bin, a dict of
         tensors, with `safe_serialization=False`) and a model card; non-default adapters in
-        subdirectories. PEFT's other keyword arguments are accepted and ignored."""
+        subdirectories. `path_initial_model_for_weight_conversion`: the directory of this PiSSA / OLoRA
+        adapter saved at initialisation; the adapter is then saved as a plain LoRA of twice the rank
+        over the original base (convert.py). PEFT's other keyword arguments are accepted and ignored."""
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_exists(names)
         base_name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
@@ -383,6 +388,9 @@ class LoraModel(nn.Module):
             tensors, ranks = io.adapter_tensors(modules, name, config.use_rslora, trained_biases(self.model, config.bias))
             alike = peft_reads_targets_alike(self.model, config)
             written = io.peft_config_dict(config, modules, name, ranks, alike, base_name)
+            if path_initial_model_for_weight_conversion is not None:
+                initial = io.read_tensors(path_initial_model_for_weight_conversion)
+                tensors, written, config = convert.to_plain_lora(tensors, initial, written, config)
             io.write_adapter(io.adapter_directory(save_directory, name), tensors, written, config, safe_serialization,
                              base_model=base_name or None)
 
@@ -409,8 +417,12 @@ class LoraModel(nn.Module):
             heads = {h for names in TASK_HEADS.values() for h in names}
             config.modules_to_save = [m for m in config.modules_to_save if m not in heads or has_module(self.model, m)]
         tensors = io.read_tensors(model_id)
+        init = config.init_lora_weights
+        if named_init.changes_base(init):  # PiSSA / OLoRA: the base given is already W_res; don't factorise it again
+            config.init_lora_weights = True
         self.add_adapter(adapter_name, config)
         config = self.peft_config[adapter_name]
+        config.init_lora_weights = init
         try:
             io.fill_adapter(self._adapter_modules(adapter_name), adapter_name, config.use_rslora,
                             trained_biases(self.model, config.bias), tensors, Path(model_id))
@@ -506,7 +518,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 
 _WRAPPED = re.compile(r"(^|\.)(?:base_layer|original_module)\.")  # what a wrapper inserts into a base key
-_ADAPTER_WEIGHT = re.compile(r"(^|\.)(?:lora_A|lora_B|modules_to_save)\.")  # weights that belong to an adapter
+_ADAPTER_WEIGHT = re.compile(r"(^|\.)(?:lora_A|lora_B|lora_magnitude_vector|modules_to_save)\.")  # weights that belong to an adapter
 
 
 def _base_keys(model: LoraModel) -> dict[str, str]:

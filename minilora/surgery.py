@@ -256,6 +256,7 @@ def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: Lora
                 lora_dropout=config.lora_dropout,
                 init_lora_weights=config.init_lora_weights,
                 use_rslora=config.use_rslora,
+                use_dora=config.use_dora,
             )
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None

@@ -6,7 +6,7 @@ One optimizer step, with G = batch_size × grad_accum × processes examples in t
     loss   = Σ_micro-batches Σ_tokens ℓ_t / N                             backward per micro-batch
     g      = Σ_processes ∇loss                                            one all-reduce, adapters only
     clip g to max_grad_norm; skip the step if the loss or ‖g‖ is not finite
-    AdamW (or PagedAdamW) step; warmup + cosine schedule step
+    AdamW (or PagedAdamW) step, LoRA+ learning rates if asked; warmup + cosine schedule step
 
 Dividing by the global token count (not by each micro-batch's own) makes gradient accumulation and
 data parallelism give the gradient of the whole batch, whatever the padding.
@@ -33,7 +33,7 @@ from torch import nn
 
 from ..files import atomic_write
 from ..model import LoraModel
-from ..optim import PagedAdamW
+from ..optim import PagedAdamW, create_loraplus_optimizer
 from . import checkpoint
 from .batches import Sampler, replay_count
 from .data import TASKS, Examples
@@ -61,6 +61,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0: no clipping
     optimizer: str = "adamw"  # adamw | paged_adamw
+    loraplus_lr_ratio: Optional[float] = None  # LoRA+: lora_B learns at lr × this (e.g. 16); None: one lr
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32
     eval_every: int = 25  # steps between evaluations
     eval_batch_size: int = 32
@@ -91,6 +92,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.replay_ratio < 1.0:
             raise ValueError(f"replay_ratio must be in [0, 1), got {self.replay_ratio}")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            raise ValueError(f"loraplus_lr_ratio must be > 0 (lora_B's lr / lora_A's; typically 2 to 16), "
+                             f"got {self.loraplus_lr_ratio}")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
 
@@ -148,10 +152,13 @@ class Trainer:
         self.samplers = {"train": Sampler(len(train), config.seed)}
         if replay is not None and config.replay_ratio > 0:
             self.samplers["replay"] = Sampler(len(replay), config.seed + 1)
-        if config.optimizer == "paged_adamw":
-            self.optimizer = PagedAdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer_cls = PagedAdamW if config.optimizer == "paged_adamw" else torch.optim.AdamW
+        if config.loraplus_lr_ratio is not None:
+            self.optimizer = create_loraplus_optimizer(model, optimizer_cls, lr=config.lr,
+                                                       loraplus_lr_ratio=config.loraplus_lr_ratio,
+                                                       loraplus_weight_decay=config.weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+            self.optimizer = optimizer_cls(self.params, lr=config.lr, weight_decay=config.weight_decay)
         warmup = config.warmup_steps if config.warmup_steps >= 0 else max(1, config.steps // 10)
         self.schedule = warmup_cosine(self.optimizer, warmup, config.steps, config.min_lr_ratio)
         self.monitor = Monitor(config.patience, config.min_delta, config.forgetting_budget)

@@ -1,0 +1,139 @@
+r"""DoRA (Liu et al., 2024): a LoRA adapter that learns the length of each weight row on its own.
+
+DoRA splits the adapted weight into a direction and a magnitude. With W the frozen base weight
+(d_out, d_in), s·B·A the low-rank update and ‖·‖_c the norm of each output row:
+
+    W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_c          m ∈ R^{d_out}, trainable, one value per row
+
+m starts at ‖W‖_c (measured with the adapter's initial B, which is zero), so a fresh DoRA
+adapter changes nothing. Writing g = m / ‖W + s·B·A‖_c (d_out,) and x for the layer's input,
+
+    y' = x W'ᵀ + b = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b
+       = y + (g − 1) ⊙ (y − b) + g ⊙ s·(x Aᵀ) Bᵀ          y = x Wᵀ + b, the base layer's output
+
+The last line is what runs: the base output is reused, W is never multiplied again, and at
+init g is exactly 1 (same norm of the same W, computed the same way) and B = 0, so the added
+term is exactly zero and the output equals the base's bit for bit.
+
+Which term is detached. ‖W + s·B·A‖_c depends on A and B; the paper (section 4.3) treats it as
+a constant in the backward pass. Its gradient would need the dense (d_out, d_in) update kept for
+the backward pass of every layer; without it, gradients reach A and B through the low-rank path
+only, and m through g = m / ‖·‖_c, at the memory cost of plain LoRA. PEFT does the same.
+
+Several active adapters: y is the layer's output so far, so a DoRA adapter applied after another
+adapter scales that one's change too, as PEFT does. adapter_weights={name: w} adds w times the
+change: y + w·((g − 1) ⊙ (y − b) + g ⊙ s·(x Aᵀ) Bᵀ).
+
+Dropout (lora_dropout) applies to the low-rank path's input only, as in plain LoRA; the base
+output y is the undropped one. (PEFT, when training with dropout, also feeds the dropped input
+through W; with lora_dropout = 0 or in eval mode the two agree.)
+
+Slices of a fused layer. On GPT-2's `c_attn` an adapter on the q and v parts has one m per part,
+over that part's rows only: each slice's rows are normalised on their own and K's columns are
+untouched. PEFT has no slices, and its format stores one DoRA over whole rows of the fused
+output, whose norm would take in K's rows too: there is no equivalent whole-layer file. So
+saving a sliced DoRA adapter is refused (io.py); a whole-layer DoRA adapter (target_modules
+naming the module, e.g. "c_attn") saves and loads in PEFT's format both ways under the key
+`base_model.model.<path>.lora_magnitude_vector.weight`.
+
+Merging writes W' = g ⊙ (W + s·B·A) into the rows of each part and keeps the rows as they were
+(and as written), so unmerging restores W exactly. Mixed batches (adapter_names=) are refused:
+they stack every adapter's (A, B) into one batched product, which has no place for g.
+
+Quantized bases (Linear4bit): the norm is taken over the dequantized weight, in fp32.
+
+Shapes: N = tokens, d_in / d_out = the base layer's features, d_part = the rows of one part.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+MAGNITUDE = "lora_magnitude_vector"  # the attribute of LoRALinear, and PEFT's name in files
+
+
+class Magnitude(nn.Module):
+    """m for one part of a DoRA adapter: `weight` (d_part,). While merged, `merged` holds the rows
+    (d_part, d_in) as they were before the merge and as the merge wrote them."""
+
+    def __init__(self, norm: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(norm)
+        self.merged: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+
+def dense_weight(layer) -> torch.Tensor:
+    """The base weight as (d_out, d_in), in fp32: dequantized for a 4-bit base, transposed for Conv1D."""
+    base = layer.base_layer
+    if hasattr(base, "dequantized_weight"):  # Linear4bit
+        return base.dequantized_weight(torch.float32)
+    W = base.weight.detach().float()
+    return W.t() if layer.fan_in_fan_out else W
+
+
+@torch.no_grad()
+def row_norm(layer, name: str, part: str, W: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """‖W_p + s·B·A‖ per row of `part` (d_part,), fp32, no gradient. W: dense_weight(layer), if known."""
+    first, end = layer.parts[name][part].first, layer.parts[name][part].end
+    W = dense_weight(layer) if W is None else W  # (d_out, d_in)
+    return torch.linalg.vector_norm(W[first:end] + layer.delta_weight(name, part), dim=1)
+
+
+def add_magnitudes(layer, name: str) -> None:
+    """Make adapter `name` of `layer` a DoRA adapter: one m per part, m = ‖W_p + s·B·A‖ (‖W_p‖ when B = 0)."""
+    W = dense_weight(layer)
+    dtype = next(iter(layer.lora_A[name].values())).weight.dtype
+    layer.lora_magnitude_vector[name] = nn.ModuleDict(
+        {part: Magnitude(row_norm(layer, name, part, W).to(dtype)) for part in layer.parts[name]})
+
+
+def add_dora(layer, y: torch.Tensor, x: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
+    """y + weight · ((g − 1) ⊙ (y − b) + g ⊙ s·(dropout(x) Aᵀ) Bᵀ) in the columns of each part of
+    adapter `name`, g = m / ‖W + s·B·A‖ (detached). y (..., d_out) is the output so far."""
+    A, B, M = layer.lora_A[name], layer.lora_B[name], layer.lora_magnitude_vector[name]
+    x = layer.lora_dropout[name](x.to(next(iter(A.values())).weight.dtype))  # (..., d_in)
+    W = dense_weight(layer)  # (d_out, d_in)
+    bias = layer.base_layer.bias
+    y2d = y.reshape(-1, layer.out_features)  # (N, d_out), read only
+    out = y2d.clone()  # parts write their columns here
+    for part_name, part in layer.parts[name].items():
+        g = M[part_name].weight / row_norm(layer, name, part_name, W)  # (d_part,)
+        g = g.to(y.dtype)
+        rows = y2d[:, part.first:part.end]  # (N, d_part), the output so far
+        b = bias[part.first:part.end].to(y.dtype) if bias is not None else 0.0
+        lora = B[part_name](A[part_name](x)).reshape(-1, part.width).to(y.dtype)  # (N, d_in) -> (N, r) -> (N, d_part)
+        scale = layer.scaling[name][part_name]
+        out[:, part.first:part.end] = rows + weight * ((g - 1) * (rows - b) + g * scale * lora)
+    return out.view(y.shape)
+
+
+@torch.no_grad()
+def fold(layer, name: str, sign: float) -> None:
+    """sign +1: W_p ← g ⊙ (W_p + s·B·A) for each part, the old rows kept; sign −1: put them back
+    (plus whatever was merged into those rows since, so a later merge is not lost)."""
+    W = layer.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
+    for part_name, part in layer.parts[name].items():
+        rows = W[:, part.first:part.end].T if layer.fan_in_fan_out else W[part.first:part.end]  # (d_part, d_in) view
+        magnitude = layer.lora_magnitude_vector[name][part_name]
+        if sign > 0:
+            updated = rows.float() + layer.delta_weight(name, part_name)  # (d_part, d_in)
+            g = magnitude.weight.float() / torch.linalg.vector_norm(updated, dim=1)  # (d_part,)
+            before = rows.clone()
+            rows.copy_((g[:, None] * updated).to(W.dtype))
+            magnitude.merged = (before, rows.clone())
+        else:
+            before, written = magnitude.merged
+            rows.copy_(before if torch.equal(rows, written) else before + (rows - written))
+            magnitude.merged = None
+
+
+def refuse_mixed_batch(layer, names) -> None:
+    """Mixed batches stack plain (A, B) pairs: a DoRA adapter among `names` cannot take part."""
+    for name in names:
+        if name in layer.lora_magnitude_vector:
+            raise ValueError(
+                f"adapter {name!r} is a DoRA adapter (use_dora=True), which mixed batches (adapter_names=) and "
+                "routers do not support: run its rows in a call of their own after set_adapter, or merge it")
