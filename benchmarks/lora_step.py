@@ -8,6 +8,7 @@ Peers, all measured in the same run, interleaved in a shuffled order every repea
   minilora    LoRA r=8 on c_attn (whole fused QKV output), every layer
   minilora_qv LoRA r=8 on the Q and V slices of c_attn, every layer
   peft        PEFT's LoRA r=8 on c_attn, every layer
+  minilora_dora, peft_dora   DoRA r=8 on c_attn, every layer (--no-dora leaves them out)
   minilora compiled, minilora_qv compiled, peft compiled
               the same models under torch.compile (Inductor), compiled during the warm-up rounds
               (--no-compile leaves them out)
@@ -45,10 +46,16 @@ def peers(args) -> dict[str, torch.nn.Module]:
         "minilora": minilora.get_peft_model(copy.deepcopy(base), minilora.LoraConfig(target_modules=["c_attn"], **cfg)),
         "minilora_qv": minilora.get_peft_model(copy.deepcopy(base), minilora.LoraConfig(target_modules=["q", "v"], **cfg)),
     }
+    if args.dora:
+        models["minilora_dora"] = minilora.get_peft_model(copy.deepcopy(base), minilora.LoraConfig(
+            target_modules=["c_attn"], use_dora=True, **cfg))
     try:
         import peft
 
         models["peft"] = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["c_attn"], **cfg))
+        if args.dora:
+            models["peft_dora"] = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+                target_modules=["c_attn"], use_dora=True, **cfg))
     except ImportError:
         print("peft is not installed: measuring without it")
     models = {name: m.train() for name, m in models.items()}
@@ -69,6 +76,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled peers")
+    parser.add_argument("--no-dora", dest="dora", action="store_false", help="leave out the DoRA peers")
     parser.add_argument("--out", type=Path, default=RESULTS / "lora_step")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
@@ -81,6 +89,10 @@ def main(argv=None) -> dict:
         if f"peft{suffix}" in median:
             for ours in ("minilora", "minilora_qv"):
                 ratios[f"{ours}{suffix} / peft{suffix}"] = median[f"{ours}{suffix}"] / median[f"peft{suffix}"]
+    if "minilora_dora" in median:
+        ratios["minilora_dora / minilora"] = median["minilora_dora"] / median["minilora"]
+        if "peft_dora" in median:
+            ratios["minilora_dora / peft_dora"] = median["minilora_dora"] / median["peft_dora"]
     for ours in ("minilora", "minilora_qv", "peft"):
         if f"{ours} compiled" in median:
             ratios[f"{ours} compiled / {ours}"] = median[f"{ours} compiled"] / median[ours]
