@@ -65,7 +65,8 @@ class LoraConfig:
     use_dora: bool = False  # DoRA: a trained magnitude per output row (see dora.py)
     modules_to_save: Union[list[str], None] = None  # modules trained in full, one copy per adapter
     init_lora_weights: Union[bool, str] = True  # True: kaiming-uniform A; "gaussian": N(0, 1/r); False: B random too;
-    # "pissa", "pissa_niter_K", "olora" (these rewrite the base weight), "orthogonal": see init.py
+    # "pissa", "pissa_niter_K", "olora", "loftq" (these rewrite the base weight), "orthogonal": see init.py
+    loftq_config: dict = field(default_factory=dict)  # with "loftq": {"loftq_bits": 4, "loftq_iter": T}
     layers_to_transform: Union[list[int], int, None] = None  # only these layer indices
     layers_pattern: Union[list[str], str, None] = None  # name of the layer list ("h", "layers", "block")
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module suffix/regex -> rank
@@ -95,8 +96,15 @@ class LoraConfig:
         if self.init_lora_weights not in (True, False, "gaussian") and not named_init.is_named(self.init_lora_weights):
             raise ValueError(
                 f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K an integer), "
-                f"'olora' or 'orthogonal', got {self.init_lora_weights!r}"
+                f"'olora', 'orthogonal' or 'loftq', got {self.init_lora_weights!r}"
             )
+        if self.loftq_config and self.init_lora_weights != "loftq":
+            raise ValueError("loftq_config is set but init_lora_weights is not 'loftq': set both, or neither")
+        if self.init_lora_weights == "loftq":
+            bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+            if bits != 4 or not isinstance(iters, int) or iters < 1:
+                raise ValueError(f"loftq_config={self.loftq_config!r}: minilora's LoftQ quantizes to 4-bit NF4 "
+                                 "(loftq_bits=4) with loftq_iter ≥ 1 iterations")
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")

@@ -37,6 +37,10 @@ def _doubled(config: dict, use_rslora: bool) -> dict:
 
 def check_convertible(config: LoraConfig) -> None:
     """Refuse the configurations the conversion cannot express, as PEFT does."""
+    if config.init_lora_weights == "loftq":
+        raise ValueError("a LoftQ adapter belongs to its quantized base (LoftQ chose the two together): there is no "
+                         "plain LoRA relative to the original weight; save it without "
+                         "path_initial_model_for_weight_conversion and load it on the LoftQ base")
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError("path_initial_model_for_weight_conversion cannot be used with rank_pattern or alpha_pattern "
                          "together with use_rslora=True: per-module alphas cannot keep the rsLoRA scale exactly")

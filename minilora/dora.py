@@ -30,11 +30,11 @@ through W; with lora_dropout = 0 or in eval mode the two agree.)
 
 Slices of a fused layer. On GPT-2's `c_attn` an adapter on the q and v parts has one m per part,
 over that part's rows only: each slice's rows are normalised on their own and K's columns are
-untouched. PEFT has no slices, and its format stores one DoRA over whole rows of the fused
-output, whose norm would take in K's rows too: there is no equivalent whole-layer file. So
-saving a sliced DoRA adapter is refused (io.py); a whole-layer DoRA adapter (target_modules
-naming the module, e.g. "c_attn") saves and loads in PEFT's format both ways under the key
-`base_model.model.<path>.lora_magnitude_vector.weight`.
+untouched. PEFT has no slices, but every norm here is one output row's, so rows never mix: the
+whole-layer file (io.py) carries m for the parts' rows and ‖W_row‖ for the others (K's), where
+B's rows are zero, so PEFT computes g = ‖W_row‖ / ‖W_row‖ = 1 there and the same function as the
+slices (`whole_magnitude`, `set_whole_magnitude`). The key is PEFT's,
+`base_model.model.<path>.lora_magnitude_vector`, both ways.
 
 Merging writes W' = g ⊙ (W + s·B·A) into the rows of each part and keeps the rows as they were
 (and as written), so unmerging restores W exactly. Mixed batches (adapter_names=) are refused:
@@ -88,6 +88,31 @@ def add_magnitudes(layer, name: str) -> None:
     dtype = next(iter(layer.lora_A[name].values())).weight.dtype
     layer.lora_magnitude_vector[name] = nn.ModuleDict(
         {part: Magnitude(row_norm(layer, name, part, W).to(dtype)) for part in layer.parts[name]})
+
+
+@torch.no_grad()
+def whole_magnitude(layer, name: str) -> torch.Tensor:
+    """m over every output row (d_out,), as PEFT's whole-layer file holds it: the parts' m, and
+    ‖W_row‖ for rows no part covers (their update is zero, so their gain is 1)."""
+    m = torch.linalg.vector_norm(dense_weight(layer), dim=1)  # (d_out,)
+    for part_name, part in layer.parts[name].items():
+        m[part.first:part.end] = layer.lora_magnitude_vector[name][part_name].weight.float()
+    return m.to(next(iter(layer.lora_magnitude_vector[name].values())).weight.dtype)
+
+
+@torch.no_grad()
+def set_whole_magnitude(layer, name: str, m: torch.Tensor, where: str) -> None:
+    """The inverse of `whole_magnitude`: the parts' rows of m (d_out,) into each part's m. Rows no
+    part covers must hold ‖W_row‖ (gain 1): a file whose other rows were trained cannot load as slices."""
+    covered = torch.zeros(m.shape[0], dtype=torch.bool)
+    for part_name, part in layer.parts[name].items():
+        layer.lora_magnitude_vector[name][part_name].weight.copy_(m[part.first:part.end])
+        covered[part.first:part.end] = True
+    base = torch.linalg.vector_norm(dense_weight(layer), dim=1)
+    if not torch.allclose(m[~covered].float(), base[~covered], rtol=1e-5, atol=1e-7):
+        raise ValueError(f"{where}: lora_magnitude_vector rescales rows outside the slices the config names (e.g. "
+                         "K's), so it cannot load as slices without changing the model; load it with "
+                         "target_modules set to the module name")
 
 
 def add_dora(layer, y: torch.Tensor, x: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:

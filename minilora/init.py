@@ -45,12 +45,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .loftq import loftq
 from .roles import FULL
 
 if TYPE_CHECKING:
     from .lora import LoRALinear
 
-NAMED = re.compile(r"pissa(_niter_\d+)?|olora|orthogonal")  # the values of init_lora_weights handled here
+NAMED = re.compile(r"pissa(_niter_\d+)?|olora|orthogonal|loftq(_iter_\d+)?")  # the values of init_lora_weights handled here
 
 
 def is_named(init_lora_weights) -> bool:
@@ -125,7 +126,10 @@ def initialise(layer: "LoRALinear", name: str, method: str) -> None:
             f"init_lora_weights={method!r} with r={r} on a {tuple(W.shape)} weight: r may be at most "
             f"min(d_out, d_in) = {min(W.shape)}; lower r (or rank_pattern for this layer)"
         )
-    if method == "olora":
+    if method.startswith("loftq"):  # the base becomes the dequantized NF4 weight: see loftq.py
+        iterations = int(method.rsplit("_", 1)[1]) if "_iter_" in method else 1
+        W_res, A, B = loftq(W, r, scale, iterations)
+    elif method == "olora":
         A, B, W_res = olora(W, r, scale)
     else:
         niter = int(method.rsplit("_", 1)[1]) if "_niter_" in method else None

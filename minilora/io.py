@@ -5,6 +5,9 @@
     <dir>/README.md                    a model card, as PEFT writes one (one already there keeps its text)
     <dir>/adapter_model.safetensors    base_model.model.<module path>.lora_A.weight   (r, d_in)
                                        base_model.model.<module path>.lora_B.weight   (d_out, r)
+                                       base_model.model.<module path>.lora_embedding_A  (r, num_embeddings)
+                                       base_model.model.<module path>.lora_embedding_B  (embedding_dim, r)
+                                                      embeddings: no ".weight", as PEFT writes them
                                        base_model.model.<module path>.lora_magnitude_vector  (d_out,)
                                                       DoRA only; PEFT writes it without ".weight", both read
                                        base_model.model.<module path>.<param>         modules_to_save
@@ -19,8 +22,8 @@ written as one LoRA of rank r_q + r_v over the whole fused output, which compute
 
     B·A = [B_q A_q ; 0 ; B_v A_v]. The scale must not change: with α/r scaling, α doubles with r.
 
-A DoRA adapter on slices has no such equivalent (its norm is per slice, a whole-layer DoRA's is
-over the whole fused row): saving one is refused, see dora.py.
+A DoRA adapter on slices exports the same way: its norms are per output row, so the whole-layer
+lora_magnitude_vector holds the slices' m and, for K's rows, ‖W_row‖ (gain 1); see dora.py.
 
 `minilora_config.json` keeps the original config (roles, bands), so minilora reads slices back as
 slices; it carries the SHA-256 of the adapter_config.json it belongs to, and is ignored when that
@@ -52,7 +55,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import LoraConfig
-from .dora import MAGNITUDE
+from .dora import MAGNITUDE, set_whole_magnitude, whole_magnitude
+from .embedding import LoRAEmbedding
 from .files import atomic_write
 from .lora import LoRALinear
 from .roles import FULL
@@ -68,7 +72,7 @@ AdapterModules = dict[str, nn.Module]  # module path -> LoRALinear or ModulesToS
 
 # PEFT fields minilora does not implement: ignored when they hold their default, refused otherwise.
 _PEFT_DEFAULTS = {
-    "lora_bias": False, "layer_replication": None, "loftq_config": {},
+    "lora_bias": False, "layer_replication": None,
     "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
     "use_qalora": False, "use_bdlora": None, "eva_config": None, "corda_config": None,
     "arrow_config": None, "kasa_config": None, "lora_ga_config": None, "monteclora_config": None,
@@ -91,11 +95,6 @@ def _export_scale(layer: LoRALinear, name: str, r_total: int, rslora: bool) -> t
 def _export_layer(layer: LoRALinear, name: str, rslora: bool) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """One LoRA over the whole output, equal to the layer's parts: (A, B, r, alpha)."""
     parts = layer.parts[name]
-    if name in layer.lora_magnitude_vector and list(parts) != [FULL]:
-        raise ValueError(
-            f"adapter {name!r} puts DoRA on slices {list(parts)} of a fused layer, which PEFT's format cannot hold "
-            "(a whole-layer DoRA normalises whole fused rows, K's included): to save it, target the whole module "
-            "(e.g. target_modules=['c_attn']) or use plain LoRA (use_dora=False)")
     A_parts = [layer.lora_A[name][p].weight.detach() for p in parts]  # (r_p, d_in) each
     if list(parts) == [FULL]:
         return A_parts[0], layer.lora_B[name][FULL].weight.detach(), parts[FULL].r, parts[FULL].alpha
@@ -117,12 +116,16 @@ def adapter_tensors(modules: AdapterModules, name: str, use_rslora: bool, biases
     `biases`: the base biases it trains, by parameter path."""
     tensors, ranks = {}, {}
     for path, module in modules.items():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAEmbedding):
+            tensors[f"{PREFIX}{path}.lora_embedding_A"] = module.lora_embedding_A[name].detach()
+            tensors[f"{PREFIX}{path}.lora_embedding_B"] = module.lora_embedding_B[name].detach()
+            ranks[path] = module.ranks[name]
+        elif isinstance(module, LoRALinear):
             A, B, r, alpha = _export_layer(module, name, use_rslora)
             tensors[f"{PREFIX}{path}.lora_A.weight"] = A
             tensors[f"{PREFIX}{path}.lora_B.weight"] = B
-            if name in module.lora_magnitude_vector:  # DoRA: one whole-layer part (_export_layer checked)
-                tensors[f"{PREFIX}{path}.{MAGNITUDE}"] = module.lora_magnitude_vector[name][FULL].weight.detach()
+            if name in module.lora_magnitude_vector:  # DoRA: m over every row of the layer (see dora.py)
+                tensors[f"{PREFIX}{path}.{MAGNITUDE}"] = whole_magnitude(module, name)
             ranks[path] = (r, alpha)
         else:  # ModulesToSave: the adapter's trained copy
             for param, value in module.modules_to_save[name].state_dict().items():
@@ -360,6 +363,7 @@ def fill_adapter(modules: AdapterModules, name: str, use_rslora: bool, biases: d
     """Copy a file's `tensors` into adapter `name`, freshly created on `modules`, and into the base
     `biases` it trains. Every key and shape is checked before anything is written."""
     tensors = {k.removesuffix(".weight") if k.endswith(f".{MAGNITUDE}.weight") else k: v for k, v in tensors.items()}
+    tables = _embedding_tables(modules, tensors, directory)
     expected, _ = adapter_tensors(modules, name, use_rslora, biases)
     unexpected = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
@@ -377,16 +381,37 @@ def fill_adapter(modules: AdapterModules, name: str, use_rslora: bool, biases: d
                 "in this model; the adapter was saved for a different base model"
             )
     for path, module in modules.items():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAEmbedding):
+            module.set_weights(name, tensors[f"{PREFIX}{path}.lora_embedding_A"], tensors[f"{PREFIX}{path}.lora_embedding_B"])
+        elif isinstance(module, LoRALinear):
             A, B = tensors[f"{PREFIX}{path}.lora_A.weight"], tensors[f"{PREFIX}{path}.lora_B.weight"]
             _import_layer(module, name, A, B, path, use_rslora)
             if name in module.lora_magnitude_vector:
-                module.lora_magnitude_vector[name][FULL].weight.copy_(tensors[f"{PREFIX}{path}.{MAGNITUDE}"])
+                set_whole_magnitude(module, name, tensors[f"{PREFIX}{path}.{MAGNITUDE}"], f"{directory}: {path}")
         else:
             copy = module.modules_to_save[name]
             copy.load_state_dict({p: tensors[f"{PREFIX}{path}.{p}"] for p in copy.state_dict()})
     for path, param in biases.items():
         param.copy_(tensors[PREFIX + path])  # the base's own bias: shared by every adapter, as in PEFT
+    for path, table in tables.items():
+        modules[path].base_layer.weight.copy_(table)
+
+
+def _embedding_tables(modules: AdapterModules, tensors: dict[str, torch.Tensor], directory) -> dict[str, torch.Tensor]:
+    """Take out of `tensors` the whole embedding tables PEFT saves beside an adapted embedding
+    (`<path>.base_layer.weight`, when the target is named embed_tokens or lm_head, in case the
+    vocabulary was resized). Loading puts them into the base embedding, as PEFT does."""
+    tables = {}
+    for path, module in modules.items():
+        table = tensors.pop(f"{PREFIX}{path}.base_layer.weight", None)
+        if table is None or not isinstance(module, LoRAEmbedding):
+            continue
+        if table.shape != module.base_layer.weight.shape:
+            raise ValueError(f"{directory}: {path}'s saved embedding table has shape {tuple(table.shape)} but this "
+                             f"model's is {tuple(module.base_layer.weight.shape)}; resize the model's token "
+                             "embeddings (resize_token_embeddings) to the adapter's vocabulary first")
+        tables[path] = table
+    return tables
 
 
 def _import_layer(layer: LoRALinear, name: str, A: torch.Tensor, B: torch.Tensor, path: str, rslora: bool) -> None:

@@ -171,6 +171,11 @@ class LoRALinear(nn.Module):
             else:
                 nn.init.zeros_(B.weight)
 
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable parameters of adapter `name` on this layer (A, B and DoRA magnitudes)."""
+        return [p for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector)
+                if name in table for p in table[name].parameters()]
+
     @torch.no_grad()
     def set_part_weights(self, name: str, part: str, A: torch.Tensor, B: torch.Tensor) -> None:
         """Copy A (r, d_in) and B (d_part, r) into adapter `name`'s pair for `part`."""

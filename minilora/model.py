@@ -37,6 +37,7 @@ from .quant import Linear4bit, NF4Config
 from .roles import walk
 from .signature import bind_forward
 from .surgery import (
+    ADAPTER_LAYERS,
     TASK_HEADS,
     ModulesToSave,
     Plan,
@@ -77,7 +78,7 @@ class LoraModel(nn.Module):
         """A base wrapped a second time (a second get_peft_model, as PEFT allows): its adapter layers
         now read this model's state, and an earlier adapter named `replaced` gives way to the new one.
         Other earlier adapters stay in the layers, inactive and unregistered here."""
-        layers = [m for _, m in walk(self.model) if isinstance(m, (LoRALinear, ModulesToSave))]
+        layers = [m for _, m in walk(self.model) if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))]
         if not layers:
             return
         warnings.warn("this model already carries minilora adapters from an earlier get_peft_model: the new "
@@ -85,7 +86,7 @@ class LoraModel(nn.Module):
                       "use add_adapter on one LoraModel to keep several adapters", stacklevel=3)
         for layer in layers:
             layer.state = self._state
-            if isinstance(layer, LoRALinear) and replaced in layer.lora_A:
+            if isinstance(layer, ADAPTER_LAYERS) and replaced in layer.lora_A:
                 layer.delete_adapter(replaced)
             elif isinstance(layer, ModulesToSave) and replaced in layer.modules_to_save:
                 del layer.modules_to_save[replaced]
@@ -224,8 +225,7 @@ class LoraModel(nn.Module):
             for p in self.model.parameters():
                 p.requires_grad_(False)
         self.peft_config[name] = config
-        self._params[name] = [p for layer in layers for table in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
-                              if name in table for p in table[name].parameters()]
+        self._params[name] = [p for layer in layers for p in layer.adapter_parameters(name)]
         self._params[name] += [p for wrapper in copies for p in wrapper.modules_to_save[name].parameters()]
         self._update_trainable([name])
 
@@ -294,7 +294,7 @@ class LoraModel(nn.Module):
         """Remove an adapter and free its weights. If it was active, the first remaining one is."""
         self._check_exists([adapter_name])
         for layer in self._adapter_modules(adapter_name).values():
-            if isinstance(layer, LoRALinear):
+            if isinstance(layer, ADAPTER_LAYERS):
                 layer.delete_adapter(adapter_name)
             else:
                 del layer.modules_to_save[adapter_name]
@@ -317,6 +317,9 @@ class LoraModel(nn.Module):
                              f"several of {adapters} have a trained copy of {shared}, which has no weighted form")
         plan, factors, energies = {}, {}, {}
         for path, layer in self._lora_layers().items():
+            if not isinstance(layer, LoRALinear) and any(a in layer.lora_A for a in adapters):
+                raise ValueError(f"{path} is an embedding adapter, which add_weighted_adapter cannot combine yet; "
+                                 "combine adapters that target linear layers only")
             parts, pairs, kept = combine.combine_layer(layer, adapters, weights, combination_type, svd_rank, path)
             if parts:
                 plan[path], factors[path] = parts, pairs
@@ -365,11 +368,12 @@ class LoraModel(nn.Module):
     def _adapter_modules(self, name: str) -> dict[str, nn.Module]:
         """Module path -> the LoRALinear or ModulesToSave holding adapter `name`."""
         return {path: m for path, m in walk(self.model)
-                if (isinstance(m, LoRALinear) and name in m.lora_A)
+                if (isinstance(m, ADAPTER_LAYERS) and name in m.lora_A)
                 or (isinstance(m, ModulesToSave) and name in m.modules_to_save)}
 
-    def _lora_layers(self) -> dict[str, LoRALinear]:
-        return {path: m for path, m in walk(self.model) if isinstance(m, LoRALinear)}
+    def _lora_layers(self) -> dict[str, nn.Module]:
+        """Module path -> LoRALinear or LoRAEmbedding."""
+        return {path: m for path, m in walk(self.model) if isinstance(m, ADAPTER_LAYERS)}
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory, selected_adapters: Optional[list[str]] = None,
@@ -456,7 +460,7 @@ class LoraModel(nn.Module):
         else:
             self.unmerge_adapter()
         for name, module in list(self.model.named_modules()):
-            if isinstance(module, LoRALinear):
+            if isinstance(module, ADAPTER_LAYERS):
                 set_submodule(self.model, name, module.base_layer)
             elif isinstance(module, ModulesToSave):
                 set_submodule(self.model, name, module.active_module if merge else module.original_module)
@@ -518,7 +522,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 
 _WRAPPED = re.compile(r"(^|\.)(?:base_layer|original_module)\.")  # what a wrapper inserts into a base key
-_ADAPTER_WEIGHT = re.compile(r"(^|\.)(?:lora_A|lora_B|lora_magnitude_vector|modules_to_save)\.")  # weights that belong to an adapter
+_ADAPTER_WEIGHT = re.compile(r"(^|\.)(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)\.")  # weights that belong to an adapter
 
 
 def _base_keys(model: LoraModel) -> dict[str, str]:

@@ -23,6 +23,7 @@ from typing import Optional
 import torch.nn as nn
 
 from .config import Band, LoraConfig
+from .embedding import EMBEDDING, LoRAEmbedding, embedding_sites
 from .lora import AdapterState, LoraPart, LoRALinear
 from .roles import FULL, Part, Site, classify, family_of, parse_selector, supported_roles, walk
 
@@ -43,6 +44,7 @@ TASK_HEADS = {
 }
 
 Plan = dict[str, dict[str, LoraPart]]  # module path -> {part name -> LoraPart}
+ADAPTER_LAYERS = (LoRALinear, LoRAEmbedding)  # the layers that hold LoRA factors
 
 
 def _name_matches(name: str, key: str) -> bool:
@@ -103,7 +105,7 @@ def _unmatched_error(entry: str, model: nn.Module, sites: dict[str, Site], why: 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
     """Which modules get LoRA, over which output columns, with which rank and alpha."""
-    sites = classify(model, config.layers_pattern)
+    sites = {**classify(model, config.layers_pattern), **embedding_sites(model)}  # embeddings by name only
     family = family_of(model)
     depths = _depths(sites)
     _check_layers(config, depths)
@@ -120,7 +122,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
     chosen: dict[str, set[str]] = {}  # path -> parts ({FULL} for the whole layer)
     if targets == "all-linear":
         heads = _output_layer_names(model)
-        chosen = {name: {FULL} for name in sites if name not in heads}
+        chosen = {name: {FULL} for name, site in sites.items() if name not in heads and site.role != EMBEDDING}
     elif isinstance(targets, str):
         chosen = {name: {FULL} for name in sites if re.fullmatch(targets, name)}
         if not chosen:
@@ -248,13 +250,18 @@ def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: Lora
     layers = []
     for name, parts in plan.items():
         module = model.get_submodule(name)
-        layer = module if isinstance(module, LoRALinear) else LoRALinear(module, state)
+        if isinstance(module, ADAPTER_LAYERS):
+            layer = module
+        elif isinstance(module, nn.Embedding):
+            layer = LoRAEmbedding(module, state, tied_head=_is_tied_to_head(model, module))
+        else:
+            layer = LoRALinear(module, state)
         try:
             layer.add_adapter(
                 adapter_name,
                 parts,
                 lora_dropout=config.lora_dropout,
-                init_lora_weights=config.init_lora_weights,
+                init_lora_weights=_layer_init(config),
                 use_rslora=config.use_rslora,
                 use_dora=config.use_dora,
             )
@@ -266,6 +273,18 @@ def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: Lora
             config.fan_in_fan_out = True  # recorded for PEFT: GPT-2 Conv1D stores W as (in, out)
         layers.append(layer)
     return layers
+
+
+def _layer_init(config: LoraConfig):
+    """init_lora_weights as a layer takes it: LoftQ's iteration count rides in the name (init.py)."""
+    if config.init_lora_weights == "loftq":
+        return f"loftq_iter_{config.loftq_config.get('loftq_iter', 1)}"
+    return config.init_lora_weights
+
+
+def _is_tied_to_head(model: nn.Module, embedding: nn.Embedding) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None and getattr(head, "weight", None) is embedding.weight
 
 
 class ModulesToSave(nn.Module):
@@ -356,6 +375,6 @@ def peft_reads_targets_alike(model: nn.Module, config: LoraConfig) -> bool:
 
 
 def adapter_layers(model: nn.Module):
-    """Every LoRALinear and ModulesToSave in `model`."""
-    return [m for _, m in walk(model) if isinstance(m, (LoRALinear, ModulesToSave))]
+    """Every LoRALinear, LoRAEmbedding and ModulesToSave in `model`."""
+    return [m for _, m in walk(model) if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))]
 

@@ -5,7 +5,7 @@ import copy
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import minilora
 from conftest import batch, logits, make
@@ -212,11 +212,24 @@ def test_files_both_ways_with_peft(family, tmp_path):
     assert torch.equal(logits(mine, inputs), logits(ours, inputs))
 
 
-def test_a_sliced_dora_adapter_is_not_saved_in_peft_format(tmp_path):
-    model = get_peft_model(make("gpt2"), LoraConfig(r=4, target_modules=["q", "v"], use_dora=True))
-    with pytest.raises(ValueError, match=r"DoRA on slices.*target_modules=\['c_attn'\]"):
-        model.save_pretrained(tmp_path)
-    assert not (tmp_path / "adapter_config.json").exists()
+def test_a_sliced_dora_adapter_saves_as_whole_layer_dora_that_peft_computes_alike(tmp_path):
+    """Norms are per output row, so q and v's DoRA is a whole-layer DoRA whose K rows keep m = ‖W_k‖."""
+    model = get_peft_model(based("gpt2"), LoraConfig(r=4, target_modules=["q", "v"], use_dora=True)).eval()
+    randomize(model)
+    inputs = batch("gpt2")
+    model.save_pretrained(tmp_path)
+    back = peft.PeftModel.from_pretrained(based("gpt2"), tmp_path).eval()
+    torch.testing.assert_close(logits(back, inputs), logits(model, inputs), atol=1e-5, rtol=1e-5)
+    mine = LoraModel.from_pretrained(based("gpt2"), tmp_path).eval()
+    assert set(layers(mine)["transformer.h.1.attn.c_attn"].lora_magnitude_vector["default"]) == {"q", "v"}
+    torch.testing.assert_close(logits(mine, inputs), logits(model, inputs), atol=1e-6, rtol=1e-6)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")  # K's rows rescaled: not slices any more
+    key = next(k for k in tensors if k.endswith("h.1.attn.c_attn.lora_magnitude_vector"))
+    d = layers(model)["transformer.h.1.attn.c_attn"].in_features
+    tensors[key][d:2 * d] *= 1.5
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="rows outside the slices"):
+        LoraModel.from_pretrained(based("gpt2"), tmp_path)
 
 
 def test_mixed_batches_refuse_dora_and_adapter_weights_scale_its_change():

@@ -145,7 +145,7 @@ def test_refusals_say_what_to_do():
     with pytest.raises(ValueError, match="needs an even rank"):
         minilora.get_peft_model(make("llama"), minilora.LoraConfig(r=3, target_modules=["q_proj"],
                                                                    init_lora_weights="orthogonal"))
-    with pytest.raises(ValueError, match="'olora' or 'orthogonal', got 'pisa'"):
+    with pytest.raises(ValueError, match="'olora', 'orthogonal' or 'loftq', got 'pisa'"):
         minilora.LoraConfig(init_lora_weights="pisa")
     model = make("llama")
     quantize_model(model, NF4Config(blocksize=32), skip_modules=["lm_head"])

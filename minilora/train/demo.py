@@ -13,6 +13,8 @@ Strategies:
     lora_all      LoRA r=8 on every Linear of every layer
     lora_article  the article's plan: Q and V of the upper half, rank rising with depth, LM head
     qlora_article the same adapters over a 4-bit NF4 base (double quant), with PagedAdamW
+    dora_article  the article's plan with DoRA (a trained magnitude per row; not run by default:
+                  `--strategies dora_article` adds it to an earlier report)
     <any>_replay  the same with a quarter of every batch replayed from the general text (not run
                   by default; `--strategies lora_article_replay` adds it to an earlier report)
 """
@@ -45,7 +47,8 @@ from .trainer import Interrupted, Trainer, TrainConfig
 
 STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")  # the default comparison
 REPLAY_RATIO = 0.25  # "<strategy>_replay": a quarter of every batch is general text
-ALL_STRATEGIES = STRATEGIES + tuple(f"{name}_replay" for name in STRATEGIES)
+EXTRA_STRATEGIES = ("dora_article",)  # run when asked for by name
+ALL_STRATEGIES = STRATEGIES + EXTRA_STRATEGIES + tuple(f"{name}_replay" for name in STRATEGIES + EXTRA_STRATEGIES)
 
 
 @dataclass
@@ -143,6 +146,7 @@ def strategy_model(name: str, base: GPT2LMHeadModel, log: Callable[[str], None] 
         "lora_all": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
         "lora_article": LoraConfig.article(),
         "qlora_article": LoraConfig.article(),
+        "dora_article": LoraConfig.article(use_dora=True),
     }
     if name not in configs:
         raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(ALL_STRATEGIES)}")

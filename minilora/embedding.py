@@ -1,0 +1,199 @@
+r"""LoRAEmbedding: a frozen nn.Embedding plus low-rank adapters on its lookup table.
+
+The table E (num_embeddings × d) maps a token id t to its row E[t]. LoRA adds a low-rank table:
+
+    E' = E + s · (B A)ᵀ          A ∈ R^{r × num_embeddings},  B ∈ R^{d × r},  s = alpha / r
+    y  = E[ids] + s · Aᵀ[ids] Bᵀ          (a lookup in Aᵀ, then one small matmul)
+
+This is PEFT's convention for embeddings (`lora_embedding_A` (r, num_embeddings), `lora_embedding_B`
+(d, r)): A's columns are indexed by token id, so the "input" of the low-rank path is a one-hot row.
+A starts at zero and B ~ N(0, 1), so a fresh adapter changes nothing, bit for bit. Dropout does not
+apply to a lookup (PEFT does not apply it either).
+
+Tied LM head. GPT-2 (and other models with tie_word_embeddings) reads the same weight E in the
+input lookup and in the head, logits = h Eᵀ. LoRA on the embedding adapts the input lookup only:
+the head keeps reading the base E. Merging writes s·(B A)ᵀ into E itself, which the head shares,
+so a merged model's head changes too (PEFT merges the same way); `merge` warns when that happens.
+
+Shape legend: ids (...), d = embedding_dim, V = num_embeddings, r = rank.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import mixing
+from .roles import FULL, Site, walk
+
+EMBEDDING = "embedding"  # the role of an embedding site: never picked by "all-linear" or role names
+
+
+def embedding_sites(model: nn.Module) -> dict[str, Site]:
+    """A Site for every nn.Embedding (or LoRAEmbedding) in `model`, keyed by module path."""
+    return {name: Site(name, EMBEDDING, None, m.embedding_dim, None, None, None)
+            for name, m in walk(model) if isinstance(m, (nn.Embedding, LoRAEmbedding))}
+
+
+class LoRAEmbedding(nn.Module):
+    """A frozen nn.Embedding plus any number of named adapters (one (A, B) pair each)."""
+
+    def __init__(self, base_layer: nn.Embedding, state, tied_head: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.num_embeddings, self.embedding_dim = base_layer.weight.shape  # (V, d)
+        self.in_features, self.out_features = self.num_embeddings, self.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()  # adapter -> A (r, V)
+        self.lora_embedding_B = nn.ParameterDict()  # adapter -> B (d, r)
+        self.scaling: dict[str, float] = {}  # adapter -> alpha / r (or alpha / sqrt(r))
+        self.ranks: dict[str, tuple[int, float]] = {}  # adapter -> (r, alpha)
+        self.merged_adapters: list[str] = []
+        self._saved_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # merged adapter -> (rows, E[rows] before)
+        self.tied_head = tied_head  # the model's LM head reads this same weight
+        self.state = state
+
+    lora_A = property(lambda self: self.lora_embedding_A)  # `name in layer.lora_A`, as for LoRALinear
+    fan_in_fan_out = False  # E is stored (V, d), the lookup's own layout
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_embedding_A[name], self.lora_embedding_B[name]]
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, parts: dict, lora_dropout: float = 0.0, init_lora_weights=True,
+                    use_rslora: bool = False, use_dora: bool = False, **_ignored) -> None:
+        """Create adapter `name`: A (r, V) = 0 and B (d, r) ~ N(0, 1)."""
+        if name in self.lora_embedding_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if use_dora:
+            raise ValueError("DoRA (use_dora=True) is not available on embeddings; drop the embedding from "
+                             "target_modules or set use_dora=False")
+        if list(parts) != [FULL]:
+            raise ValueError("an embedding has no slices: target it by its module name (e.g. 'wte', 'embed_tokens')")
+        part = parts[FULL]
+        r, V, d = part.r, self.num_embeddings, self.embedding_dim
+        if not 0 < r <= min(V, d):
+            raise ValueError(f"rank r={r} for an embedding of {V} rows × {d} dims: r must be between 1 and "
+                             f"{min(V, d)}; lower r (rank_pattern can set it for this module alone)")
+        weight = self.base_layer.weight
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, V, device=weight.device, dtype=dtype))
+        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(d, r, device=weight.device, dtype=dtype))
+        self.scaling[name] = part.scale(use_rslora)
+        self.ranks[name] = (r, part.alpha)
+        self.reset_adapter(name, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init_lora_weights=True) -> None:
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is not available on embeddings; "
+                             "use True, False or 'gaussian'")
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        nn.init.normal_(B)
+        if init_lora_weights is False:  # a non-zero A: for tests that need the adapter to act
+            nn.init.normal_(A)
+        else:
+            nn.init.zeros_(A)
+
+    @torch.no_grad()
+    def set_weights(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy A (r, V) and B (d, r) into adapter `name`."""
+        self.lora_embedding_A[name].copy_(A)
+        self.lora_embedding_B[name].copy_(B)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        del self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name], self.ranks[name]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(ids, *args, **kwargs)  # (..., d)
+        state = self.state
+        if state.disabled:
+            return y
+        routing = state.routing
+        if routing is not None and routing.weights is not None:  # adapter_weights: a weighted sum
+            for name, w in routing.weights.items():
+                if name in self.lora_embedding_A:
+                    y = y + w * self.delta(ids, name).to(y.dtype)
+            return y
+        if routing is not None and routing.rows is not None:  # adapter_names: one adapter per batch row
+            return self._per_row(y, ids, routing.rows)
+        if routing is not None:
+            raise ValueError("a learned router (mixture) cannot route an embedding adapter; target linear layers only")
+        for name in state.active:
+            if name in self.lora_embedding_A and name not in self.merged_adapters:
+                y = y + self.delta(ids, name).to(y.dtype)
+        return y
+
+    def delta(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+        """s · Aᵀ[ids] Bᵀ: (..., r) @ (r, d) -> (..., d)."""
+        base = self.base_layer
+        after_A = F.embedding(ids, self.lora_embedding_A[name].T, padding_idx=base.padding_idx,
+                              max_norm=base.max_norm, norm_type=base.norm_type,
+                              scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)  # (..., r)
+        return (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+    def _per_row(self, y: torch.Tensor, ids: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
+        """Row i of the batch gets adapter rows[i] (or none for "__base__")."""
+        out = y.clone()
+        for name in dict.fromkeys(rows):
+            if name == mixing.BASE or name not in self.lora_embedding_A:
+                continue
+            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=ids.device)
+            out[index] = out[index] + self.delta(ids[index], name).to(y.dtype)
+        return out
+
+    # ------------------------------------------------------------------ merge
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s · (B A)ᵀ: ((d, r) @ (r, V))ᵀ -> (V, d), in fp32."""
+        return self.scaling[name] * (self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float()).T
+
+    @torch.no_grad()
+    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """E ← E + s·(B A)ᵀ for each adapter not merged yet; with a tied head the head changes too."""
+        chosen = self.state.active if adapter_names is None else adapter_names
+        names = [n for n in chosen if n in self.lora_embedding_A and n not in self.merged_adapters]
+        W = self.base_layer.weight  # (V, d)
+        if safe_merge:
+            for name in names:
+                if not torch.isfinite(W.float() + self.delta_weight(name)).all():
+                    raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} seems to be "
+                                     "broken; nothing was merged")
+        if names and self.tied_head:
+            warnings.warn("merging an embedding adapter into a weight the LM head shares (tied embeddings): the head "
+                          "now reads the merged weight too, so the logits differ from the unmerged model's; "
+                          "untie the head first (tie_word_embeddings=False) to adapt the lookup alone", stacklevel=3)
+        for name in names:
+            rows = self.lora_embedding_A[name].detach().ne(0).any(0).nonzero().squeeze(1)  # tokens it changes
+            self._saved_rows[name] = (rows, W[rows].clone())  # for an exact unmerge
+            W.copy_((W.float() + self.delta_weight(name)).to(W.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, adapter_names: Optional[list[str]] = None) -> None:
+        """E ← E − s·(B A)ᵀ for merged adapters, latest first. Unmerging the last merged adapter puts
+        back the rows saved at merge time, so E returns bit for bit; an earlier one is subtracted."""
+        W = self.base_layer.weight
+        for name in reversed(list(self.merged_adapters)):
+            if adapter_names is None or name in adapter_names:
+                rows, before = self._saved_rows.pop(name)
+                W.copy_((W.float() - self.delta_weight(name)).to(W.dtype))
+                if name == self.merged_adapters[-1]:  # nothing merged on top of it: the saved rows are exact
+                    W[rows] = before
+                self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, adapters(rank)={self.ranks}"
