@@ -75,19 +75,49 @@ def dense_weight(layer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def row_norm(layer, name: str, part: str, W: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """‖W_p + s·B·A‖ per row of `part` (d_part,), fp32, no gradient. W: dense_weight(layer), if known."""
-    first, end = layer.parts[name][part].first, layer.parts[name][part].end
-    W = dense_weight(layer) if W is None else W  # (d_out, d_in)
-    return torch.linalg.vector_norm(W[first:end] + layer.delta_weight(name, part), dim=1)
+def row_norm(layer, name: str, part: str) -> torch.Tensor:
+    """‖W_p + s·B·A‖ per row of `part` (d_part,), fp32, no gradient, without forming W + s·B·A:
+
+        ‖W_i + s·B_i A‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ
+
+    ‖W_i‖² is cached (W is frozen), A Wᵀ is the base layer applied to the rows of A (r products of
+    a vector with W, through whatever computes the base: a Linear, a Conv1D, an NF4 kernel), and
+    the rest is r × r. The dense (d_part, d_in) update never exists in the forward pass."""
+    p = layer.parts[name][part]
+    A = layer.lora_A[name][part].weight.detach().float()  # (r, d_in)
+    B = layer.lora_B[name][part].weight.detach().float()  # (d_part, r)
+    s = layer.scaling[name][part]
+    base, bias = layer.base_layer, getattr(layer.base_layer, "bias", None)
+    AW = base(A.to(_input_dtype(layer))).float()  # (r, d_in) -> (r, d_out): A Wᵀ (+ b)
+    if bias is not None:
+        AW = AW - bias.detach().float()
+    cross = (B * AW[:, p.first:p.end].t()).sum(1)  # (d_part,)
+    square = ((B @ (A @ A.t())) * B).sum(1)  # (d_part, r) ⊙ (d_part, r) -> (d_part,)
+    norms = _weight_row_norms(layer)[p.first:p.end]  # ‖W_i‖; with B = 0, √(‖W_i‖²) gives it back exactly
+    return (norms * norms + 2 * s * cross + s * s * square).clamp_min(0).sqrt()
+
+
+def _input_dtype(layer) -> torch.dtype:
+    weight = layer.base_layer.weight
+    return weight.dtype if weight.is_floating_point() else torch.float32  # NF4: codes, computes in fp32
+
+
+def _weight_row_norms(layer) -> torch.Tensor:
+    """‖W_row‖ (d_out,), fp32, cached on the layer until its base weight changes (a merge, a load)."""
+    weight = layer.base_layer.weight
+    key = (weight.data_ptr(), weight._version, weight.device)
+    cached = layer.__dict__.get("_dora_row_norms")
+    if cached is None or cached[0] != key:
+        cached = (key, torch.linalg.vector_norm(dense_weight(layer), dim=1))
+        layer.__dict__["_dora_row_norms"] = cached
+    return cached[1]
 
 
 def add_magnitudes(layer, name: str) -> None:
     """Make adapter `name` of `layer` a DoRA adapter: one m per part, m = ‖W_p + s·B·A‖ (‖W_p‖ when B = 0)."""
-    W = dense_weight(layer)
     dtype = next(iter(layer.lora_A[name].values())).weight.dtype
     layer.lora_magnitude_vector[name] = nn.ModuleDict(
-        {part: Magnitude(row_norm(layer, name, part, W).to(dtype)) for part in layer.parts[name]})
+        {part: Magnitude(row_norm(layer, name, part).to(dtype)) for part in layer.parts[name]})
 
 
 @torch.no_grad()
@@ -120,12 +150,11 @@ def add_dora(layer, y: torch.Tensor, x: torch.Tensor, name: str, weight: float =
     adapter `name`, g = m / ‖W + s·B·A‖ (detached). y (..., d_out) is the output so far."""
     A, B, M = layer.lora_A[name], layer.lora_B[name], layer.lora_magnitude_vector[name]
     x = layer.lora_dropout[name](x.to(next(iter(A.values())).weight.dtype))  # (..., d_in)
-    W = dense_weight(layer)  # (d_out, d_in)
     bias = layer.base_layer.bias
     y2d = y.reshape(-1, layer.out_features)  # (N, d_out), read only
     out = y2d.clone()  # parts write their columns here
     for part_name, part in layer.parts[name].items():
-        g = M[part_name].weight / row_norm(layer, name, part_name, W)  # (d_part,)
+        g = M[part_name].weight / row_norm(layer, name, part_name)  # (d_part,)
         g = g.to(y.dtype)
         rows = y2d[:, part.first:part.end]  # (N, d_part), the output so far
         b = bias[part.first:part.end].to(y.dtype) if bias is not None else 0.0
