@@ -124,7 +124,7 @@ def add_magnitudes(layer, name: str) -> None:
 def whole_magnitude(layer, name: str) -> torch.Tensor:
     """m over every output row (d_out,), as PEFT's whole-layer file holds it: the parts' m, and
     ‖W_row‖ for rows no part covers (their update is zero, so their gain is 1)."""
-    m = torch.linalg.vector_norm(dense_weight(layer), dim=1)  # (d_out,)
+    m = _weight_row_norms(layer).clone()  # (d_out,)
     for part_name, part in layer.parts[name].items():
         m[part.first:part.end] = layer.lora_magnitude_vector[name][part_name].weight.float()
     return m.to(next(iter(layer.lora_magnitude_vector[name].values())).weight.dtype)
@@ -138,7 +138,7 @@ def set_whole_magnitude(layer, name: str, m: torch.Tensor, where: str) -> None:
     for part_name, part in layer.parts[name].items():
         layer.lora_magnitude_vector[name][part_name].weight.copy_(m[part.first:part.end])
         covered[part.first:part.end] = True
-    base = torch.linalg.vector_norm(dense_weight(layer), dim=1)
+    base = _weight_row_norms(layer)
     if not torch.allclose(m[~covered].float(), base[~covered], rtol=1e-5, atol=1e-7):
         raise ValueError(f"{where}: lora_magnitude_vector rescales rows outside the slices the config names (e.g. "
                          "K's), so it cannot load as slices without changing the model; load it with "
