@@ -58,6 +58,32 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
+def _tied_names(module: nn.Module) -> dict[str, str]:
+    """{later name: first name} for each parameter registered under more than one name (GPT-2's
+    `lm_head.weight` is `transformer.wte.weight`)."""
+    first: dict[int, str] = {}
+    later = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        later.update({name: first[id(parameter)]} if id(parameter) in first else {})
+        first.setdefault(id(parameter), name)
+    return later
+
+
+def _list_tied_parameters_once(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """`state_dict()` lists a tied parameter under its first name only, as `save_pretrained` writes
+    it: safetensors refuses tensors that share memory, and transformers' Trainer saves a model it
+    does not know as one `save_file(model.state_dict())`."""
+    for name in _tied_names(module):
+        state_dict.pop(prefix + name, None)
+
+
+def _fill_tied_parameters(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """`load_state_dict` takes a state dict with or without the later names of tied parameters."""
+    for name, source in _tied_names(module).items():
+        if prefix + name not in state_dict and prefix + source in state_dict:
+            state_dict[prefix + name] = state_dict[prefix + source]
+
+
 class LoraModel(nn.Module):
     """A HF model whose target layers carry LoRA adapters. `self.model` is the HF model."""
 
@@ -70,6 +96,8 @@ class LoraModel(nn.Module):
         self.mixed_batch_method = "gather"  # adapter_names: "gather" (batched matmuls) or "segments"
         bind_forward(self, model)  # inspect.signature(self.forward) names the HF model's inputs
         self._take_over_earlier_adapters(adapter_name if config is not None else None)
+        self.register_state_dict_post_hook(_list_tied_parameters_once)
+        self.register_load_state_dict_pre_hook(_fill_tied_parameters)
         if config is not None:  # None: adapters come later, from files (`from_pretrained`)
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)

@@ -102,18 +102,38 @@ def test_plain_trainer_trains_and_reports_eval_loss(family, tmp_path):
     assert len(eval_losses(peer)) == 2
 
 
-def test_plain_trainer_saves_a_whole_model_and_cannot_save_tied_gpt2(tmp_path):
-    """Why minilora.integrations.Trainer exists: the Trainer saves a model it does not know as one
-    full state dict, which safetensors refuses for GPT-2's tied head and embeddings."""
-    trainer = HFTrainer(model=lora("llama"), args=arguments(tmp_path / "llama", eval_strategy="no"),
-                        train_dataset=rows())
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_plain_trainer_saves_the_whole_model_and_resumes_from_it(family, tmp_path):
+    """The zero-change path saves what the Trainer saves for a model it does not know: one
+    `model.safetensors` of the whole state dict. GPT-2's head is tied to its embeddings; the state
+    dict lists the tied weight once, so safetensors takes it, and resuming restores the tie."""
+    model = lora(family)
+    trainer = HFTrainer(model=model, args=arguments(tmp_path / "run", eval_strategy="no"), train_dataset=rows())
     trainer.train()
-    files = {p.name for p in (tmp_path / "llama" / "checkpoint-4").iterdir()}
+    last = tmp_path / "run" / "checkpoint-4"
+    files = {p.name for p in last.iterdir()}
     assert "model.safetensors" in files and "adapter_model.safetensors" not in files
-    trainer = HFTrainer(model=lora("gpt2"), args=arguments(tmp_path / "gpt2", eval_strategy="no"),
-                        train_dataset=rows())
-    with pytest.raises(RuntimeError, match="share memory"):
-        trainer.train()
+    inputs = batch(family)
+    trained = logits(model.eval(), inputs)
+
+    resumed = lora(family, seed=7)  # other initial weights: only the checkpoint can bring it back on track
+    again = HFTrainer(model=resumed, args=arguments(tmp_path / "resumed", eval_strategy="no"), train_dataset=rows())
+    again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert again.state.global_step == 4
+    torch.testing.assert_close(logits(resumed.eval(), inputs), trained, atol=1e-5, rtol=1e-5)
+    if family == "gpt2":
+        head, embeddings = resumed.model.lm_head.weight, resumed.model.transformer.wte.weight
+        assert head is embeddings  # still one parameter after loading a state dict that lists it once
+
+
+def test_state_dict_lists_a_tied_weight_once_and_loads_either_way():
+    model = lora("gpt2")
+    state = model.state_dict()
+    assert "model.transformer.wte.weight" in state and "model.lm_head.weight" not in state
+    whole = dict(state, **{"model.lm_head.weight": state["model.transformer.wte.weight"].clone()})
+    for given in (state, whole):
+        assert not model.load_state_dict(given, strict=True).missing_keys
+    assert set(model.model.state_dict()) == {k[len("model."):] for k in whole}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
