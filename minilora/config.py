@@ -58,6 +58,7 @@ class LoraConfig:
     lora_alpha: float = 8  # scaling = lora_alpha / r (or / sqrt(r) with use_rslora)
     target_modules: Union[list[str], str, None] = None  # names, suffixes, a regex, "all-linear" or roles
     exclude_modules: Union[list[str], str, None] = None  # same matching rules; wins over targets
+    target_parameters: Union[list[str], None] = None  # 3-D expert weights by name ("experts.down_proj"): LoRA per expert
     lora_dropout: float = 0.0  # dropout on the LoRA path's input only
     fan_in_fan_out: bool = False  # True for GPT-2's Conv1D (weight stored (in, out)); set automatically
     bias: Literal["none", "all", "lora_only"] = "none"  # which biases train
@@ -129,6 +130,11 @@ class LoraConfig:
             for b in self.layer_bands:
                 if b.r <= 0 or b.lora_alpha <= 0:
                     raise ValueError(f"{b}: rank and alpha must be > 0")
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(isinstance(t, str) for t in self.target_parameters):
+                raise ValueError(f"target_parameters must be a list of parameter names (e.g. ['experts.gate_up_proj']), "
+                                 f"got {self.target_parameters!r}")
+            self.target_parameters = list(self.target_parameters)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
 

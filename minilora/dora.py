@@ -91,9 +91,9 @@ def row_norm(layer, name: str, part: str) -> torch.Tensor:
     AW = base(A.to(_input_dtype(layer))).float()  # (r, d_in) -> (r, d_out): A Wᵀ (+ b)
     if bias is not None:
         AW = AW - bias.detach().float()
-    cross = (B * AW[:, p.first:p.end].t()).sum(1)  # (d_part,)
+    cross = (B * p.rows(AW).flatten(1).t()).sum(1)  # (d_part,)
     square = ((B @ (A @ A.t())) * B).sum(1)  # (d_part, r) ⊙ (d_part, r) -> (d_part,)
-    norms = _weight_row_norms(layer)[p.first:p.end]  # ‖W_i‖; with B = 0, √(‖W_i‖²) gives it back exactly
+    norms = p.rows(_weight_row_norms(layer)).flatten()  # ‖W_i‖; with B = 0, √(‖W_i‖²) gives it back exactly
     return (norms * norms + 2 * s * cross + s * s * square).clamp_min(0).sqrt()
 
 
@@ -126,7 +126,8 @@ def whole_magnitude(layer, name: str) -> torch.Tensor:
     ‖W_row‖ for rows no part covers (their update is zero, so their gain is 1)."""
     m = _weight_row_norms(layer).clone()  # (d_out,)
     for part_name, part in layer.parts[name].items():
-        m[part.first:part.end] = layer.lora_magnitude_vector[name][part_name].weight.float()
+        rows = part.rows(m)  # (blocks, d_part / blocks), a view of m
+        rows.copy_(layer.lora_magnitude_vector[name][part_name].weight.float().view(rows.shape))
     return m.to(next(iter(layer.lora_magnitude_vector[name].values())).weight.dtype)
 
 
@@ -136,8 +137,8 @@ def set_whole_magnitude(layer, name: str, m: torch.Tensor, where: str) -> None:
     part covers must hold ‖W_row‖ (gain 1): a file whose other rows were trained cannot load as slices."""
     covered = torch.zeros(m.shape[0], dtype=torch.bool)
     for part_name, part in layer.parts[name].items():
-        layer.lora_magnitude_vector[name][part_name].weight.copy_(m[part.first:part.end])
-        covered[part.first:part.end] = True
+        layer.lora_magnitude_vector[name][part_name].weight.copy_(part.rows(m).flatten())
+        part.rows(covered).fill_(True)
     base = _weight_row_norms(layer)
     if not torch.allclose(m[~covered].float(), base[~covered], rtol=1e-5, atol=1e-7):
         raise ValueError(f"{where}: lora_magnitude_vector rescales rows outside the slices the config names (e.g. "
@@ -146,21 +147,40 @@ def set_whole_magnitude(layer, name: str, m: torch.Tensor, where: str) -> None:
 
 
 def add_dora(layer, y: torch.Tensor, x: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
-    """y + weight · ((g − 1) ⊙ (y − b) + g ⊙ s·(dropout(x) Aᵀ) Bᵀ) in the columns of each part of
-    adapter `name`, g = m / ‖W + s·B·A‖ (detached). y (..., d_out) is the output so far."""
+    """y + w · ((g − 1) ⊙ (y − b) + g ⊙ s·(dropout(x) Aᵀ) Bᵀ) in the rows of each part of adapter
+    `name`, g = m / ‖W + s·B·A‖ (detached), w = `weight`. y (..., d_out) is the output so far.
+
+    Per output row the change is affine in y, so it runs as one pass over y and one matmul:
+
+        y' = c ⊙ y + β + H B'ᵀ        c = 1 + w(g − 1),  β = −w(g − 1) ⊙ b,  B' = (w·s·g) ⊙ B
+
+    with c = 1, β = 0 and B' = 0 on rows no part covers, H = [dropout(x) A_pᵀ]_p (N, Σr) and B'
+    (d_out, Σr) holding each part's rows of (w·s·g) ⊙ B_p in its own r columns. The vectors and B'
+    are small; the (N, d_out) activations are read once and written once, in forward and backward."""
     A, B, M = layer.lora_A[name], layer.lora_B[name], layer.lora_magnitude_vector[name]
     x = layer.lora_dropout[name](x.to(next(iter(A.values())).weight.dtype))  # (..., d_in)
     bias = layer.base_layer.bias
-    y2d = y.reshape(-1, layer.out_features)  # (N, d_out), read only
-    out = y2d.clone()  # parts write their columns here
-    for part_name, part in layer.parts[name].items():
-        g = M[part_name].weight / row_norm(layer, name, part_name)  # (d_part,)
-        g = g.to(y.dtype)
-        rows = y2d[:, part.first:part.end]  # (N, d_part), the output so far
-        b = bias[part.first:part.end].to(y.dtype) if bias is not None else 0.0
-        lora = B[part_name](A[part_name](x)).reshape(-1, part.width).to(y.dtype)  # (N, d_in) -> (N, r) -> (N, d_part)
-        scale = layer.scaling[name][part_name]
-        out[:, part.first:part.end] = rows + weight * ((g - 1) * (rows - b) + g * scale * lora)
+    y2d = y.reshape(-1, layer.out_features)  # (N, d_out)
+    parts = layer.parts[name]
+    gain = y2d.new_ones(layer.out_features, dtype=torch.float32)  # c (d_out,)
+    shift = torch.zeros_like(gain)  # β (d_out,)
+    B_scaled = y2d.new_zeros(layer.out_features, sum(p.r for p in parts.values()), dtype=torch.float32)  # B'
+    H, column = [], 0
+    for part_name, part in parts.items():
+        g = M[part_name].weight.float() / row_norm(layer, name, part_name)  # (d_part,)
+        rows = part.rows(gain)  # (blocks, d_part / blocks), a view
+        rows.copy_((1 + weight * (g - 1)).view(rows.shape))
+        if bias is not None:
+            rows = part.rows(shift)
+            rows.copy_((-weight * (g - 1) * part.rows(bias).flatten().float()).view(rows.shape))
+        scaled = (weight * layer.scaling[name][part_name] * g)[:, None] * B[part_name].weight.float()  # (d_part, r)
+        rows = part.rows(B_scaled[:, column:column + part.r], 0)  # (blocks, d_part / blocks, r), a view
+        rows.copy_(scaled.view(rows.shape))
+        H.append(A[part_name](x).reshape(-1, part.r))  # (N, d_in) @ (d_in, r) -> (N, r)
+        column += part.r
+    dtype = y.dtype
+    out = torch.addcmul(shift.to(dtype), y2d, gain.to(dtype))  # c ⊙ y + β  (N, d_out)
+    out = torch.addmm(out, torch.cat(H, 1).to(dtype), B_scaled.t().to(dtype))  # + (N, Σr) @ (Σr, d_out)
     return out.view(y.shape)
 
 
@@ -170,13 +190,13 @@ def fold(layer, name: str, sign: float) -> None:
     (plus whatever was merged into those rows since, so a later merge is not lost)."""
     W = layer.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
     for part_name, part in layer.parts[name].items():
-        rows = W[:, part.first:part.end].T if layer.fan_in_fan_out else W[part.first:part.end]  # (d_part, d_in) view
+        rows = part.rows(W.T if layer.fan_in_fan_out else W, 0)  # (blocks, d_part / blocks, d_in) view
         magnitude = layer.lora_magnitude_vector[name][part_name]
         if sign > 0:
-            updated = rows.float() + layer.delta_weight(name, part_name)  # (d_part, d_in)
+            updated = rows.float().flatten(0, 1) + layer.delta_weight(name, part_name)  # (d_part, d_in)
             g = magnitude.weight.float() / torch.linalg.vector_norm(updated, dim=1)  # (d_part,)
             before = rows.clone()
-            rows.copy_((g[:, None] * updated).to(W.dtype))
+            rows.copy_((g[:, None] * updated).to(W.dtype).view(rows.shape))
             magnitude.merged = (before, rows.clone())
         else:
             before, written = magnitude.merged

@@ -21,6 +21,8 @@ written as one LoRA of rank r_q + r_v over the whole fused output, which compute
                                                [  0   B_v ]  rows of v
 
     B·A = [B_q A_q ; 0 ; B_v A_v]. The scale must not change: with α/r scaling, α doubles with r.
+    Interleaved layouts (GPT-NeoX's [q_h k_h v_h] per head) place B_q's rows where the q rows of
+    each head sit, with zeros between them, so PEFT computes the same output there too.
 
 A DoRA adapter on slices exports the same way: its norms are per output row, so the whole-layer
 lora_magnitude_vector holds the slices' m and, for K's rows, ‖W_row‖ (gain 1); see dora.py.
@@ -57,6 +59,7 @@ from safetensors.torch import load_file, save_file
 from .config import LoraConfig
 from .dora import MAGNITUDE, set_whole_magnitude, whole_magnitude
 from .embedding import LoRAEmbedding
+from .experts import LoRAExperts
 from .files import atomic_write
 from .lora import LoRALinear
 from .roles import FULL
@@ -72,8 +75,7 @@ AdapterModules = dict[str, nn.Module]  # module path -> LoRALinear or ModulesToS
 
 # PEFT fields minilora does not implement: ignored when they hold their default, refused otherwise.
 _PEFT_DEFAULTS = {
-    "lora_bias": False, "layer_replication": None,
-    "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+    "lora_bias": False, "layer_replication": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
     "use_qalora": False, "use_bdlora": None, "eva_config": None, "corda_config": None,
     "arrow_config": None, "kasa_config": None, "lora_ga_config": None, "monteclora_config": None,
     "velora_config": None, "megatron_config": None,
@@ -105,9 +107,60 @@ def _export_layer(layer: LoRALinear, name: str, rslora: bool) -> tuple[torch.Ten
     offset = 0
     for part_name, part in parts.items():
         ratio = layer.scaling[name][part_name] / scale  # 1.0 unless parts differ in scale
-        B[part.first:part.end, offset:offset + part.r] = layer.lora_B[name][part_name].weight.detach() * ratio
+        rows = part.rows(B, 0)[..., offset:offset + part.r]  # (blocks, d_part / blocks, r_p), a view of B
+        rows.copy_((layer.lora_B[name][part_name].weight.detach() * ratio).view(rows.shape))
         offset += part.r
     return A, B, r_total, alpha
+
+
+def _expert_keys(layer: LoRAExperts, path: str, name: str) -> dict[str, str]:
+    """Parameter -> the key prefix PEFT gives its factors. PEFT wraps one parameter per wrapper and
+    nests them in the module's parameter order, the first innermost: with gate_up_proj and
+    down_proj targeted, `<path>.base_layer.lora_A.weight` is gate_up_proj's, `<path>.lora_A.weight` down_proj's."""
+    order = [p for p, _ in layer.base_layer.named_parameters(recurse=False) if p in layer.parts[name]]
+    return {p: f"{PREFIX}{path}." + "base_layer." * (len(order) - 1 - i) for i, p in enumerate(order)}
+
+
+def _export_experts(layer: LoRAExperts, name: str, parameter: str, rslora: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """One LoRA per expert over the whole parameter, in PEFT's layout: (A, B, r, alpha) with
+    A (E·R, d_in), row e·R + j, and B (d_out, R·E), column j·E + e; R = Σ r_p, B zero outside the parts."""
+    parts, scales = layer.parts[name][parameter], layer.scaling[name][parameter]
+    A = torch.cat([layer.lora_A[name][parameter][p].detach() for p in parts], dim=1)  # (E, R, d_in)
+    experts, r_total, d_in = A.shape
+    first_name, first = next(iter(parts.items()))
+    scale = scales[first_name]
+    alpha = first.alpha if r_total == first.r else (scale * math.sqrt(r_total) if rslora else scale * r_total)
+    B = torch.zeros(experts, layer.weight_of(parameter).shape[1], r_total, dtype=A.dtype)  # (E, d_out, R)
+    offset = 0
+    for part_name, part in parts.items():
+        rows = part.rows(B, 1)[..., offset:offset + part.r]  # (E, blocks, d_part / blocks, r_p), a view of B
+        B_part = layer.lora_B[name][parameter][part_name].detach() * (scales[part_name] / scale)  # (E, d_part, r_p)
+        rows.copy_(B_part.view(rows.shape))
+        offset += part.r
+    return A.reshape(experts * r_total, d_in), B.permute(1, 2, 0).reshape(B.shape[1], r_total * experts), r_total, alpha
+
+
+def _import_experts(layer: LoRAExperts, name: str, parameter: str, A: torch.Tensor, B: torch.Tensor,
+                    where: str) -> None:
+    """The inverse of `_export_experts`: PEFT's per-expert A and B back into the parameter's parts."""
+    parts, scales = layer.parts[name][parameter], layer.scaling[name][parameter]
+    experts = layer.weight_of(parameter).shape[0]
+    r_total = A.shape[0] // experts
+    A = A.reshape(experts, r_total, -1)  # (E, R, d_in)
+    B = B.reshape(B.shape[0], r_total, experts).permute(2, 0, 1)  # (E, d_out, R)
+    scale = next(iter(scales.values()))  # the export kept the first part's scale (see _export_experts)
+    covered = torch.zeros(B.shape, dtype=torch.bool)
+    offset = 0
+    for part_name, part in parts.items():
+        cols = slice(offset, offset + part.r)
+        B_part = part.rows(B, 1)[..., cols].reshape(experts, part.width, part.r)  # (E, d_part, r_p)
+        layer.set_part_weights(name, parameter, part_name, A[:, cols], B_part * (scale / scales[part_name]))
+        part.rows(covered, 1)[..., cols] = True
+        offset += part.r
+    if (B[~covered] != 0).any():
+        raise ValueError(f"{where}: lora_B has non-zero entries outside the parts the config names (e.g. up's rows), "
+                         "so it cannot load as parts without changing the model; load it with target_parameters")
 
 
 def adapter_tensors(modules: AdapterModules, name: str, use_rslora: bool, biases: dict[str, nn.Parameter]
@@ -120,6 +173,11 @@ def adapter_tensors(modules: AdapterModules, name: str, use_rslora: bool, biases
             tensors[f"{PREFIX}{path}.lora_embedding_A"] = module.lora_embedding_A[name].detach()
             tensors[f"{PREFIX}{path}.lora_embedding_B"] = module.lora_embedding_B[name].detach()
             ranks[path] = module.ranks[name]
+        elif isinstance(module, LoRAExperts):
+            for parameter, key in _expert_keys(module, path, name).items():
+                A, B, r, alpha = _export_experts(module, name, parameter, use_rslora)
+                tensors[f"{key}lora_A.weight"], tensors[f"{key}lora_B.weight"] = A, B
+                ranks[f"{path}.{parameter}"] = (r, alpha)
         elif isinstance(module, LoRALinear):
             A, B, r, alpha = _export_layer(module, name, use_rslora)
             tensors[f"{PREFIX}{path}.lora_A.weight"] = A
@@ -144,11 +202,14 @@ def peft_config_dict(config: LoraConfig, modules: AdapterModules, name: str, ran
     out["inference_mode"] = True
     sliced = {path: list(m.parts[name]) for path, m in modules.items()
               if isinstance(m, LoRALinear) and list(m.parts[name]) != [FULL]}
-    plain = not sliced and config.layer_bands is None and not config.component_ranks and peft_reads_targets_alike
+    parameters = {f"{path}.{p}" for path, m in modules.items() if isinstance(m, LoRAExperts) for p in m.parts[name]}
+    plain = not sliced and not parameters and config.layer_bands is None and not config.component_ranks \
+        and peft_reads_targets_alike
     if not plain:
-        # Explicit: every adapted module by its full path, and its exported rank/alpha.
+        # Explicit: every adapted module (and 3-D parameter) by its full path, and its exported rank/alpha.
         r0, a0 = next(iter(ranks.values()))
-        out.update(r=r0, lora_alpha=a0, target_modules=sorted(ranks), layers_to_transform=None,
+        out.update(r=r0, lora_alpha=a0, target_modules=sorted(set(ranks) - parameters),
+                   target_parameters=sorted(parameters) or None, layers_to_transform=None,
                    layers_pattern=None, exclude_modules=None)
         out["rank_pattern"] = {_exact(p): r for p, (r, a) in ranks.items() if r != r0}
         out["alpha_pattern"] = {_exact(p): a for p, (r, a) in ranks.items() if a != a0}
@@ -383,6 +444,10 @@ def fill_adapter(modules: AdapterModules, name: str, use_rslora: bool, biases: d
     for path, module in modules.items():
         if isinstance(module, LoRAEmbedding):
             module.set_weights(name, tensors[f"{PREFIX}{path}.lora_embedding_A"], tensors[f"{PREFIX}{path}.lora_embedding_B"])
+        elif isinstance(module, LoRAExperts):
+            for parameter, key in _expert_keys(module, path, name).items():
+                _import_experts(module, name, parameter, tensors[f"{key}lora_A.weight"], tensors[f"{key}lora_B.weight"],
+                                f"{directory}: {path}.{parameter}")
         elif isinstance(module, LoRALinear):
             A, B = tensors[f"{PREFIX}{path}.lora_A.weight"], tensors[f"{PREFIX}{path}.lora_B.weight"]
             _import_layer(module, name, A, B, path, use_rslora)
@@ -424,9 +489,10 @@ def _import_layer(layer: LoRALinear, name: str, A: torch.Tensor, B: torch.Tensor
     covered = torch.zeros(B.shape, dtype=torch.bool)
     offset = 0
     for part_name, part in parts.items():
-        rows, cols = slice(part.first, part.end), slice(offset, offset + part.r)
-        layer.set_part_weights(name, part_name, A[cols], B[rows, cols] * (scale / layer.scaling[name][part_name]))
-        covered[rows, cols] = True
+        cols = slice(offset, offset + part.r)
+        B_part = part.rows(B, 0)[..., cols].reshape(part.width, part.r)  # (d_part, r_p)
+        layer.set_part_weights(name, part_name, A[cols], B_part * (scale / layer.scaling[name][part_name]))
+        part.rows(covered, 0)[..., cols] = True
         offset += part.r
     if B[~covered].abs().max() > 0:
         raise ValueError(

@@ -20,7 +20,14 @@ merge. The low-rank path runs on activations; the dense ΔW is built only by `me
 
     y = [ q | k | v ]      q += α/r · (x A_qᵀ) B_qᵀ      v += α/r · (x A_vᵀ) B_vᵀ      k as it was
 
-A *part* is a named set of output columns (roles.Part): "q", "v", or FULL for every column; a
+Other models interleave their fused output: GPT-NeoX and Bloom compute [q_h k_h v_h] for each head
+h, Falcon's new architecture [q × heads/kv, k, v] for each kv head. There a part is the same rows
+[first, end) of each of `blocks` equal blocks, and the low-rank output goes into a strided view of
+y, never through a gather of the whole output or a dense ΔW:
+
+    y.view(N, H, 3·dh)[:, :, 0:dh] += α/r · (x A_qᵀ) B_qᵀ .view(N, H, dh)      q of GPT-NeoX
+
+A *part* is a named set of output rows (roles.Part): "q", "v", or FULL for every column; a
 whole (unsliced) layer is the special case of the single part FULL. An adapter holds one
 `LoraPart` (columns, rank, alpha) and one (A, B) pair per part it covers.
 
@@ -45,22 +52,20 @@ import torch.nn as nn
 
 from . import dora, mixing
 from . import init as named_init
-from .roles import FULL, features
+from .roles import FULL, Rows, features, part_rows
 
 
 @dataclass(frozen=True)
-class LoraPart:
-    """One (A, B) pair of an adapter: it writes output columns [first, end) at rank r, scaled by
-    alpha / r (or alpha / sqrt(r) with rsLoRA)."""
+class LoraPart(Rows):
+    """One (A, B) pair of an adapter: it writes output rows [first, end) of each of `blocks` equal
+    blocks (one block: the columns [first, end)) at rank r, scaled by alpha / r (or alpha / sqrt(r)
+    with rsLoRA)."""
 
-    first: int  # first output column it writes
+    first: int  # first output column it writes (inside each block)
     end: int  # one past the last
-    r: int  # rank: A is (r, d_in), B is (end - first, r)
+    r: int  # rank: A is (r, d_in), B is (width, r), width = (end - first) · blocks
     alpha: float  # lora_alpha
-
-    @property
-    def width(self) -> int:
-        return self.end - self.first
+    blocks: int = 1  # 1: contiguous; H: the same rows of each of H equal blocks (per head, per kv group)
 
     def scale(self, use_rslora: bool = False) -> float:
         return self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
@@ -139,10 +144,16 @@ class LoRALinear(nn.Module):
             dtype = torch.float32
         A, B = nn.ModuleDict(), nn.ModuleDict()
         for part_name, part in parts.items():
-            if not 0 <= part.first < part.end <= self.out_features:
-                raise ValueError(f"part {part_name!r} covers columns [{part.first}, {part.end}) outside 0..{self.out_features}")
+            if part.blocks < 1 or self.out_features % part.blocks or not (
+                    0 <= part.first < part.end <= self.out_features // part.blocks):
+                raise ValueError(f"part {part_name!r} covers rows [{part.first}, {part.end}) of {part.blocks} block(s), "
+                                 f"outside this layer's {self.out_features} output rows")
             if part.r <= 0:
                 raise ValueError(f"rank r={part.r} for part {part_name!r}: a rank must be a positive integer")
+            if part_name != FULL and part.r > part.width:
+                raise ValueError(f"rank r={part.r} for part {part_name!r} exceeds the part's size ({part.width} rows): "
+                                 f"a rank above {part.width} adds parameters and no expressiveness; lower r (or "
+                                 "rank_pattern) for this layer")
             A[part_name] = nn.Linear(self.in_features, part.r, bias=False, device=weight.device, dtype=dtype)
             B[part_name] = nn.Linear(part.r, part.width, bias=False, device=weight.device, dtype=dtype)
         self.parts[name] = dict(parts)
@@ -213,7 +224,7 @@ class LoRALinear(nn.Module):
         columns, scales, factors = [], [], []
         for part_name, part in self.parts[name].items():
             h = A[part_name](x).reshape(-1, part.r)  # (N, d_in) @ (d_in, r) -> (N, r)
-            columns.append((part.first, part.end))
+            columns.append((part.first, part.end, part.blocks))
             scales.append(weight * self.scaling[name][part_name])
             factors += [h.to(y.dtype), B[part_name].weight.to(y.dtype)]  # h (N, r), B (d_part, r)
         y2d = y.reshape(-1, self.out_features)  # (N, d_out)
@@ -232,13 +243,15 @@ class LoRALinear(nn.Module):
     def _fold(self, name: str, sign: float) -> None:
         if name in self.lora_magnitude_vector:
             return dora.fold(self, name, sign)
-        W = self.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
+        weight = self.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
+        W = weight.T if self.fan_in_fan_out else weight  # (d_out, d_in), a view: writes reach the weight
         for part_name, part in self.parts[name].items():
             delta = sign * self.delta_weight(name, part_name)  # (d_part, d_in)
-            if self.fan_in_fan_out:  # Conv1D: transpose
-                W[:, part.first:part.end] = (W[:, part.first:part.end].float() + delta.T).to(W.dtype)
-            else:
+            if part.blocks == 1:
                 W[part.first:part.end] = (W[part.first:part.end].float() + delta).to(W.dtype)
+            else:  # only the part's rows of each block: a strided view of W, written in place
+                rows = part.rows(W, 0)  # (blocks, d_part / blocks, d_in)
+                rows.copy_((rows.float() + delta.view(rows.shape)).to(W.dtype))
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """W ← W + (alpha/r)·B·A for each adapter not merged yet. Merging twice is a no-op.
@@ -262,8 +275,8 @@ class LoRALinear(nn.Module):
         W = self.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
         for part_name, part in self.parts[name].items():
             delta = self.delta_weight(name, part_name)  # (d_part, d_in)
-            rows = W[:, part.first:part.end].T if self.fan_in_fan_out else W[part.first:part.end]
-            if not torch.isfinite(rows.float() + delta).all():
+            rows = part.rows(W.T if self.fan_in_fan_out else W, 0)  # (blocks, d_part / blocks, d_in)
+            if not torch.isfinite(rows.float() + delta.view(rows.shape)).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} (part {part_name!r}) "
                                  "seems to be broken; nothing was merged")
 
@@ -285,14 +298,19 @@ class LoRALinear(nn.Module):
 
 def low_rank_add(y: torch.Tensor, columns, scales, factors) -> torch.Tensor:
     """out[:, first:end] = y[:, first:end] + s_p · h_p B_pᵀ for each part p; y itself is not changed.
-    factors: h_1 (N, r_1), B_1 (d_1, r_1), h_2, B_2, ..."""
+    columns: (first, end, blocks) per part; factors: h_1 (N, r_1), B_1 (d_1, r_1), h_2, B_2, ...
+    A part of several blocks (per head, per kv group) adds through a strided view of its rows."""
     with torch.autocast(y.device.type, enabled=False):  # the caller already chose the dtype
-        if len(columns) == 1 and tuple(columns[0]) == (0, y.shape[1]):
+        if len(columns) == 1 and tuple(columns[0]) == (0, y.shape[1], 1):
             h, B = factors
             return torch.addmm(y, h, B.t(), alpha=scales[0])  # y + s·h Bᵀ in one GEMM
         out = y.clone()
-        for (first, end), scale, h, B in zip(columns, scales, factors[0::2], factors[1::2]):
-            out[:, first:end].addmm_(h, B.t(), alpha=scale)  # (N, r) @ (r, d_part)
+        for (first, end, blocks), scale, h, B in zip(columns, scales, factors[0::2], factors[1::2]):
+            if blocks == 1:
+                out[:, first:end].addmm_(h, B.t(), alpha=scale)  # (N, r) @ (r, d_part)
+            else:  # e.g. q of [q_h k_h v_h]: out.view(N, H, 3dh)[:, :, 0:dh] += (h Bᵀ).view(N, H, dh)
+                rows = part_rows(out, first, end, blocks)  # (N, blocks, d_part / blocks), a view of out
+                rows.add_((h @ B.t()).view(rows.shape), alpha=scale)  # (N, r) @ (r, d_part)
         return out
 
 
@@ -325,10 +343,10 @@ class LowRankAdd(torch.autograd.Function):
         factors = ctx.saved_tensors
         wanted = ctx.needs_input_grad[3:]  # one flag per factor, after y, columns and scales
         grads = []
-        for (first, end), scale, h, B, want_h, want_B in zip(
+        for (first, end, blocks), scale, h, B, want_h, want_B in zip(
             ctx.columns, ctx.scales, factors[0::2], factors[1::2], wanted[0::2], wanted[1::2]
         ):
-            G = grad_out[:, first:end]  # (N, d_part)
+            G = part_rows(grad_out, first, end, blocks).reshape(len(grad_out), -1)  # (N, d_part): the part's only
             grads.append((G @ B).mul_(scale) if want_h else None)  # (N, r)
             grads.append((G.t() @ h).mul_(scale) if want_B else None)  # (d_part, r)
         return (grad_out, None, None, *grads)

@@ -121,18 +121,22 @@ def add_rows(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch
             for part_name, part in layer.parts[name].items():
                 A, B = layer.lora_A[name][part_name].weight, layer.lora_B[name][part_name].weight
                 delta = (x_rows.to(A.dtype) @ A.t()) @ B.t() * layer.scaling[name][part_name]  # (b, T, d_part)
-                y3[idx, :, part.first:part.end] += delta.to(y3.dtype)
+                routed = y3[idx]  # (b, T, d_out), a copy of the routed rows
+                part.rows(routed).add_(delta.to(y3.dtype).view(part.rows(routed).shape))
+                y3[idx] = routed
         return y3.view(y.shape)
-    columns = dict.fromkeys((part.first, part.end) for n in used for part in layer.parts[n].values())
-    for first, end in columns:  # adapters' parts over the same columns share one pair of batched matmuls
-        entries = tuple((n, p) for n in used for p, part in layer.parts[n].items() if (part.first, part.end) == (first, end))
-        A_stack, B_stack = _stacks(layer, entries, end - first, x.dtype)
+    columns = {(part.first, part.end, part.blocks): part for n in used for part in layer.parts[n].values()}
+    for like in columns.values():  # adapters' parts over the same rows share one pair of batched matmuls
+        entries = tuple((n, p) for n in used for p, part in layer.parts[n].items() if part.same_rows(like))
+        A_stack, B_stack = _stacks(layer, entries, like.width, x.dtype)
         idx = routing.row_index.get(entries)  # the same for every layer with this adapter set
         if idx is None:
             index = {n: i for i, (n, _) in enumerate(entries, start=1)}
             idx = routing.row_index[entries] = torch.tensor([index.get(n, 0) for n in rows], device=x.device)  # (B,)
         h = torch.bmm(x3, A_stack[idx].transpose(1, 2))  # (B, T, d_in) @ (B, d_in, r) -> (B, T, r)
-        y3[..., first:end] += torch.bmm(h, B_stack[idx].transpose(1, 2)).to(y3.dtype)  # (B, T, r) @ (B, r, d)
+        delta = torch.bmm(h, B_stack[idx].transpose(1, 2)).to(y3.dtype)  # (B, T, r) @ (B, r, d_part)
+        part_view = like.rows(y3)  # (B, T, blocks, d_part / blocks), a view of y3
+        part_view += delta.view(part_view.shape)
     return y3.view(y.shape)  # y itself when contiguous; the copy reshape made otherwise
 
 
@@ -153,7 +157,8 @@ def add_mixture(layer, y: torch.Tensor, x: torch.Tensor, mixture: Mixture) -> to
             A, B = layer.lora_A[name][part_name].weight, layer.lora_B[name][part_name].weight
             h = x3.to(A.dtype) @ A.t()  # (B, T, d_in) @ (d_in, r) -> (B, T, r)
             delta = (h @ B.t()) * layer.scaling[name][part_name]  # (B, T, d_part)
-            pad = (part.first, layer.out_features - part.end)
-            out = out + torch.nn.functional.pad(delta * w[..., a:a + 1], pad).to(out.dtype)
+            pad = (part.first, layer.out_features // part.blocks - part.end)  # zeros around the part in each block
+            blocked = (delta * w[..., a:a + 1]).unflatten(-1, (part.blocks, -1))  # (B, T, blocks, d_part / blocks)
+            out = out + torch.nn.functional.pad(blocked, pad).flatten(-2).to(out.dtype)
     return out.view(y.shape)
 

@@ -24,17 +24,11 @@ import torch.nn as nn
 
 from .config import Band, LoraConfig
 from .embedding import EMBEDDING, LoRAEmbedding, embedding_sites
+from .families import DEFAULT_TARGETS
 from .lora import AdapterState, LoraPart, LoRALinear
-from .roles import FULL, Part, Site, classify, family_of, parse_selector, supported_roles, walk
+from .experts import LoRAExperts
+from .roles import FULL, Part, Site, classify, family_of, parameter_sites, parse_selector, supported_roles, walk
 
-# PEFT's defaults when target_modules is None, per family.
-DEFAULT_TARGETS = {
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "t5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-}
 
 # Heads that PEFT trains in full for these task types, whichever of them the model has.
 TASK_HEADS = {
@@ -44,7 +38,7 @@ TASK_HEADS = {
 }
 
 Plan = dict[str, dict[str, LoraPart]]  # module path -> {part name -> LoraPart}
-ADAPTER_LAYERS = (LoRALinear, LoRAEmbedding)  # the layers that hold LoRA factors
+ADAPTER_LAYERS = (LoRALinear, LoRAEmbedding, LoRAExperts)  # the layers that hold LoRA factors
 
 
 def _name_matches(name: str, key: str) -> bool:
@@ -105,26 +99,37 @@ def _unmatched_error(entry: str, model: nn.Module, sites: dict[str, Site], why: 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
     """Which modules get LoRA, over which output columns, with which rank and alpha."""
-    sites = {**classify(model, config.layers_pattern), **embedding_sites(model)}  # embeddings by name only
+    sites = {**classify(model, config.layers_pattern), **embedding_sites(model),  # embeddings by name only
+             **parameter_sites(model, config.layers_pattern)}  # 3-D expert weights: by role or target_parameters
     family = family_of(model)
     depths = _depths(sites)
     _check_layers(config, depths)
+    modules = {name: site for name, site in sites.items() if not site.is_parameter}  # what module names match
 
     targets = config.target_modules
+    if targets is None and config.target_parameters:
+        targets = []  # parameters only, as PEFT allows
     if targets is None:
-        if family not in DEFAULT_TARGETS:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:  # PEFT has no default for it either
+            roles = f" or role names ({', '.join(supported_roles(model))})" if family else ""
             raise ValueError(
-                f"target_modules is required for {type(model).__name__} (no default for its family); "
-                f"e.g. target_modules={_nearest('q_proj', sites)[:2]}"
+                f"target_modules is required for {type(model).__name__} (model_type {model_type!r} has no default "
+                f"targets in PEFT); e.g. target_modules={_nearest('q_proj', sites)[:2]}{roles}"
             )
-        targets = DEFAULT_TARGETS[family]
+        targets = DEFAULT_TARGETS[model_type]
 
     chosen: dict[str, set[str]] = {}  # path -> parts ({FULL} for the whole layer)
     if targets == "all-linear":
         heads = _output_layer_names(model)
-        chosen = {name: {FULL} for name, site in sites.items() if name not in heads and site.role != EMBEDDING}
+        chosen = {name: {FULL} for name, site in modules.items() if name not in heads and site.role != EMBEDDING}
+        experts = sorted(name for name, site in sites.items() if site.is_parameter and site.role)
+        if experts and not config.target_parameters:  # PEFT's "all-linear" leaves them out too; say so
+            warnings.warn(f"'all-linear' adapts Linear layers only; the experts' 3-D weights ({experts[0]}, ...) stay "
+                          "untrained: add target_parameters, or use role names ('gate', 'up', 'down') to adapt them",
+                          stacklevel=4)
     elif isinstance(targets, str):
-        chosen = {name: {FULL} for name in sites if re.fullmatch(targets, name)}
+        chosen = {name: {FULL} for name in modules if re.fullmatch(targets, name)}
         if not chosen:
             raise _unmatched_error(targets, model, sites, "(a regex on the full path) matched no module")
     else:
@@ -134,8 +139,13 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
             unmatched += [] if hits else [entry]
             for name, part in hits:
                 chosen.setdefault(name, set()).add(part)
-        if not chosen:  # nothing at all: an error, as in PEFT
+        if not chosen and targets:  # nothing at all: an error, as in PEFT
             raise _unmatched_error(unmatched[0], model, sites, "matched no module")
+        present = set(supported_roles(model)) if family else set()
+        for entry in unmatched:  # a role this family lacks is a mistake, not a misspelling to shrug off
+            selector = parse_selector(entry) if family else None
+            if selector is not None and not present & set(selector.roles):
+                raise _unmatched_error(entry, model, sites, "names a role this model does not have")
         for entry in unmatched:  # PEFT is silent here; a misspelt entry deserves a word
             warnings.warn(f"target_modules entry {entry!r} matched no module in {type(model).__name__} (the other "
                           f"entries did); nearest module names: {', '.join(_nearest(entry, sites))}", stacklevel=4)
@@ -145,6 +155,15 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
                     f"{name} is targeted whole and by slice ({', '.join(sorted(parts - {FULL}))}); "
                     "pick one: its module name for one LoRA over the fused output, or role names for slices"
                 )
+
+    for key in config.target_parameters or []:
+        hits = [name for name, site in sites.items() if site.is_parameter and _name_matches(name, key)]
+        if not hits:
+            found = sorted({".".join(n.split(".")[-2:]) for n, site in sites.items() if site.is_parameter})
+            raise ValueError(f"target_parameters entry {key!r} matched no 3-D parameter of {type(model).__name__}; "
+                             f"its 3-D parameters end in: {', '.join(found) or 'none'}. Fix target_parameters.")
+        for name in hits:
+            chosen.setdefault(name, set()).add(FULL)
 
     saved = config.modules_to_save or []
     plan: Plan = {}
@@ -159,7 +178,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
         if not _layer_selected(config, site, depths):
             continue
         r, alpha = _rank_alpha(config, site, _band(config, site, depths))
-        plan[name] = {part.name: LoraPart(part.first, part.end, r, alpha) for part in _parts(site, part_names)}
+        plan[name] = {part.name: LoraPart(part.first, part.end, r, alpha, part.blocks) for part in _parts(site, part_names)}
 
     if not plan:
         raise ValueError(
@@ -175,9 +194,11 @@ def _select(entry: str, sites: dict[str, Site], known_family: bool) -> list[tupl
     """(path, part) pairs selected by one target_modules entry: a role selector or a module name."""
     selector = parse_selector(entry) if known_family else None
     if selector is None:
-        return [(name, FULL) for name in sites if _name_matches(name, entry)]
+        return [(name, FULL) for name, site in sites.items() if not site.is_parameter and _name_matches(name, entry)]
     hits = []
     for name, site in sites.items():
+        if site.layout_problem and any(selector.matches(site, role) for role in site.role.split("_")):
+            raise ValueError(f"target_modules entry {entry!r} selects a slice of {site.layout_problem}")
         if site.parts:  # fused: pick the matching slices
             hits += [(name, part.name) for part in site.parts if selector.matches(site, part.name)]
         elif site.role and selector.matches(site, site.role):
@@ -246,12 +267,24 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: LoraConfig,
                    state: AdapterState) -> list[LoRALinear]:
     """Give every module in `plan` adapter `adapter_name`, wrapping it in a LoRALinear that reads
-    `state` unless it is one already. `config` gives dropout and initialisation. The layers."""
+    `state` unless it is one already (a LoRAExperts for the module owning 3-D expert weights the
+    plan names). `config` gives dropout and initialisation. The layers."""
     layers = []
+    targets: dict[str, dict] = {}  # module path -> parts; for experts: {parameter -> parts}
+    experts = set()
     for name, parts in plan.items():
+        owner, parameter = name.rpartition(".")[0], name.rpartition(".")[2]
+        if name not in targets and _is_expert_weight(model, owner, parameter):
+            targets.setdefault(owner, {})[parameter] = parts
+            experts.add(owner)
+        else:
+            targets[name] = parts
+    for name, parts in targets.items():
         module = model.get_submodule(name)
         if isinstance(module, ADAPTER_LAYERS):
             layer = module
+        elif name in experts:
+            layer = LoRAExperts(module, state)
         elif isinstance(module, nn.Embedding):
             layer = LoRAEmbedding(module, state, tied_head=_is_tied_to_head(model, module))
         else:
@@ -273,6 +306,17 @@ def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: Lora
             config.fan_in_fan_out = True  # recorded for PEFT: GPT-2 Conv1D stores W as (in, out)
         layers.append(layer)
     return layers
+
+
+def _is_expert_weight(model: nn.Module, owner: str, parameter: str) -> bool:
+    """Whether `owner`.`parameter` is a 3-D parameter (of the module there, or of the module a
+    LoRAExperts there wraps)."""
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    value = getattr(getattr(module, "base_layer", module), parameter, None)
+    return isinstance(value, nn.Parameter) and value.dim() == 3
 
 
 def _layer_init(config: LoraConfig):

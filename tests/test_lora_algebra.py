@@ -160,15 +160,15 @@ def test_properties_over_shapes(d_in, d_out, r, alpha, conv1d, rows):
     torch.testing.assert_close(dense_weight(layer), W0, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("spans", [((0, 6),), ((0, 2), (4, 6))])
-def test_low_rank_add_backward_is_the_derivative(spans):
+@pytest.mark.parametrize("spans", [((0, 6, 1),), ((0, 2, 1), (4, 6, 1)), ((0, 1, 3), (2, 3, 2))])
+def test_low_rank_add_backward_is_the_derivative(spans):  # spans: (first, end, blocks)
     from minilora.lora import LowRankAdd
 
     torch.manual_seed(0)
     y = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     factors = []
-    for first, end in spans:
+    for first, end, blocks in spans:
         factors += [torch.randn(5, 2, dtype=torch.float64, requires_grad=True),
-                    torch.randn(end - first, 2, dtype=torch.float64, requires_grad=True)]
+                    torch.randn((end - first) * blocks, 2, dtype=torch.float64, requires_grad=True)]
     scales = tuple(0.5 + i for i in range(len(spans)))
     assert torch.autograd.gradcheck(lambda y, *f: LowRankAdd.apply(y, spans, scales, *f), (y, *factors))

@@ -1,0 +1,183 @@
+r"""LoRAExperts: LoRA per expert on mixture-of-experts weights stored as 3-D parameters.
+
+transformers keeps a sparse layer's experts in one module with one parameter per projection,
+stacked over experts: Mixtral's `experts.gate_up_proj` is (E, 2·d_ff, d) and `experts.down_proj`
+(E, d, d_ff); GPT-OSS stores them transposed, (E, d, 2·d_ff), with gate and up interleaved. Each
+expert e gets its own pair, on its own rows:
+
+    W'_e = W_e + (alpha / r) · B_e · A_e         A_e ∈ R^{r × d_in},  B_e ∈ R^{d_part × r}
+
+stored as A (E, r, d_in) and B (E, d_part, r). A part is a set of rows of every expert's output,
+as in lora.py: "gate" and "up" of `gate_up_proj` ([gate | up], or [g_0 u_0 g_1 u_1 ...]), or
+FULL; the role names gate / up / down select them.
+
+The experts' own forward pass (a loop over routed experts, or transformers' grouped matmul)
+reads the parameters, so the adapted weight is handed to it for the call:
+`torch.func.functional_call(experts, {"gate_up_proj": W + ΔW})`. The update is per expert and
+dense over that expert's part (E · d_part · d_in values, once per forward), as in PEFT's
+parameter targets; activations never pass through a second path, so lora_dropout is refused.
+An expert no token is routed to reads its slice of W + ΔW nowhere, so its A_e and B_e get no
+gradient; the router (`mlp.gate`) is a plain module, trained only if named in modules_to_save.
+
+Shape legend: E = experts, d_in / d_out = one expert's features, r = rank, d_part = a part's rows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .lora import AdapterState, LoraPart
+from .roles import FULL
+
+
+class LoRAExperts(nn.Module):
+    """A frozen experts module plus, per adapter and per targeted 3-D parameter, one (A, B) pair
+    per part, each holding every expert's factors."""
+
+    HOLDS_EXPERT_WEIGHTS = True  # roles.classify: not a Linear site; its 3-D parameters are sites
+
+    def __init__(self, base_layer: nn.Module, state: Optional[AdapterState] = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.transposed = bool(getattr(base_layer, "is_transposed", False))  # stored (E, d_in, d_out)
+        self.lora_A = nn.ModuleDict()  # adapter -> {parameter -> {part -> A (E, r, d_in)}}
+        self.lora_B = nn.ModuleDict()  # adapter -> {parameter -> {part -> B (E, d_part, r)}}
+        self.parts: dict[str, dict[str, dict[str, LoraPart]]] = {}  # adapter -> parameter -> part -> rows, r, alpha
+        self.scaling: dict[str, dict[str, dict[str, float]]] = {}  # adapter -> parameter -> part -> alpha / r
+        self.merged_adapters: list[str] = []
+        self.state = state if state is not None else AdapterState()
+        self.fan_in_fan_out = False
+        self.lora_magnitude_vector = nn.ModuleDict()  # never filled: DoRA is refused on experts
+
+    def weight_of(self, parameter: str) -> torch.Tensor:
+        """The base parameter as (E, d_out, d_in), a view."""
+        W = getattr(self.base_layer, parameter)
+        return W.transpose(1, 2) if self.transposed else W
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, parameters: dict[str, dict[str, LoraPart]], lora_dropout: float = 0.0,
+                    init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False, **_) -> None:
+        """Create adapter `name` on `parameters` ({parameter -> {part -> LoraPart}}); B = 0."""
+        if lora_dropout:
+            raise ValueError(f"lora_dropout={lora_dropout} on expert weights: the update is added to the weight, "
+                             "not run on activations, so there is no input to drop; set lora_dropout=0")
+        if use_dora or init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError("expert weights take plain LoRA only (init_lora_weights True, False or 'gaussian', no "
+                             "DoRA); leave the experts out of this adapter or drop those options")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        A, B = nn.ModuleDict(), nn.ModuleDict()
+        for parameter, parts in parameters.items():
+            W = self.weight_of(parameter)
+            experts, d_out, d_in = W.shape
+            dtype = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
+            A[parameter], B[parameter] = nn.ParameterDict(), nn.ParameterDict()
+            for part_name, part in parts.items():
+                if d_out % part.blocks or not 0 <= part.first < part.end <= d_out // part.blocks:
+                    raise ValueError(f"{parameter}: part {part_name!r} lies outside its {d_out} output rows")
+                if part_name != FULL and part.r > part.width:
+                    raise ValueError(f"rank r={part.r} for part {part_name!r} of {parameter} exceeds the part's size "
+                                     f"({part.width} rows); lower r for this layer")
+                A[parameter][part_name] = nn.Parameter(torch.empty(experts, part.r, d_in, dtype=dtype, device=W.device))
+                B[parameter][part_name] = nn.Parameter(torch.zeros(experts, part.width, part.r, dtype=dtype,
+                                                                   device=W.device))
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.parts[name] = {p: dict(parts) for p, parts in parameters.items()}
+        self.scaling[name] = {p: {n: part.scale(use_rslora) for n, part in parts.items()} for p, parts in parameters.items()}
+        self.reset_adapter(name, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init_lora_weights=True) -> None:
+        """Each expert's A as lora.py's (kaiming-uniform, or N(0, 1/r)); B = 0 unless init is False."""
+        for parameter, factors in self.lora_A[name].items():
+            for part_name, A in factors.items():
+                B = self.lora_B[name][parameter][part_name]
+                for e in range(A.shape[0]):
+                    if init_lora_weights == "gaussian":
+                        nn.init.normal_(A[e], std=1 / A.shape[1])
+                    else:
+                        nn.init.kaiming_uniform_(A[e], a=5 ** 0.5)
+                    if init_lora_weights is False:
+                        nn.init.kaiming_uniform_(B[e], a=5 ** 0.5)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for table in (self.lora_A, self.lora_B) if name in table for p in table[name].parameters()]
+
+    @torch.no_grad()
+    def set_part_weights(self, name: str, parameter: str, part: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy A (E, r, d_in) and B (E, d_part, r) into adapter `name`'s pair for `parameter`'s `part`."""
+        self.lora_A[name][parameter][part].copy_(A)
+        self.lora_B[name][parameter][part].copy_(B)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        del self.lora_A[name], self.lora_B[name], self.parts[name], self.scaling[name]
+
+    # ------------------------------------------------------------------ forward
+    def delta_weight(self, name: str, parameter: str, part: str) -> torch.Tensor:
+        """(alpha/r) · B_e · A_e for every expert: (E, d_part, r) @ (E, r, d_in) -> (E, d_part, d_in)."""
+        A, B = self.lora_A[name][parameter][part], self.lora_B[name][parameter][part]
+        return self.scaling[name][parameter][part] * torch.bmm(B, A)
+
+    def adapted_weight(self, parameter: str, names: list[str]) -> torch.Tensor:
+        """The parameter as the experts read it, W + ΔW of adapters `names`, in its stored layout."""
+        W = self.weight_of(parameter)  # (E, d_out, d_in)
+        out = W.clone()
+        for name in names:
+            for part_name, part in self.parts[name].get(parameter, {}).items():
+                rows = part.rows(out, 1)  # (E, blocks, d_part / blocks, d_in), a view of out
+                rows += self.delta_weight(name, parameter, part_name).to(W.dtype).view(rows.shape)
+        return out.transpose(1, 2) if self.transposed else out
+
+    def forward(self, *args, **kwargs):
+        state = self.state
+        if state.routing is not None:
+            raise ValueError("mixed batches (adapter_names=) and adapter mixtures do not reach expert weights; "
+                             "run each adapter's rows in a call of their own after set_adapter")
+        names = [] if state.disabled else [n for n in state.active if n in self.lora_A and n not in self.merged_adapters]
+        if not names:
+            return self.base_layer(*args, **kwargs)
+        targeted = dict.fromkeys(p for n in names for p in self.parts[n])
+        weights = {p: self.adapted_weight(p, names) for p in targeted}
+        return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
+
+    # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def _fold(self, name: str, sign: float) -> None:
+        for parameter, parts in self.parts[name].items():
+            W = self.weight_of(parameter)  # (E, d_out, d_in), a view: writes reach the parameter
+            for part_name, part in parts.items():
+                rows = part.rows(W, 1)  # (E, blocks, d_part / blocks, d_in)
+                rows += (sign * self.delta_weight(name, parameter, part_name)).to(W.dtype).view(rows.shape)
+
+    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """W_e ← W_e + (alpha/r)·B_e·A_e on each part's rows, for each adapter not merged yet."""
+        chosen = self.state.active if adapter_names is None else adapter_names
+        names = [n for n in chosen if n in self.lora_A and n not in self.merged_adapters]
+        if safe_merge:
+            for name in names:
+                for parameter in self.parts[name]:
+                    if not torch.isfinite(self.adapted_weight(parameter, [name])).all():
+                        raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} ({parameter}) "
+                                         "seems to be broken; nothing was merged")
+        for name in names:
+            self._fold(name, +1.0)
+            self.merged_adapters.append(name)
+
+    def unmerge(self, adapter_names: Optional[list[str]] = None) -> None:
+        for name in reversed(list(self.merged_adapters)):
+            if adapter_names is None or name in adapter_names:
+                self._fold(name, -1.0)
+                self.merged_adapters.remove(name)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def extra_repr(self) -> str:
+        ranks = {n: {p: {k: v.r for k, v in parts.items()} for p, parts in params.items()} for n, params in self.parts.items()}
+        return f"experts, adapters(rank per parameter part)={ranks}"
