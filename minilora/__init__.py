@@ -1,10 +1,12 @@
 """minilora: LoRA and QLoRA from scratch on PyTorch. The public API, and nothing else."""
 
 from .config import ARTICLE_BANDS, Band, LoraConfig
+from .export import export
 from .kbit import prepare_model_for_kbit_training
 from .lora import LoRALinear
 from .model import LoraModel, get_base_model_state_dict, get_peft_model, set_base_model_state_dict
 from .params import format_breakdown
+from .prune import prune
 from .quant import NF4Config, load_quantized, memory_report, quantize_model
 
 __all__ = [
@@ -14,12 +16,14 @@ __all__ = [
     "LoraConfig",
     "LoraModel",
     "NF4Config",
+    "export",
     "format_breakdown",
     "get_base_model_state_dict",
     "get_peft_model",
     "load_quantized",
     "memory_report",
     "prepare_model_for_kbit_training",
+    "prune",
     "quantize_model",
     "set_base_model_state_dict",
 ]

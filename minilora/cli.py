@@ -2,8 +2,12 @@
 
     minilora finetune                               the embedded default: general-text base, finance
                                                     fine-tune with four strategies, forgetting report
+    minilora finetune --experiment minilm           the same comparison on the pretrained MiniLM and
+                                                    standard-library docstrings
     minilora finetune --model DIR --data FILE …     fine-tune a local Hugging Face model with LoRA
     minilora finetune --help                        every setting
+    minilora export --model DIR --adapter DIR --out DIR [--prune 0.5 --pattern 2:4] [--nf4 | --bf16]
+                                                    merge, optionally prune, write a model directory
 
 Exit status: 0 done, 1 training diverged, 2 bad input, 130 interrupted (checkpoint written).
 """
@@ -14,11 +18,11 @@ import argparse
 import os
 import sys
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields
 
 from .train.data import DataError
 from .train.distributed import teardown
-from .train.demo import ALL_STRATEGIES, DemoSettings, run
+from .train.demo import ALL_STRATEGIES, EXPERIMENT_DEFAULTS, DemoSettings, run
 from .train.job import JobSettings, run_job
 from .train.trainer import Interrupted, NonFiniteLoss, TrainConfig
 
@@ -33,7 +37,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-DEMO_DEFAULTS = {f.name: f.default for f in fields(DemoSettings)}
+DEMO_DEFAULTS = asdict(DemoSettings())  # the synthetic experiment's values
 
 
 def _add_fields(group, cls, seen: set) -> None:
@@ -45,8 +49,12 @@ def _add_fields(group, cls, seen: set) -> None:
         seen.add(f.name)
         default = f.default if f.default is not MISSING else None
         shown = f"default: {default}"
-        if cls is not DemoSettings and DEMO_DEFAULTS.get(f.name, default) != default:
-            shown += f" (embedded default: {DEMO_DEFAULTS[f.name]})"
+        per_experiment = ", ".join(f"{values[f.name]} ({name})" for name, values in EXPERIMENT_DEFAULTS.items()
+                                   if f.name in values)
+        if cls is DemoSettings and per_experiment:
+            shown = f"default: {per_experiment}"
+        elif cls is not DemoSettings and (per_experiment or DEMO_DEFAULTS.get(f.name, default) != default):
+            shown += f" (embedded default: {per_experiment or DEMO_DEFAULTS[f.name]})"
         kind = hints[f.name]
         args = typing.get_args(kind)
         if kind is bool:
@@ -102,16 +110,73 @@ def _finetune(parser: argparse.ArgumentParser, given: dict) -> int:
     return 0
 
 
+def _export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="merge an adapter, optionally prune, write a model directory for deployment",
+                       description="Merge the adapter into its base (a 4-bit base is dequantized first), optionally "
+                       "prune, and write a Hugging Face model directory; --nf4 writes a pre-quantized bitsandbytes "
+                       "4-bit checkpoint. The report is printed and saved as <out>/export_report.json.")
+    p.add_argument("--model", required=True, help="the base model directory (full precision or bitsandbytes 4-bit)")
+    p.add_argument("--adapter", help="the adapter directory (PEFT format); without it the base is exported as is")
+    p.add_argument("--out", required=True, help="the model directory to write (refused if it holds a model)")
+    p.add_argument("--prune", type=float, help="sparsity in [0, 1): the fraction of linear weights set to zero")
+    p.add_argument("--pattern", default="unstructured", choices=["unstructured", "2:4"], help="default: unstructured")
+    p.add_argument("--prune-method", default="magnitude", choices=["magnitude", "wanda"], help="default: magnitude")
+    p.add_argument("--scope", default="layer", choices=["layer", "global"], help="default: layer")
+    p.add_argument("--calibration", help="a text file: calibration batches for wanda and the report's losses")
+    p.add_argument("--calibration-batches", type=int, default=4, help="batches taken from --calibration (default: 4)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration row (default: 128)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--nf4", action="store_true", help="write NF4 + double quant (bitsandbytes' 4-bit checkpoint)")
+    kind.add_argument("--bf16", action="store_true", help="write bfloat16 weights (default: float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def _calibration(model_dir: str, text_file: str, n_batches: int, seq_len: int) -> list:
+    """Up to n_batches rows of seq_len tokens from a text file, tokenized by the model's tokenizer."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(Path(text_file).read_text(), return_tensors="pt")["input_ids"][0]
+    rows = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:n_batches]
+    if not rows:
+        raise ValueError(f"{text_file} holds {len(ids)} tokens, fewer than one row of --seq-len {seq_len}")
+    return [row[None, :] for row in rows]
+
+
+def _export(given: dict) -> int:
+    from .export import export
+
+    calibration = (_calibration(given["model"], given["calibration"], given["calibration_batches"], given["seq_len"])
+                   if given["calibration"] else None)
+    report = export(given["model"], adapter=given["adapter"], out=given["out"], prune=given["prune"],
+                    pattern=given["pattern"], prune_method=given["prune_method"], prune_scope=given["scope"],
+                    fmt="nf4" if given["nf4"] else "bf16" if given["bf16"] else "fp32", overwrite=given["overwrite"],
+                    calibration=calibration, progress=given["progress"])
+    print(f"model: {report.out}   report: {report.out}/export_report.json")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="minilora", description="LoRA and QLoRA from scratch")
     sub = parser.add_subparsers(dest="command", required=True)
     finetune = _finetune_parser(sub)
+    _export_parser(sub)
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     given = vars(args)
-    given.pop("command")
+    command = given.pop("command")
+    if command == "export":
+        try:
+            return _export(given)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            print(f"minilora export: error: {e}", file=sys.stderr)
+            return 2
     try:
         return _finetune(finetune, given)
     except (DataError, ValueError, FileNotFoundError) as e:

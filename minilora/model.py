@@ -32,6 +32,7 @@ from . import convert
 from . import init as named_init
 from .config import LoraConfig
 from .lora import AdapterState, LoRALinear
+from .merge_methods import MergeOptions
 from .params import count_parameters, format_trainable, parameter_breakdown
 from .quant import Linear4bit, NF4Config
 from .roles import walk
@@ -331,14 +332,23 @@ class LoraModel(nn.Module):
         self._update_trainable(self.active_adapters)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: Optional[int] = None) -> dict[str, float]:
-        """A new adapter ≈ Σ wᵢ adapters[i] ("cat": exact, "linear": approximate, "svd": best rank-k).
-        Returns the energy each "svd" layer keeps (fraction of Σσ²), keyed "path:part". See combine.py.
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total", seed: Optional[int] = None,
+                             svd_full_matrices: bool = True, svd_driver: Optional[str] = None) -> dict[str, float]:
+        """A new adapter ≈ Σ wᵢ adapters[i] ("cat": exact, "linear": approximate, "svd": best rank-k;
+        PEFT's "ties", "dare_linear", "dare_ties", "magnitude_prune" and their "_svd" forms keep a
+        `density` of each adapter's entries, ties electing signs by `majority_sign_method`; DARE draws
+        its masks from `seed`). Returns the energy each "*svd" layer keeps (fraction of Σσ²), keyed
+        "path:part". See combine.py and merge_methods.py. PEFT's svd_full_matrices / svd_driver
+        change nothing in the truncated result and are accepted as such.
         A module trained in full (modules_to_save) by one of the adapters is copied, trained weights
         and all, into the new adapter; a module that several of them train cannot be combined."""
         self._check_exists(adapters)
         self._check_new(adapter_name)
-        combine.check_request([self.peft_config[a] for a in adapters], weights, combination_type)
+        options = MergeOptions(density=density, majority_sign_method=majority_sign_method, seed=seed,
+                               svd_clamp=svd_clamp)
+        combine.check_request([self.peft_config[a] for a in adapters], weights, combination_type, options)
         shared = self._shared_copies(adapters)
         if shared:
             raise ValueError(f"Cannot add weighted adapters if they target the same module with modules_to_save: "
@@ -346,9 +356,10 @@ class LoraModel(nn.Module):
         plan, factors, energies = {}, {}, {}
         for path, layer in self._lora_layers().items():
             if not isinstance(layer, LoRALinear) and any(a in layer.lora_A for a in adapters):
-                raise ValueError(f"{path} is an embedding adapter, which add_weighted_adapter cannot combine yet; "
-                                 "combine adapters that target linear layers only")
-            parts, pairs, kept = combine.combine_layer(layer, adapters, weights, combination_type, svd_rank, path)
+                raise ValueError(f"{path} holds an embedding or expert-weights adapter, which add_weighted_adapter "
+                                 "cannot combine yet; combine adapters that target linear layers only")
+            parts, pairs, kept = combine.combine_layer(layer, adapters, weights, combination_type, svd_rank, path,
+                                                       options)
             if parts:
                 plan[path], factors[path] = parts, pairs
                 energies.update({f"{path}:{part}": e for part, e in kept.items()})

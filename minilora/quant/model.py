@@ -7,6 +7,11 @@
 reads the safetensors files one tensor at a time: a linear weight is quantized the moment it is
 read and its full-precision copy dropped, anything else is copied into place. Peak memory stays
 near the quantized model plus one tensor, not the full-precision model.
+
+A checkpoint that is already 4-bit (config.json's quantization_config says bitsandbytes 4-bit, as
+transformers + bitsandbytes or `minilora export --nf4` write it) is read as it is: its NF4 codes
+and scales go into Linear4bit layers unchanged, nothing is quantized again (bnb_format.py), and
+the layers it kept in full precision stay so.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import torch
 import torch.nn as nn
 
 from ..roles import is_linear
+from . import bnb_format
 from .linear4bit import Linear4bit, NF4Config
-from .safetensors_file import read_safetensors
+from .safetensors_file import read_header, read_safetensors
 
 
 @dataclass
@@ -133,31 +139,43 @@ def load_quantized(path: Union[str, Path], config: NF4Config = NF4Config(), skip
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory / 'config.json'} is missing: load_quantized needs a model directory")
     hf_config = AutoConfig.from_pretrained(directory)
+    prequantized = bnb_format.is_prequantized(json.loads((directory / "config.json").read_text()))
     model_class = model_class or AutoModel
     with _linear_weights_on_meta():
         model = (model_class.from_config(hf_config) if hasattr(model_class, "from_config") else model_class(hf_config))
     model.eval()
-    targets = set(_targets(model, list(skip_modules or [])))
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+    prefixes = _key_prefixes(model)
+    if prequantized:  # the layers the checkpoint holds in 4 bits, and no others
+        keys = [entry[0] for shard in _shards(path) for entry in read_header(shard)[1]]
+        quantized = [_resolve(k, names, set(), prefixes) for k in bnb_format.quantized_weight_keys(keys)]
+        targets = {name.rpartition(".")[0] for name in quantized if name is not None}
+    else:
+        targets = set(_targets(model, list(skip_modules or [])))
     for name in targets:  # empty NF4 shells, filled as their weights arrive
         module = model.get_submodule(name)
         conv1d = not isinstance(module, nn.Linear)
         d_in, d_out = (module.weight.shape if conv1d else module.weight.shape[::-1])
         _set(model, name, Linear4bit(d_in, d_out, bias=module.bias is not None, config=config, from_conv1d=conv1d,
                                      device="meta"))
-    names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
-    prefixes = _key_prefixes(model)
+    stored = {}  # prequantized layer -> {component: tensor}, "" for the packed codes
     for shard in _shards(path):
         for key, tensor in read_safetensors(shard):  # the only full-precision tensor alive
+            key, component = bnb_format.split_key(key) if prequantized else (key, None)
             name = _resolve(key, names, targets, prefixes)
             if name is None:
                 continue
             owner, _, leaf = name.rpartition(".")
-            if owner in targets and leaf == "weight":
+            if prequantized and owner in targets and leaf == "weight":
+                stored.setdefault(owner, {})[component or ""] = tensor.clone()
+            elif owner in targets and leaf == "weight":
                 layer = model.get_submodule(owner)
                 layer.set_weight(tensor.t() if layer.from_conv1d else tensor)
             else:
                 _assign(model, name, tensor)
             del tensor
+    for owner in sorted(targets) if prequantized else []:
+        bnb_format.fill_layer(model.get_submodule(owner), stored.get(owner, {}), f"{path}: {owner}")
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing and hasattr(model, "tie_weights"):
         model.tie_weights()
