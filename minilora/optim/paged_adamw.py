@@ -25,6 +25,11 @@ side stream while the current one updates. With `update_on="offload"` the update
 the offload device instead (parameter and gradient slices visit it), and no state ever touches
 the accelerator. When a parameter already lives on the offload device, "copying in" is a no-op
 and the update runs in place: the same code path, with the accounting still exact.
+
+Sharded parameters (FSDP2's DTensors): each process pages the moments of its own shard only. A
+sharded parameter's moments are sharded alike (DTensors whose local pieces live on the offload
+device), so the update is element-wise on the local pieces and needs no communication, and a
+sharded checkpoint (torch.distributed.checkpoint) saves and reloads them shard by shard.
 """
 
 from __future__ import annotations
@@ -37,15 +42,35 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch.optim import Optimizer
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a PyTorch built without torch.distributed: nothing is ever sharded
+    DTensor = None
+
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # torch.optim.AdamW's state names
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's piece of a sharded tensor; a whole tensor is its own piece."""
+    return tensor.to_local() if DTensor is not None and isinstance(tensor, DTensor) else tensor
+
+
+def _sharded_like(piece: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`piece` (this process's part) as a tensor sharded like `param`; `piece` itself if `param` is whole."""
+    if DTensor is None or not isinstance(param, DTensor):
+        return piece
+    return DTensor.from_local(piece, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
 
 
 @dataclass
 class _Slice:
-    """Elements [start, end) of one flattened parameter, and its state."""
+    """Elements [start, end) of one flattened parameter (this process's piece of it), and its state."""
 
-    param: torch.Tensor
-    state: dict
+    param: torch.Tensor  # the local piece of the parameter
+    grad: torch.Tensor  # ... of its gradient
+    moments: dict  # ... of its moments, by name
+    state: dict  # the optimizer state of the parameter (its step count)
     start: int
     end: int
 
@@ -108,7 +133,8 @@ class PagedAdamW(Optimizer):
             pin = p.is_cuda and self.offload_device.type == "cpu"
             state["step"] = torch.tensor(0.0)
             for name in MOMENTS[: 3 if amsgrad else 2]:
-                state[name] = torch.zeros(p.shape, dtype=p.dtype, device=self.offload_device, pin_memory=pin)
+                piece = torch.zeros(_local(p).shape, dtype=p.dtype, device=self.offload_device, pin_memory=pin)
+                state[name] = _sharded_like(piece, p)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -134,8 +160,8 @@ class PagedAdamW(Optimizer):
             pin = p.is_cuda and self.offload_device.type == "cpu"
             for name in MOMENTS:
                 if name in state:
-                    moved = state[name].to(self.offload_device, copy=True)  # never alias the caller's tensors
-                    state[name] = moved.pin_memory() if pin and not moved.is_pinned() else moved
+                    moved = _local(state[name]).to(self.offload_device, copy=True)  # never alias the caller's
+                    state[name] = _sharded_like(moved.pin_memory() if pin and not moved.is_pinned() else moved, p)
             if "step" in state:
                 state["step"] = state["step"].detach().float().cpu().clone()
 
@@ -143,7 +169,9 @@ class PagedAdamW(Optimizer):
     def _pages(self, params: list[torch.Tensor], amsgrad: bool) -> Iterator[list[_Slice]]:
         """Consecutive element ranges of the parameters, ≤ page_bytes of state each, one device each."""
         page, room, device = [], 0, None
-        for p in params:
+        for whole in params:
+            p, grad, state = _local(whole), _local(whole.grad), self.state[whole]
+            moments = {name: _local(state[name]) for name in MOMENTS if name in state}
             capacity = max(1, self.page_bytes // ((3 if amsgrad else 2) * p.element_size()))
             if page and p.device != device:  # a page never mixes devices
                 yield page
@@ -153,13 +181,13 @@ class PagedAdamW(Optimizer):
             if not p.is_contiguous():  # cannot be cut into ranges: a page of its own
                 if page:
                     yield page
-                yield [_Slice(p, self.state[p], 0, p.numel())]
+                yield [_Slice(p, grad, moments, state, 0, p.numel())]
                 page = []
                 continue
             start = 0
             while start < p.numel():
                 take = min(room, p.numel() - start)
-                page.append(_Slice(p, self.state[p], start, start + take))
+                page.append(_Slice(p, grad, moments, state, start, start + take))
                 start, room = start + take, room - take
                 if room == 0:
                     yield page
@@ -173,9 +201,9 @@ class PagedAdamW(Optimizer):
     def _fetch(self, page: list[_Slice], amsgrad: bool, stream) -> dict:
         """Bring one page's moments to its device (or its params and grads to the offload device)."""
         names = MOMENTS[: 3 if amsgrad else 2]
-        moments = {n: [s.view(s.state[n]) for s in page] for n in names}  # on the offload device
+        moments = {n: [s.view(s.moments[n]) for s in page] for n in names}  # on the offload device
         params = [s.view(s.param.data) for s in page]
-        grads = [s.view(s.param.grad) for s in page]
+        grads = [s.view(s.grad) for s in page]
         nbytes = self._page_bytes(page, amsgrad)
         context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with context:
@@ -258,7 +286,8 @@ class PagedAdamW(Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state in all (on the offload device)."""
-        return sum(t.numel() * t.element_size() for s in self.state.values() for n, t in s.items() if n in MOMENTS)
+        return sum(_local(t).numel() * t.element_size() for s in self.state.values() for n, t in s.items()
+                   if n in MOMENTS)
 
 
 def adamw_update(params, grads, moments: dict, steps: list[float], group: dict) -> None:

@@ -74,15 +74,19 @@ class Linear4bit(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     def _apply(self, fn, recurse=True):
-        """Module.to / half / bfloat16 / float / cuda: scales are moved, never converted."""
-        order = list(self._buffers)
-        held = {name: self._buffers.pop(name) for name in QUANT_STATE}
+        """Module.to / half / bfloat16 / float / cuda: scales are moved, never converted (buffers, or
+        frozen parameters in the shardable layout)."""
+        orders = {"_buffers": list(self._buffers), "_parameters": list(self._parameters)}
+        held = {name: (kind, getattr(self, kind).pop(name)) for kind in orders for name in QUANT_STATE
+                if name in getattr(self, kind)}
         try:
             super()._apply(fn, recurse)
         finally:
             device = self.weight.device  # uint8 codes: a dtype cast leaves them, a move takes them along
-            moved = {name: None if t is None else t.to(device) for name, t in held.items()}
-            self._buffers = {name: moved[name] if name in moved else self._buffers[name] for name in order}
+            for kind, order in orders.items():
+                moved = {name: _moved(t, device) for name, (k, t) in held.items() if k == kind}
+                current = getattr(self, kind)
+                setattr(self, kind, {name: moved[name] if name in moved else current[name] for name in order})
         cast = _cast_dtype(fn, device)
         if cast is not None and self.config.compute_dtype is not None:
             self.config = replace(self.config, compute_dtype=cast)
@@ -99,10 +103,40 @@ class Linear4bit(nn.Module):
         self.weight_dtype = WEIGHT_DTYPES[index]
 
     @property
+    def packed(self) -> torch.Tensor:
+        """The packed codes as nf4_quantize returns them: uint8 [(numel + 1) // 2], whatever the layout."""
+        if self.weight.dim() == 1:
+            return self.weight
+        return self.weight.reshape(-1)[: (self.in_features * self.out_features + 1) // 2]  # drop the padding
+
+    @property
     def state(self) -> NF4State:
         return NF4State(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
                         blocksize=self.config.blocksize, double_quant=self.config.double_quant,
                         absmax2=self.absmax2, offset=self.offset)
+
+    @torch.no_grad()
+    def make_shardable(self) -> "Linear4bit":
+        """The layout FSDP2 shards on block boundaries (in place; idempotent).
+
+            weight   uint8 [n_blocks, blocksize/2]    one row per block (the last padded with code 0)
+            absmax   [n_blocks]                       one scale (or scale code) per row of weight
+            absmax2  fp32 [ceil(n_blocks/256)]        the scales of the scales (double quant)
+
+        fully_shard cuts parameters along dim 0 only, so each process holds whole blocks and their
+        scales, never half a block. They become frozen Parameters (requires_grad=False: FSDP2 shards
+        parameters, not buffers; an integer tensor cannot require grad); `offset`, one scalar, stays
+        a buffer. The bytes are those of the 1-D layout: `packed` reads them back."""
+        if isinstance(self._parameters.get("weight"), nn.Parameter):
+            return self
+        half, n_blocks = self.config.blocksize // 2, self.absmax.numel()
+        codes = torch.zeros(n_blocks * half, dtype=torch.uint8, device=self.weight.device)
+        codes[: self.weight.numel()] = self.weight  # (n_bytes,) -> (n_blocks · blocksize/2,)
+        for name, tensor in (("weight", codes.view(n_blocks, half)), ("absmax", self.absmax), ("absmax2", self.absmax2)):
+            if tensor is not None:
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        return self
 
     @torch.no_grad()
     def set_weight(self, W: torch.Tensor) -> None:
@@ -129,7 +163,7 @@ class Linear4bit(nn.Module):
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """W_hat (out, in)."""
-        return nf4_dequant(self.weight, self.state, dtype or self.weight_dtype, self.backend)
+        return nf4_dequant(self.packed, self.state, dtype or self.weight_dtype, self.backend)
 
     def to_float(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         """The dequantized layer, as the kind it was quantized from (nn.Linear or Conv1D)."""
@@ -150,7 +184,7 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = self.config.compute_dtype or x.dtype
-        y = nf4_matmul(x.to(compute), self.weight, self.state, self.backend)  # (..., in) @ (in, out) -> (..., out)
+        y = nf4_matmul(x.to(compute), self.packed, self.state, self.backend)  # (..., in) @ (in, out) -> (..., out)
         if self.bias is not None:
             y = y + self.bias.to(compute)
         return y.to(x.dtype)
@@ -158,6 +192,15 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.config.double_quant else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, blocksize={self.config.blocksize}{dq}"
+
+
+def _moved(tensor: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """A scale tensor on `device`, kept a frozen Parameter if it was one."""
+    if tensor is None:
+        return None
+    if isinstance(tensor, nn.Parameter):
+        return tensor if tensor.device == device else nn.Parameter(tensor.data.to(device), requires_grad=False)
+    return tensor.to(device)
 
 
 def _cast_dtype(fn, device: torch.device) -> Optional[torch.dtype]:

@@ -4,6 +4,10 @@
     <out>/checkpoint.pt     everything needed to continue bit-exactly: trainable weights, the best
                             ones so far, optimizer and schedule state, RNG states, data positions,
                             the monitor and the metric history. One file, replaced atomically.
+    <out>/checkpoint.shards/  under --parallel fsdp: the sharded part (trainable weights, best ones,
+                            optimizer state), written by every process through
+                            torch.distributed.checkpoint, plus each process's RNG state; then
+                            checkpoint.pt holds the rest. Both carry the step, and must agree.
     <out>/metrics.jsonl     one JSON object per line: "train" records and "eval" records
     <out>/curves.png        validation and retain loss against steps
     <out>/adapter/          the kept (best) adapter in PEFT's format (model.safetensors for a model
@@ -17,6 +21,7 @@ The checkpoint is read with `torch.load(weights_only=True)`: tensors and plain v
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -26,7 +31,9 @@ import torch
 
 from ..files import atomic_write
 
-RUN_FILES = ("run.json", "checkpoint.pt", "metrics.jsonl", "curves.png", "result.json", "adapter", "labels.json")
+SHARDS = "checkpoint.shards"  # the directory of a sharded checkpoint's shards
+SHARDED = ("trainable", "best", "optimizer")  # the parts of the trainer's state that are sharded
+RUN_FILES = ("run.json", "checkpoint.pt", SHARDS, "metrics.jsonl", "curves.png", "result.json", "adapter", "labels.json")
 
 
 class RunDirectoryError(ValueError):
@@ -89,6 +96,70 @@ def load(path: Path) -> dict:
     except Exception as e:  # a checkpoint from elsewhere, or a damaged file
         raise RunDirectoryError(f"{path} cannot be read as a minilora checkpoint ({e}); start again with "
                                 "--overwrite") from None
+
+
+def check_world(saved: dict, world: int, path: Path) -> None:
+    """A run continues on as many processes as it was written by: each one's share of every global
+    batch, and under --parallel fsdp its shards, depend on the count."""
+    written = saved.get("world", world)
+    if written != world:
+        raise RunDirectoryError(f"{path} was written by {written} processes and this run has {world}: the global "
+                                f"batch and the shards depend on the count. Resume with {written} processes "
+                                f"(torchrun --nproc_per_node={written}, or nodes × processes = {written}), or start "
+                                "again with --overwrite")
+
+
+def save_sharded(out: Path, state: dict, rank: int, is_main: bool) -> None:
+    """Every process writes its shards of `state`'s SHARDED parts into <out>/checkpoint.shards (through
+    torch.distributed.checkpoint) and its RNG state; then the main process writes the rest to
+    checkpoint.pt. The new shards are staged in a directory of their own and swapped in whole."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    state = dict(state)
+    tensors = {k: state.pop(k) for k in SHARDED}
+    tensors["step"] = torch.tensor(state["step"])  # the two halves must be of the same step
+    state["best_names"] = sorted(tensors["best"])
+    staging, previous = out / (SHARDS + ".new"), out / (SHARDS + ".old")
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+    dcp.save(tensors, checkpoint_id=staging)
+    atomic_write(staging / f"rng.rank{rank}.pt", lambda p: torch.save(rng_state(), p))
+    dist.barrier()
+    if is_main:
+        shutil.rmtree(previous, ignore_errors=True)
+        if (out / SHARDS).is_dir():
+            os.replace(out / SHARDS, previous)
+        os.replace(staging, out / SHARDS)
+        shutil.rmtree(previous, ignore_errors=True)
+        save(out / "checkpoint.pt", state)
+    dist.barrier()
+
+
+def load_sharded(out: Path, state: dict, current: dict, world: int, rank: int) -> dict:
+    """`state` (read from checkpoint.pt) completed with the shards of this process, read into the
+    sharded tensors of `current` (the trainer's state_dict, its optimizer state initialized)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = out / "checkpoint.pt"
+    check_world(state, world, path)
+    if not (out / SHARDS).is_dir():
+        raise RunDirectoryError(f"{path} has no {SHARDS} directory beside it: it was not written under --parallel "
+                                "fsdp; resume with the settings it was written with, or start again with --overwrite")
+    trainable = current["trainable"]
+    missing = sorted(set(state["best_names"]) - trainable.keys())
+    if missing:
+        check_names(dict.fromkeys(state["best_names"]), trainable, path)
+    targets = {"trainable": trainable, "best": {n: trainable[n].clone() for n in state["best_names"]},
+               "optimizer": current["optimizer"], "step": torch.tensor(-1)}
+    dcp.load(targets, checkpoint_id=out / SHARDS)
+    if int(targets["step"]) != state["step"]:
+        raise RunDirectoryError(f"{out / SHARDS} holds step {int(targets['step'])} but {path} step {state['step']}: "
+                                "saving was cut short; start again with --overwrite")
+    state = {**state, **{k: targets[k] for k in SHARDED}}
+    state["rng"] = torch.load(out / SHARDS / f"rng.rank{rank}.pt", weights_only=True)
+    return state
 
 
 def check_names(saved: dict, params: dict, path: Path) -> None:
