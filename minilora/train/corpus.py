@@ -65,3 +65,25 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+# Preference pairs in the finance domain: the preferred answer states the figures, the rejected one
+# hedges. Short enough for 64-byte windows (prompt ≤ 27 bytes, answer ≤ 33).
+PREFERENCE_PROMPTS = ["{company} results?\n", "{company} quarter?\n", "{company} update?\n"]
+PREFERRED = ["Revenue +{pct}% to ${amount}M.", "Net income ${amount}M, up {pct}%.", "Margin {pct}% on ${amount}M sales.",
+             "EPS up {pct}%; sales ${amount}M."]
+HEDGING = ["Hard to say, it depends.", "Results were fine, I think.", "Things went okay overall.",
+           "Nobody really knows.", "Could be better or worse."]
+
+
+def preference_pairs(n_pairs: int, seed: int) -> list[dict[str, str]]:
+    """`n_pairs` {"prompt", "chosen", "rejected"} records: a question about a company, an answer with
+    its figures (chosen) and a vague one (rejected)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_pairs):
+        values = {"company": rng.choice(SLOTS["company"]), "pct": str(rng.randint(2, 39)),
+                  "amount": str(rng.randint(12, 990))}
+        out.append({"prompt": rng.choice(PREFERENCE_PROMPTS).format(**values),
+                    "chosen": rng.choice(PREFERRED).format(**values), "rejected": rng.choice(HEDGING)})
+    return out

@@ -9,6 +9,9 @@ Four tasks, one row layout (N examples, T = seq_len tokens; labels of -100 are n
 The causal tasks begin a text with the tokenizer's start token when it has one (LLaMA's <s>).
     classification  {"text", "label"}                input_ids (N, T), labels (N,) class indices
     seq2seq         {"source", "target"}             input_ids (N, T), labels (N, T) target ids
+    preference      {"prompt", "chosen", "rejected"} input_ids (N, 2, T): row 0 prompt + chosen,
+                    row 1 prompt + rejected (each response ends with <eos>); labels only on the
+                    response tokens, as for instruction
 
 The instruction template (the "Input:" line only when the example has an input):
 
@@ -32,14 +35,16 @@ import torch
 from .corpus import ByteTokenizer
 
 IGNORE = -100  # label value that the loss skips
-TASKS = ("domain", "instruction", "classification", "seq2seq")
+TASKS = ("domain", "instruction", "classification", "seq2seq", "preference")
 CAUSAL_TASKS = ("domain", "instruction")  # the tasks a causal LM trains on; retain text and replay fit them
 FIELDS = {  # required JSON fields per task, and optional ones
     "domain": (("text",), ()),
     "instruction": (("instruction", "output"), ("input",)),
     "classification": (("text", "label"), ()),
     "seq2seq": (("source", "target"), ()),
+    "preference": (("prompt", "chosen", "rejected"), ()),
 }
+LM_TASKS = CAUSAL_TASKS + ("preference",)  # the tasks of a causal LM: their retain set is plain text
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model")
 
@@ -205,6 +210,10 @@ def load_examples(path: Union[str, Path], task: str, tokens: Tokens, seq_len: in
         return _instruction_rows(path, records, tokens, seq_len)
     if task == "classification":
         return _classification_rows(records, tokens, seq_len, label_names)
+    if task == "preference":
+        from .preference import preference_rows  # the pairs' own module
+
+        return preference_rows(path, records, tokens, seq_len)
     return _seq2seq_rows(records, tokens, seq_len)
 
 
@@ -252,6 +261,6 @@ def retain_examples(path: Union[str, Path], task: str, tokens: Tokens, seq_len: 
     """The retain set (or replay set): plain text as causal-LM windows for the causal tasks, else the
     task's own format (the old task's held-out examples)."""
     path = _existing(path)
-    if task in CAUSAL_TASKS:
+    if task in LM_TASKS:
         return text_windows(read_text(path), tokens, seq_len, str(path))
     return load_examples(path, task, tokens, seq_len, label_names)

@@ -17,6 +17,13 @@ Strategies:
                   `--strategies dora_article` adds it to an earlier report)
     <any>_replay  the same with a quarter of every batch replayed from the general text (not run
                   by default; `--strategies lora_article_replay` adds it to an earlier report)
+    lora_article_dpo  lora_article's model, then DPO on finance preference pairs (answers with
+                  figures preferred to vague ones), the reference being that model with the new
+                  adapter switched off; reward accuracy before/after (dpo_demo.py; not run by default)
+
+`--experiment minilm` runs the same comparison on a pretrained model and real text instead: the
+sentence encoder all-MiniLM-L6-v2 learning which part of the standard library a docstring comes
+from, watched for what it forgets on held-out sentences (minilm_demo.py).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -49,34 +56,60 @@ STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")  # the defaul
 REPLAY_RATIO = 0.25  # "<strategy>_replay": a quarter of every batch is general text
 EXTRA_STRATEGIES = ("dora_article",)  # run when asked for by name
 ALL_STRATEGIES = STRATEGIES + EXTRA_STRATEGIES + tuple(f"{name}_replay" for name in STRATEGIES + EXTRA_STRATEGIES)
+ALL_STRATEGIES += ("lora_article_dpo",)  # lora_article, then DPO on finance preference pairs (dpo_demo.py)
+EXPERIMENTS = ("synthetic", "minilm")  # --experiment: the model and text the comparison runs on
+EXPERIMENT_DEFAULTS = {  # the settings left at None take their experiment's value
+    "synthetic": {"out": "runs/finetune", "seq_len": 64, "finetune_steps": 200, "eval_every": 25, "lr_full": 3e-4,
+                  "lr_lora": 3e-3},
+    "minilm": {"out": "runs/finetune_minilm", "seq_len": 32, "finetune_steps": 60, "eval_every": 10, "lr_full": 1e-4,
+               "lr_lora": 2e-3},
+}
+SYNTHETIC_ONLY = {"layers": 12, "width": 96, "pretrain_steps": 600}  # settings of the GPT-2 built here, defaults
 
 
 @dataclass
 class DemoSettings:
     """The embedded default. Every field is a command-line flag of `minilora finetune`."""
 
-    out: str = "runs/finetune"  # where report.json, curves.png and each strategy's run go
+    out: Optional[str] = None  # where report.json, curves.png and each strategy's run go (runs/finetune, or
+    # runs/finetune_minilm for the minilm experiment)
+    experiment: str = "synthetic"  # synthetic: a GPT-2 trained here on generated text | minilm: a pretrained
+    # sentence encoder on standard-library docstrings (minilm_demo.py)
     strategies: tuple[str, ...] = STRATEGIES  # which strategies to compare
-    layers: int = 12  # GPT-2 depth
-    width: int = 96  # GPT-2 width (3 heads of 32)
-    seq_len: int = 64  # tokens (bytes) per training window
-    batch_size: int = 16  # windows per step
-    pretrain_steps: int = 600  # steps of full training on general text
-    finetune_steps: int = 200  # steps of fine-tuning on the domain, per strategy
-    eval_every: int = 25  # steps between evaluations (domain and retain)
-    lr_full: float = 3e-4  # peak learning rate for full fine-tuning
-    lr_lora: float = 3e-3  # peak learning rate for LoRA
+    layers: int = SYNTHETIC_ONLY["layers"]  # GPT-2 depth
+    width: int = SYNTHETIC_ONLY["width"]  # GPT-2 width (3 heads of 32)
+    seq_len: Optional[int] = None  # tokens per training row (synthetic: a window of bytes, 64; minilm: a docstring, 32)
+    batch_size: int = 16  # rows per step
+    pretrain_steps: int = SYNTHETIC_ONLY["pretrain_steps"]  # steps of full training on general text
+    finetune_steps: Optional[int] = None  # steps of fine-tuning on the domain, per strategy (synthetic 200, minilm 60)
+    eval_every: Optional[int] = None  # steps between evaluations, domain and retain (synthetic 25, minilm 10)
+    lr_full: Optional[float] = None  # peak learning rate for full fine-tuning (synthetic 3e-4, minilm 1e-4)
+    lr_lora: Optional[float] = None  # peak learning rate for LoRA (synthetic 3e-3, minilm 2e-3)
+    forgetting_budget: Optional[float] = None  # stop a strategy when its retain loss rises more; None: never
     seed: int = 0
     overwrite: bool = False  # start again when <out> holds a run with other settings
     progress: bool = True  # progress bars
 
+    def __post_init__(self):
+        for name, value in EXPERIMENT_DEFAULTS.get(self.experiment, EXPERIMENT_DEFAULTS["synthetic"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
     def check(self) -> None:
-        unknown = [name for name in self.strategies if name not in ALL_STRATEGIES]
-        if unknown:
-            raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(ALL_STRATEGIES)}")
+        if self.experiment not in EXPERIMENTS:
+            raise ValueError(f"unknown experiment {self.experiment!r}; choose from {', '.join(EXPERIMENTS)}")
         for name in ("layers", "width", "seq_len", "batch_size", "finetune_steps", "pretrain_steps", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.experiment != "synthetic":
+            changed = [name for name, value in SYNTHETIC_ONLY.items() if getattr(self, name) != value]
+            if changed:
+                raise ValueError(f"--{changed[0].replace('_', '-')} sets the GPT-2 that --experiment synthetic builds; "
+                                 f"--experiment {self.experiment} fine-tunes a pretrained model: drop it")
+            return  # its strategies are checked by the experiment (minilm_demo.py)
+        unknown = [name for name in self.strategies if name not in ALL_STRATEGIES]
+        if unknown:
+            raise ValueError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(ALL_STRATEGIES)}")
         if self.width % 32:
             raise ValueError(f"width must be a multiple of 32 (heads of 32), got {self.width}")
 
@@ -85,14 +118,14 @@ class DemoSettings:
 NOT_RUN_DEFINING = ("out", "strategies", "overwrite", "progress")
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -105,7 +138,7 @@ def _peak_rss_mb() -> float:
 def _train_config(s: DemoSettings, steps: int, lr: float, paged: bool = False) -> TrainConfig:
     return TrainConfig(task="domain", steps=steps, batch_size=s.batch_size, lr=lr, eval_every=s.eval_every,
                        save_every=s.eval_every, optimizer="paged_adamw" if paged else "adamw",
-                       progress=s.progress, seed=s.seed)
+                       forgetting_budget=s.forgetting_budget, progress=s.progress, seed=s.seed)
 
 
 def pretrained_base(s: DemoSettings, general, retain, log) -> GPT2LMHeadModel:
@@ -158,7 +191,7 @@ def strategy_model(name: str, base: GPT2LMHeadModel, log: Callable[[str], None] 
     return wrapped
 
 
-def _check_out(s: DemoSettings) -> dict:
+def check_out(s: DemoSettings) -> dict:
     """The report rows of an earlier run with the same settings (reused); a run with other
     settings is refused unless `overwrite`."""
     out = Path(s.out)
@@ -183,8 +216,12 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
     earlier run with the same settings finished is reused (and stays in the report); one it was
     interrupted in is resumed."""
     s.check()
+    if s.experiment == "minilm":
+        from .minilm_demo import run as run_minilm  # imported here: it imports this module
+
+        return run_minilm(s, log)
     out = Path(s.out)
-    earlier = _check_out(s)
+    earlier = check_out(s)
     tokens = Tokens(ByteTokenizer())
     general = text_windows(generate(GENERAL, 6000, seed=s.seed), tokens, s.seq_len)
     retain = text_windows(generate(GENERAL, 200, seed=s.seed + 1), tokens, s.seq_len)
@@ -200,7 +237,15 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
         if name in report:
             log(f"{name:>13}: finished by an earlier run with these settings ({run_dir})")
             continue
-        _reset_peak_rss()
+        if name == "lora_article_dpo":  # preference tuning after lora_article: its own module
+            from .dpo_demo import run_dpo
+
+            reset_peak_rss()
+            report[name], curves[name] = run_dpo(s, base, domain_val, retain, log)
+            report[name]["peak_rss_mb"] = peak_rss_mb()
+            _write_report(out, report, curves, log)
+            continue
+        reset_peak_rss()
         start = time.perf_counter()
         torch.manual_seed(s.seed)  # each strategy's adapters start the same, whatever ran before
         model = strategy_model(name, base, log)
@@ -226,7 +271,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
             "trainable_params": trainable,
             "total_params": count_parameters(model)[1],
             "seconds": setup_seconds + result.seconds,
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
         }
         curves[name] = result.history
         r = report[name]

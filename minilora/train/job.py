@@ -26,14 +26,14 @@ from ..surgery import TASK_HEADS
 from ..quant import NF4Config, load_quantized, quantize_model
 from . import checkpoint
 from .distributed import barrier, setup
-from .data import CAUSAL_TASKS, DataError, load_examples, load_tokenizer, retain_examples
+from .data import CAUSAL_TASKS, LM_TASKS, DataError, load_examples, load_tokenizer, retain_examples
 from .trainer import Trainer, TrainConfig, TrainResult
 
 PRESETS = ("article",)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TASK_TYPES = {"domain": "CAUSAL_LM", "instruction": "CAUSAL_LM", "classification": "SEQ_CLS",
-              "seq2seq": "SEQ_2_SEQ_LM"}
+              "seq2seq": "SEQ_2_SEQ_LM", "preference": "CAUSAL_LM"}
 
 
 @dataclass
@@ -71,7 +71,7 @@ def check(s: JobSettings, t: TrainConfig) -> None:
         raise ValueError(f"unknown preset {s.preset!r}; choose from {', '.join(PRESETS)} (or pass --config)")
     if s.preset and s.config:
         raise ValueError("--preset and --config both choose the adapters: pass one of them")
-    if s.preset == "article" and t.task not in CAUSAL_TASKS:
+    if s.preset == "article" and t.task not in LM_TASKS:
         raise ValueError(f"--preset article trains an LM head: it fits domain and instruction tuning, not "
                          f"{t.task}; pass --config instead")
     if t.forgetting_budget is not None and s.retain is None:

@@ -5,6 +5,11 @@ Two losses are watched. The domain validation loss says what the model learns; t
 
     forgetting(t) = retain_loss(t) − retain_loss(0)          nats per token; e^forgetting is the
                                                               factor by which retain perplexity grew
+
+For a sentence encoder the retain loss is the embedding drift of held-out sentences, 1 − mean
+cosine to the original model's embeddings (retention.py): forgetting is then how much further
+they moved during training, in units of (1 − cos).
+
 Rules, in order:
     forgetting(t) > budget                        → stop ("forgetting budget"); this step is not kept
     val_loss(t) < best − min_delta                → t is the new best adapter
@@ -31,6 +36,7 @@ class Monitor:
     best_step: int = 0  # ... and its step
     evals_since_best: int = 0
     stop_reason: Optional[str] = None  # set when the monitor stops training
+    unit: str = "nats"  # what the retain loss is measured in, for messages ("(1 − cos)" for a probe)
 
     def observe(self, step: int, val_loss: float, retain_loss: Optional[float]) -> bool:
         """Record one evaluation; True when it is the new best. Sets `stop_reason` to stop."""
@@ -38,7 +44,8 @@ class Monitor:
             self.retain_before = retain_loss
         forgetting = self.forgetting(retain_loss)
         if self.forgetting_budget is not None and forgetting is not None and forgetting > self.forgetting_budget:
-            self.stop_reason = (f"forgetting budget exceeded at step {step}: retain loss rose {forgetting:.4f} nats "
+            self.stop_reason = (f"forgetting budget exceeded at step {step}: retain loss rose {forgetting:.4f} "
+                                f"{self.unit} "
                                 f"(budget {self.forgetting_budget}); kept the adapter of step {self.best_step}")
             return False
         if val_loss < self.best_loss - self.min_delta:

@@ -11,8 +11,9 @@ One optimizer step, with G = batch_size × grad_accum × processes examples in t
 Dividing by the global token count (not by each micro-batch's own) makes gradient accumulation and
 data parallelism give the gradient of the whole batch, whatever the padding.
 
-Every `eval_every` steps (and at step 0 and the last): validation loss and retain loss, then the
-`Monitor` decides best / stop. A fraction `replay_ratio` of each batch comes from a replay set
+Every `eval_every` steps (and at step 0 and the last): validation loss and retain loss (for a
+sentence encoder, the embedding drift of a `RetentionProbe`: retention.py), then the `Monitor`
+decides best / stop. A fraction `replay_ratio` of each batch comes from a replay set
 (general text the model should keep). At the end the best adapter is restored.
 """
 
@@ -26,7 +27,7 @@ import time
 import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -34,24 +35,27 @@ from torch import nn
 from ..files import atomic_write
 from ..model import LoraModel
 from ..optim import PagedAdamW, create_loraplus_optimizer
-from . import checkpoint
+from . import checkpoint, fsdp
 from .batches import Sampler, replay_count
 from .data import TASKS, Examples
 from .distributed import Processes, all_reduce_gradients, all_reduce_sum, setup
-from .loss import scored_tokens, summed_loss
+from .loss import PREFERENCE_LOSSES, scored_tokens, summed_loss
 from .monitor import Monitor
+from .retention import RetentionProbe
+from .preference import PreferenceObjective
 from .plots import plot_curves
 from .schedule import warmup_cosine
 
 OPTIMIZERS = ("adamw", "paged_adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
 class TrainConfig:
     """Every setting of a training run; each is also a flag of `minilora finetune`."""
 
-    task: str = "domain"  # domain | instruction | classification | seq2seq
+    task: str = "domain"  # domain | instruction | classification | seq2seq | preference
     steps: int = 200  # optimizer steps
     batch_size: int = 8  # examples per micro-batch, per process
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -63,6 +67,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | paged_adamw
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: lora_B learns at lr × this (e.g. 16); None: one lr
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32
+    parallel: str = "ddp"  # under torchrun: ddp (each process holds the model) | fsdp (FSDP2 shards it; fsdp.py)
     eval_every: int = 25  # steps between evaluations
     eval_batch_size: int = 32
     save_every: int = 50  # steps between checkpoints; 0: only at the end and on Ctrl-C
@@ -74,6 +79,11 @@ class TrainConfig:
     log_every: int = 10  # steps between "train" records in metrics.jsonl
     progress: bool = True  # a tqdm progress bar
     seed: int = 0
+    loss: str = "dpo"  # preference: dpo | ipo | simpo (reference-free)
+    beta: float = 0.1  # preference: β, how far the policy may move from the reference (SimPO: reward scale)
+    label_smoothing: float = 0.0  # preference, dpo: probability ε that a pair's label is flipped (conservative DPO)
+    simpo_gamma: float = 0.5  # preference, simpo: γ, the target reward margin
+    precompute_ref: bool = False  # preference: reference log-probs computed once before training, not every step
 
     def settings(self) -> dict:
         """The fields that decide what a run computes (all but `progress`): what a resumed run must match."""
@@ -86,6 +96,14 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"unknown parallel {self.parallel!r}; choose from {', '.join(PARALLEL)}")
+        if self.parallel == "fsdp" and self.task == "preference":
+            raise ValueError("--task preference runs under DDP, not FSDP: its evaluation gives processes unequal "
+                             "numbers of forward passes, which FSDP's per-layer gathers cannot wait out; "
+                             "pass --parallel ddp")
+        if self.parallel == "fsdp":
+            fsdp.check_launch()
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_bad_steps",
                      "log_every"):
             if getattr(self, name) <= 0:
@@ -95,6 +113,14 @@ class TrainConfig:
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
             raise ValueError(f"loraplus_lr_ratio must be > 0 (lora_B's lr / lora_A's; typically 2 to 16), "
                              f"got {self.loraplus_lr_ratio}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0 (how strongly the preference loss scales the log-ratios; DPO's usual "
+                             f"0.1), got {self.beta}")
+        if self.loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"unknown preference loss {self.loss!r}; choose from {', '.join(PREFERENCE_LOSSES)}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5) (the probability that a label is flipped), "
+                             f"got {self.label_smoothing}")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
 
@@ -127,7 +153,7 @@ class Trainer:
     """Trains the parameters of `model` that require grad. See the module docstring."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, train: Examples, val: Examples,
-                 retain: Optional[Examples] = None, replay: Optional[Examples] = None,
+                 retain: Union[Examples, RetentionProbe, None] = None, replay: Optional[Examples] = None,
                  out: Optional[Path] = None, log: Callable[[str], None] = print,
                  processes: Optional[Processes] = None):
         config.check()
@@ -141,11 +167,17 @@ class Trainer:
         self.out = Path(out) if out is not None else None
         self.procs = processes or setup()
         model.to(self.procs.device)
+        self.sharded = config.parallel == "fsdp"
+        if self.sharded:
+            fsdp.shard_model(model, self.procs)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise ValueError("the model has no trainable parameters: add an adapter (get_peft_model) or unfreeze "
                              "some parameters")
         self.params = [p for _, p in self.named]
+        self.preference = PreferenceObjective(model, config, self.procs) if config.task == "preference" else None
+        if self.preference is not None:
+            train = self.train_set = self.preference.prepare(train)
         self.global_batch = config.batch_size * config.grad_accum * self.procs.world
         if len(train) < 1:
             raise ValueError("the training set is empty")
@@ -161,7 +193,8 @@ class Trainer:
             self.optimizer = optimizer_cls(self.params, lr=config.lr, weight_decay=config.weight_decay)
         warmup = config.warmup_steps if config.warmup_steps >= 0 else max(1, config.steps // 10)
         self.schedule = warmup_cosine(self.optimizer, warmup, config.steps, config.min_lr_ratio)
-        self.monitor = Monitor(config.patience, config.min_delta, config.forgetting_budget)
+        self.monitor = Monitor(config.patience, config.min_delta, config.forgetting_budget,
+                               unit=getattr(retain, "unit", "nats"))  # a retention probe measures 1 − cos
         self.history: list[dict] = []  # the "eval" records
         self.since_eval: list[float] = []  # training losses since the last evaluation
         self.best: dict[str, torch.Tensor] = {}
@@ -201,14 +234,17 @@ class Trainer:
         total = torch.zeros((), device=self.procs.device)
         for m in micro:
             with self._autocast():
-                loss = summed_loss(self.model, m, task) / n_tokens
+                loss = (self.preference.summed(m) if self.preference else summed_loss(self.model, m, task)) / n_tokens
             loss.backward()
             total += loss.detach()
         loss = all_reduce_sum(total, self.procs).item()
-        all_reduce_gradients(self.params, self.procs)
-        if self.config.max_grad_norm > 0:
+        if self.sharded:  # FSDP summed the gradient shards already; the norm is over every shard
+            norm = fsdp.clip_grad_norm(self.params, self.config.max_grad_norm)
+        elif self.config.max_grad_norm > 0:
+            all_reduce_gradients(self.params, self.procs)
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm).item()
         else:
+            all_reduce_gradients(self.params, self.procs)
             norm = torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])).item()
         if math.isfinite(loss) and math.isfinite(norm):
             self.optimizer.step()
@@ -228,26 +264,44 @@ class Trainer:
         self.model.eval()
         rows = torch.arange(self.procs.rank, len(examples), self.procs.world)
         sums = torch.zeros(2, dtype=torch.float64, device=self.procs.device)  # [Σ loss, Σ tokens]
+        task = examples.task if self.preference is not None else self.config.task  # preference: its retain text
         for i in range(0, len(rows), self.config.eval_batch_size):
             batch = {k: v.to(self.procs.device) for k, v in examples.rows(rows[i:i + self.config.eval_batch_size]).items()}
             with self._autocast():
-                sums[0] += summed_loss(self.model, batch, self.config.task).double()
-            sums[1] += scored_tokens(batch["labels"], self.config.task)
+                sums[0] += summed_loss(self.model, batch, task).double()
+            sums[1] += scored_tokens(batch["labels"], task)
+        if self.sharded:  # every process runs as many forward passes (each all-gathers the layers)
+            spare = {k: v.to(self.procs.device) for k, v in examples.rows(torch.arange(1)).items()}
+            busiest = -(-len(examples) // self.procs.world)  # rank 0's rows
+            for _ in range(-(-busiest // self.config.eval_batch_size) - -(-len(rows) // self.config.eval_batch_size)):
+                summed_loss(self.model, spare, task)
         self.model.train(was_training)
         total = all_reduce_sum(sums, self.procs)
         return (total[0] / total[1]).item()
 
+    def _retain_scores(self) -> dict:
+        """{"retain_loss": …}: the loss on retain text, or a retention probe's drift with its other
+        measures (an encoder's embeddings, retention.py); None without a retain set."""
+        if self.retain_set is None:
+            return {"retain_loss": None}
+        if isinstance(self.retain_set, Examples):
+            return {"retain_loss": self.evaluate(self.retain_set)}
+        return self.retain_set.measure(self.model)
+
     def _eval(self, train_loss: Optional[float]) -> dict:
-        val = self.evaluate(self.val_set)
-        retain = self.evaluate(self.retain_set) if self.retain_set is not None else None
+        scores = (self.preference.evaluate(self.val_set, self._autocast) if self.preference is not None
+                  else {"val_loss": self.evaluate(self.val_set)})  # preference: its metrics too (preference.py)
+        val = scores["val_loss"]
+        retain_scores = self._retain_scores()
+        retain = retain_scores.pop("retain_loss")
         is_best = self.monitor.observe(self.step, val, retain)
         if is_best:
-            self.best = {n: p.detach().to("cpu", copy=True) for n, p in self.named}
+            self.best = {n: fsdp.snapshot(p) for n, p in self.named}
         forgetting = self.monitor.forgetting(retain)
         record = {"kind": "eval", "step": self.step, "train_loss": train_loss, "lr": self.schedule.get_last_lr()[0],
                   "val_loss": val, "retain_loss": retain,
-                  "retain_ppl": math.exp(min(retain, 50.0)) if retain is not None else None,
-                  "forgetting": forgetting, "best": is_best}
+                  "retain_ppl": math.exp(min(retain, 50.0)) if isinstance(self.retain_set, Examples) else None,
+                  "forgetting": forgetting, "best": is_best, **scores, **retain_scores}
         self.history.append(record)
         if self.procs.is_main:
             checkpoint.append_metrics(self._path("metrics.jsonl"), record)
@@ -260,7 +314,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            "trainable": {n: p.detach().to("cpu", copy=True) for n, p in self.named},
+            "trainable": {n: fsdp.snapshot(p) for n, p in self.named},
             "best": self.best,
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -271,10 +325,12 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "since_eval": list(self.since_eval),
             "seconds": self._seconds(),
+            "world": self.procs.world,
         }
 
     def load_state_dict(self, state: dict, source: Path = Path("checkpoint")) -> None:
         params = dict(self.named)
+        checkpoint.check_world(state, self.procs.world, source)
         checkpoint.check_names(state["trainable"], params, source)
         with torch.no_grad():
             for n, p in params.items():
@@ -294,7 +350,10 @@ class Trainer:
         return self.seconds_before + time.perf_counter() - self._clock
 
     def save_checkpoint(self) -> None:
-        if self.out is not None and self.procs.is_main:
+        if self.out is not None and self.sharded:  # every process writes its shards (checkpoint.save_sharded)
+            checkpoint.save_sharded(self.out, self.state_dict(), self.procs.rank, self.procs.is_main)
+            self.last_saved = self.step
+        elif self.out is not None and self.procs.is_main:
             checkpoint.save(self.out / "checkpoint.pt", self.state_dict())
             self.last_saved = self.step
 
@@ -306,7 +365,11 @@ class Trainer:
         self.model.train()
         if resume:
             path = self.out / "checkpoint.pt"
-            self.load_state_dict(checkpoint.load(path), path)
+            state = checkpoint.load(path)
+            if self.sharded:  # the shards, read into this model's and optimizer's sharded tensors
+                fsdp.initialize_optimizer_state(self.optimizer)
+                state = checkpoint.load_sharded(self.out, state, self.state_dict(), self.procs.world, self.procs.rank)
+            self.load_state_dict(state, path)
             self.last_saved = self.step
             if self.procs.is_main:
                 checkpoint.truncate_metrics(self.out / "metrics.jsonl", self.step)
@@ -395,8 +458,12 @@ class Trainer:
         first = self.history[0]
         result = TrainResult(self.step, stop, self.monitor.best_step, first["val_loss"], best["val_loss"],
                              first["retain_loss"], best["retain_loss"], seconds, self.history)
+        if self.out is not None and self.sharded and not self._interrupted:
+            with fsdp.gathered_trainable(self.model):  # every process gathers; one writes
+                if self.procs.is_main:
+                    self._save_trained()
         if self.out is not None and self.procs.is_main:
-            if not self._interrupted:
+            if not self._interrupted and not self.sharded:
                 self._save_trained()
             atomic_write(self.out / "result.json", lambda p: Path(p).write_text(json.dumps(result.to_dict(), indent=2)))
             plot_curves({"run": self.history}, self.out / "curves.png", self.log)
@@ -413,7 +480,8 @@ class Trainer:
         else:
             from safetensors.torch import save_file
 
-            state = {n: p.detach().contiguous().cpu() for n, p in self.named}
+            params = dict(self.model.named_parameters())  # whole ones, inside fsdp.gathered_trainable
+            state = {n: params[n].detach().contiguous().cpu() for n, _ in self.named}
             atomic_write(self.out / "adapter" / "model.safetensors", lambda p: save_file(state, p))
 
 

@@ -1,0 +1,207 @@
+"""Preference tuning (`task="preference"`): DPO, IPO or SimPO on pairs of answers to one prompt.
+
+The reference policy of DPO and IPO is not a second model. The base is frozen and the adapter is
+all that trains, so the model at the start of training is the same model with its adapter
+switched off:
+
+    log π_ref(y|x) = log π(y|x) computed inside `model.disable_adapter()`, under torch.no_grad(),
+                     in eval mode (no dropout: the reference is one fixed function)
+
+either in every step, beside the policy's forward pass, or once for the whole training set before
+the first step (`precompute_ref`). A sequence's log-probability sums the response tokens only
+(the prompt is masked as in instruction tuning):
+
+    log π(y|x) = Σ_{t ∈ response} log softmax(logits_{t−1})[y_t]
+
+Legend: P pairs; S = 2P sequences (row 2p is pair p's chosen answer, row 2p + 1 its rejected one);
+T tokens; V vocabulary.
+
+Metrics per evaluation, over the validation pairs (r is the loss's implicit reward: β·(log π −
+log π_ref) for DPO and IPO, β·log π / |y| for SimPO):
+
+    val_loss         mean loss per pair
+    reward_margin    mean of r(y_w) − r(y_l)
+    reward_accuracy  fraction of pairs with r(y_w) > r(y_l) (0 before training, where every r is 0)
+    choice_accuracy  fraction of pairs with log π(y_w|x) > log π(y_l|x): which answer the model itself
+                     finds likelier (meaningful before training too)
+    chosen_logps     mean log π(y_w|x); rejected_logps: mean log π(y_l|x)
+    kl               mean over response tokens of KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), the exact KL of
+                     the next-token distributions along the data's responses (nats per token)
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE, DataError, Examples, Tokens
+from .distributed import Processes, all_reduce_sum
+from .loss import dpo_loss, ipo_loss, simpo_loss
+
+REFERENCE_FREE = ("simpo",)  # losses that need no reference policy
+
+
+# ---------------------------------------------------------------------------------------------- data
+def preference_rows(path: Path, records, tokens: Tokens, seq_len: int) -> Examples:
+    """(line number, {"prompt", "chosen", "rejected"}) records as rows of shape (N, 2, T); pairs whose
+    two answers are identical carry no preference: they are left out, with a warning that counts them."""
+    ids, labels, identical, cut = [], [], [], []
+    eos = [tokens.eos_id] if tokens.eos_id is not None else []
+    for number, r in records:
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(r[key], str):
+                raise DataError(f"{path} line {number}: {key!r} must be a string, got {type(r[key]).__name__}")
+        if r["chosen"] == r["rejected"]:
+            identical.append(number)
+            continue
+        prompt = tokens.start() + tokens.encode(r["prompt"])
+        pair_ids, pair_labels = [], []
+        for answer in (r["chosen"], r["rejected"]):
+            response = tokens.encode(answer) + eos
+            pair_ids.append((prompt + response)[:seq_len])
+            pair_labels.append(([IGNORE] * len(prompt) + response)[:seq_len])
+        if len(prompt) >= seq_len:
+            cut.append((number, len(prompt), max(len(row) for row in pair_ids)))
+        ids.append(pair_ids)
+        labels.append(pair_labels)
+    if identical:
+        shown = ", ".join(map(str, identical[:5])) + (" …" if len(identical) > 5 else "")
+        warnings.warn(f"{path}: {len(identical)} pair(s) have identical chosen and rejected answers (line {shown}); "
+                      "they carry no preference and are left out", stacklevel=3)
+    if cut:
+        need = max(n_prompt for _, n_prompt, _ in cut) + 1
+        raise DataError(f"{path}: in {len(cut)} pair(s) (first at line {cut[0][0]}) --seq-len {seq_len} cuts the "
+                        f"answers to nothing, the prompt alone filling the sequence; raise --seq-len to at least "
+                        f"{need} (one answer token), or shorten those prompts")
+    if not ids:
+        raise DataError(f"{path}: no usable pairs (every pair's chosen and rejected answers are identical)")
+    return Examples({"input_ids": _padded(ids, seq_len, tokens.pad_id),
+                     "attention_mask": _padded([[[1] * len(row) for row in pair] for pair in ids], seq_len, 0),
+                     "labels": _padded(labels, seq_len, IGNORE)}, "preference")
+
+
+def _padded(pairs: list[list[list[int]]], length: int, value: int) -> torch.Tensor:
+    """(N, 2, T) from N pairs of token lists, each padded on the right to `length`."""
+    return torch.tensor([[row + [value] * (length - len(row)) for row in pair] for pair in pairs], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor],
+                   keep_logits: bool = False) -> tuple[torch.Tensor, ...]:
+    """(log π(y|x) (P, 2) fp32, response token counts (P, 2)) of each pair's chosen and rejected answer,
+    both in one forward pass of S = 2P rows; with `keep_logits`, also the fp32 logits of the scored
+    positions (n_scored, V), for the KL."""
+    n_pairs = batch["input_ids"].shape[0]
+    ids = batch["input_ids"].flatten(0, 1)  # (P, 2, T) -> (S, T)
+    mask = batch["attention_mask"].flatten(0, 1)
+    # position t predicts token t+1; the last position predicts nothing. Shifting the targets, not the
+    # logits, keeps the logits one contiguous (S·T, V) block: no copy of the largest tensor of the step.
+    targets = F.pad(batch["labels"].flatten(0, 1)[:, 1:], (0, 1), value=IGNORE).flatten()  # (S·T,)
+    logits = model(input_ids=ids, attention_mask=mask).logits.flatten(0, 1).float()  # (S·T, V)
+    token_logps = -F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")  # (S·T,), 0 where ignored
+    scored = targets != IGNORE  # (S·T,)
+    logps = token_logps.view(n_pairs, 2, -1).sum(-1)  # (P, 2)
+    counts = scored.view(n_pairs, 2, -1).sum(-1)
+    if keep_logits:
+        return logps, counts, logits[scored]  # (n_scored, V)
+    return logps, counts
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool = False):
+    """`sequence_logps` of the reference policy: the same model with its adapter switched off, in
+    eval mode, without gradients. Exactly the base model's numbers."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            return sequence_logps(model, batch, keep_logits)
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------- the objective
+class PreferenceObjective:
+    """The loss of one micro-batch and the metrics of an evaluation, for `TrainConfig.loss`."""
+
+    def __init__(self, model: nn.Module, config, procs: Processes):
+        self.model, self.config, self.procs = model, config, procs
+        self.uses_reference = config.loss not in REFERENCE_FREE
+        if self.uses_reference and not callable(getattr(model, "disable_adapter", None)):
+            raise ValueError(f"--task preference with loss {config.loss!r} needs a model with an adapter: its reference "
+                             "policy is the model with the adapter switched off, and this model has none to switch "
+                             "off. Wrap it first (get_peft_model(model, LoraConfig(...))), or use the reference-free "
+                             "loss 'simpo'")
+
+    def prepare(self, examples: Examples) -> Examples:
+        """With `precompute_ref`, the training pairs with their reference log-probs ("ref_logps",
+        (N, 2)) computed once; each process computes every world-th pair, one all-reduce joins them."""
+        if not (self.config.precompute_ref and self.uses_reference):
+            return examples
+        ref = torch.zeros(len(examples), 2, device=self.procs.device)  # (N, 2)
+        rows = torch.arange(self.procs.rank, len(examples), self.procs.world)
+        for i in range(0, len(rows), self.config.eval_batch_size):
+            index = rows[i:i + self.config.eval_batch_size]
+            batch = {k: v.to(self.procs.device) for k, v in examples.rows(index).items()}
+            ref[index.to(self.procs.device)] = reference_logps(self.model, batch)[0]
+        ref = all_reduce_sum(ref, self.procs).cpu()
+        return Examples({**examples.tensors, "ref_logps": ref}, examples.task, examples.label_names)
+
+    def per_pair(self, batch: dict[str, torch.Tensor], keep_logits: bool = False):
+        """(loss (P,), implicit reward (P, 2), policy log-probs (P, 2), KL summed over the answers' tokens
+        (with `keep_logits` and a reference; else None))."""
+        cfg = self.config
+        reference = None  # the reference first: its forward pass's memory is free again before the policy's
+        if self.uses_reference and ("ref_logps" not in batch or keep_logits):
+            reference = reference_logps(self.model, batch, keep_logits)
+        policy = sequence_logps(self.model, batch, keep_logits)
+        logps, counts = policy[0], policy[1]
+        if cfg.loss == "simpo":
+            loss = simpo_loss(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1], cfg.beta, cfg.simpo_gamma)
+            return loss, cfg.beta * logps.detach() / counts.clamp(min=1), logps, None
+        ref = reference[0] if reference is not None else batch["ref_logps"]
+        if cfg.loss == "dpo":
+            loss = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
+        else:
+            loss = ipo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1], cfg.beta)
+        kl = None
+        if keep_logits:  # Σ_t Σ_v π log(π / π_ref) over the response tokens; (n_scored, V) -> scalar
+            policy_logp, ref_logp = policy[2].log_softmax(-1), reference[2].log_softmax(-1)
+            kl = (policy_logp.exp() * (policy_logp - ref_logp)).sum()
+        return loss, cfg.beta * (logps.detach() - ref), logps, kl
+
+    def summed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ over the micro-batch's pairs of the loss; the trainer divides by the global pair count."""
+        return self.per_pair(batch)[0].sum()
+
+    @torch.no_grad()
+    def evaluate(self, examples: Examples, autocast) -> dict[str, float]:
+        """The metrics of the module docstring over `examples`, each process taking every world-th pair."""
+        was_training = self.model.training
+        self.model.eval()
+        rows = torch.arange(self.procs.rank, len(examples), self.procs.world)
+        # [Σ loss, Σ margin, Σ correct, Σ chosen log π, Σ rejected log π, Σ KL, Σ response tokens, pairs,
+        #  Σ chosen likelier]
+        sums = torch.zeros(9, dtype=torch.float64, device=self.procs.device)
+        for i in range(0, len(rows), self.config.eval_batch_size):
+            index = rows[i:i + self.config.eval_batch_size]
+            batch = {k: v.to(self.procs.device) for k, v in examples.rows(index).items()}
+            with autocast():
+                loss, reward, logps, kl = self.per_pair(batch, keep_logits=self.uses_reference)
+            margin = reward[:, 0] - reward[:, 1]  # (P,)
+            parts = [loss.sum(), margin.sum(), (margin > 0).sum(), logps[:, 0].sum(), logps[:, 1].sum(),
+                     kl if kl is not None else 0.0, (batch["labels"][:, :, 1:] != IGNORE).sum(), len(index),
+                     (logps[:, 0] > logps[:, 1]).sum()]
+            sums += torch.tensor([float(x) for x in parts], dtype=torch.float64, device=sums.device)
+        self.model.train(was_training)
+        total = all_reduce_sum(sums, self.procs)
+        pairs = total[7].item()
+        return {"val_loss": total[0].item() / pairs, "reward_margin": total[1].item() / pairs,
+                "reward_accuracy": total[2].item() / pairs, "choice_accuracy": total[8].item() / pairs,
+                "chosen_logps": total[3].item() / pairs,
+                "rejected_logps": total[4].item() / pairs,
+                "kl": total[5].item() / total[6].item() if self.uses_reference else None}
