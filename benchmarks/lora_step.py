@@ -9,7 +9,7 @@ Peers, all measured in the same run, interleaved in a shuffled order every repea
   minilora_qv LoRA r=8 on the Q and V slices of c_attn, every layer
   peft        PEFT's LoRA r=8 on c_attn, every layer
   minilora_dora, peft_dora   DoRA r=8 on c_attn, every layer (--no-dora leaves them out)
-  minilora compiled, minilora_qv compiled, peft compiled
+  minilora compiled, minilora_qv compiled, peft compiled, minilora_dora compiled, peft_dora compiled
               the same models under torch.compile (Inductor), compiled during the warm-up rounds
               (--no-compile leaves them out)
 Prints medians as ratios and writes benchmarks/results/lora_step.{json,md}.
@@ -60,7 +60,7 @@ def peers(args) -> dict[str, torch.nn.Module]:
         print("peft is not installed: measuring without it")
     models = {name: m.train() for name, m in models.items()}
     if args.compile:
-        for name in ("minilora", "minilora_qv", "peft"):
+        for name in ("minilora", "minilora_qv", "peft", "minilora_dora", "peft_dora"):
             if name in models:
                 models[f"{name} compiled"] = torch.compile(copy.deepcopy(models[name]))
     return models
@@ -89,11 +89,12 @@ def main(argv=None) -> dict:
         if f"peft{suffix}" in median:
             for ours in ("minilora", "minilora_qv"):
                 ratios[f"{ours}{suffix} / peft{suffix}"] = median[f"{ours}{suffix}"] / median[f"peft{suffix}"]
-    if "minilora_dora" in median:
-        ratios["minilora_dora / minilora"] = median["minilora_dora"] / median["minilora"]
-        if "peft_dora" in median:
-            ratios["minilora_dora / peft_dora"] = median["minilora_dora"] / median["peft_dora"]
-    for ours in ("minilora", "minilora_qv", "peft"):
+    for suffix in ("", " compiled"):
+        for peer in ("minilora", "peft_dora"):
+            ours, theirs = f"minilora_dora{suffix}", f"{peer}{suffix}"
+            if ours in median and theirs in median:
+                ratios[f"{ours} / {theirs}"] = median[ours] / median[theirs]
+    for ours in ("minilora", "minilora_qv", "peft", "minilora_dora", "peft_dora"):
         if f"{ours} compiled" in median:
             ratios[f"{ours} compiled / {ours}"] = median[f"{ours} compiled"] / median[ours]
     print(f"{args.layers} layers × {args.width} wide, batch {args.batch}×{args.seq}, vocab {args.vocab}, "
