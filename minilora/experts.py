@@ -29,11 +29,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .lora import AdapterState, LoraPart
+from .lora import AdapterState, LoraPart, Unmerging
 from .roles import FULL
 
 
-class LoRAExperts(nn.Module):
+class LoRAExperts(Unmerging, nn.Module):
     """A frozen experts module plus, per adapter and per targeted 3-D parameter, one (A, B) pair
     per part, each holding every expert's factors."""
 
@@ -167,16 +167,6 @@ class LoRAExperts(nn.Module):
         for name in names:
             self._fold(name, +1.0)
             self.merged_adapters.append(name)
-
-    def unmerge(self, adapter_names: Optional[list[str]] = None) -> None:
-        for name in reversed(list(self.merged_adapters)):
-            if adapter_names is None or name in adapter_names:
-                self._fold(name, -1.0)
-                self.merged_adapters.remove(name)
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def extra_repr(self) -> str:
         ranks = {n: {p: {k: v.r for k, v in parts.items()} for p, parts in params.items()} for n, params in self.parts.items()}

@@ -81,7 +81,25 @@ class AdapterState:
     routing: Optional[mixing.Routing] = None  # this call's choice of several adapters, or None
 
 
-class LoRALinear(nn.Module):
+class Unmerging:
+    """What every adapter layer does alike once `merge` has folded adapters into its weight: it
+    keeps their names in `merged_adapters` and can fold them out again (`_fold(name, -1)`)."""
+
+    merged_adapters: list[str]
+
+    def unmerge(self, adapter_names: Optional[list[str]] = None) -> None:
+        """W ← W − (alpha/r)·B·A for merged adapters, latest first. Unmerging twice is a no-op."""
+        for name in reversed(list(self.merged_adapters)):
+            if adapter_names is None or name in adapter_names:
+                self._fold(name, -1.0)
+                self.merged_adapters.remove(name)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+
+class LoRALinear(Unmerging, nn.Module):
     """A frozen base layer plus any number of named adapters, each over one or more output parts."""
 
     def __init__(self, base_layer: nn.Module, state: Optional[AdapterState] = None):
@@ -279,17 +297,6 @@ class LoRALinear(nn.Module):
             if not torch.isfinite(rows.float() + delta.view(rows.shape)).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} (part {part_name!r}) "
                                  "seems to be broken; nothing was merged")
-
-    def unmerge(self, adapter_names: Optional[list[str]] = None) -> None:
-        """W ← W − (alpha/r)·B·A for merged adapters, latest first. Unmerging twice is a no-op."""
-        for name in reversed(list(self.merged_adapters)):
-            if adapter_names is None or name in adapter_names:
-                self._fold(name, -1.0)
-                self.merged_adapters.remove(name)
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def extra_repr(self) -> str:
         ranks = {n: {p: part.r for p, part in parts.items()} for n, parts in self.parts.items()}
