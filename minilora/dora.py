@@ -104,6 +104,8 @@ def _input_dtype(layer) -> torch.dtype:
 
 def _weight_row_norms(layer) -> torch.Tensor:
     """‖W_row‖ (d_out,), fp32, cached on the layer until its base weight changes (a merge, a load)."""
+    if torch.compiler.is_compiling():  # a graph holds no Python-side cache: ‖W_row‖ computed in it
+        return torch.linalg.vector_norm(dense_weight(layer), dim=1)
     weight = layer.base_layer.weight
     key = (weight.data_ptr(), weight._version, weight.device)
     cached = layer.__dict__.get("_dora_row_norms")

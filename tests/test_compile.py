@@ -123,3 +123,26 @@ def test_peft_peer_compiles_to_one_graph_too():
     model = peft.get_peft_model(make("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     ids = torch.randint(1, 128, (2, 8))
     assert graphs_and_breaks(model, input_ids=ids) == (1, 0, [])
+
+
+@pytest.mark.parametrize("family,targets", [("gpt2", ["q", "v"]), ("llama", ["q", "v"])])
+def test_dora_compiles_as_one_graph_and_matches_eager(family, targets):
+    """DoRA's row norms come from a cache kept outside the graph in eager mode; inside a graph they
+    are computed in it, so every layer traces into the same one graph."""
+    torch.manual_seed(0)
+    model = get_peft_model(make(family), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True,
+                                                    init_lora_weights=False)).eval()
+    ids = torch.randint(1, 128, (2, 8))
+    assert graphs_and_breaks(model, input_ids=ids) == (1, 0, [])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    losses, grads = [], []
+    for m in (compiled, model):
+        model.zero_grad()
+        loss = next_token_loss(m, ids)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(losses[0], losses[1])
+    assert any("lora_magnitude_vector" in n for n in grads[0])
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
