@@ -32,6 +32,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from .files import sync_directory
 from .model import LoraModel
 from .prune import PruneReport, prune as prune_model
 from .quant import Linear4bit, NF4Config, load_quantized
@@ -225,14 +226,7 @@ def publish(partial: Path, out: Path) -> None:
     os.replace(partial, out)
     if old is not None:
         shutil.rmtree(old)
-    try:  # make the renames durable (POSIX)
-        fd = os.open(out.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_directory(out.parent)  # make the renames durable
 
 
 def export(model: Union[str, Path, nn.Module], adapter: Union[str, Path, None] = None, out: Union[str, Path] = "",

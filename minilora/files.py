@@ -23,11 +23,16 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    try:  # make the rename itself durable (POSIX; other systems skip this step)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    sync_directory(path.parent)  # make the rename itself durable
+
+
+def sync_directory(directory) -> None:
+    """fsync a directory, so that renames inside it survive a crash (POSIX; elsewhere a no-op)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
     except OSError:
         return
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
