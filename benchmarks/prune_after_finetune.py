@@ -1,6 +1,6 @@
 """Fine-tune, then prune — or prune, then fine-tune? Measured on the embedded default.
 
-    python benchmarks/prune_after_finetune.py --run runs/issue18/finetune
+    python benchmarks/prune_after_finetune.py --run runs/prune/finetune
 
 `--run` is the output directory of `minilora finetune --strategies lora_article --out DIR` (run it
 first; this script reuses its pretrained base and its lora_article adapter, and rebuilds the same
@@ -63,7 +63,7 @@ def mean_loss(model, examples, batch_size: int = 32) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/issue18/finetune", help="the finetune output directory")
+    parser.add_argument("--run", default="runs/prune/finetune", help="the finetune output directory")
     parser.add_argument("--part", default="all", choices=["all", "after", "before"],
                         help="which rows to run now; rows of earlier parts are kept in <run>/prune_rows.json")
     parser.add_argument("--before-variants", default="unstructured:magnitude,unstructured:wanda,2:4:magnitude,2:4:wanda",
