@@ -2,6 +2,7 @@
 
 import copy
 import os
+import signal
 import warnings
 
 import torch
@@ -119,3 +120,16 @@ def logits(model, inputs):
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+def interrupt_after(trainer, step: int) -> None:
+    """Make `trainer` receive SIGINT (what Ctrl-C sends) right after its optimizer step `step`."""
+    train_step = trainer._train_step
+
+    def step_then_interrupt():
+        out = train_step()
+        if trainer.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    trainer._train_step = step_then_interrupt

@@ -8,13 +8,13 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupt_after
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from minilora import LoraConfig, LoraModel, NF4Config, get_peft_model, quantize_model
@@ -269,15 +269,7 @@ def _run(out, tmp_path, interrupt_at=None, resume=False):
     trainer = Trainer(model, config(steps=8, save_every=3, grad_accum=2, batch_size=2), examples(tmp_path, 32),
                       examples(tmp_path, 4, seed=1, name="val.jsonl"), retain=general, out=out, log=quiet)
     if interrupt_at is not None:
-        step = trainer._train_step
-
-        def step_then_interrupt():
-            out_ = step()
-            if trainer.step == interrupt_at:
-                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
-            return out_
-
-        trainer._train_step = step_then_interrupt
+        interrupt_after(trainer, interrupt_at)
     return model, trainer.train(resume=resume)
 
 

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 import torch
+from conftest import interrupt_after
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, T5Config, \
     T5ForConditionalGeneration
 
@@ -172,15 +173,7 @@ def _run(out, interrupt_at=None, resume=False):
     trainer = Trainer(model, config(replay_ratio=0.25, save_every=5), windows(DOMAIN, 200, 0), windows(DOMAIN, 20, 1),
                       retain=windows(GENERAL, 20, 2), replay=windows(GENERAL, 40, 3), out=out, log=quiet)
     if interrupt_at is not None:
-        step = trainer._train_step
-
-        def step_then_interrupt():
-            out_ = step()
-            if trainer.step == interrupt_at:
-                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
-            return out_
-
-        trainer._train_step = step_then_interrupt
+        interrupt_after(trainer, interrupt_at)
     return model, trainer.train(resume=resume)
 
 
