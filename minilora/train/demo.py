@@ -243,7 +243,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
             reset_peak_rss()
             report[name], curves[name] = run_dpo(s, base, domain_val, retain, log)
             report[name]["peak_rss_mb"] = peak_rss_mb()
-            _write_report(out, report, curves, log)
+            write_report(out, report, curves, log)
             continue
         reset_peak_rss()
         start = time.perf_counter()
@@ -260,7 +260,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
         result = Trainer(model, config, domain, domain_val, retain, replay=general, out=run_dir,
                          log=lambda line: None).train(resume)
         if result.stop_reason == "interrupted":
-            _write_report(out, report, curves, log)
+            write_report(out, report, curves, log)
             raise Interrupted(f"interrupted during {name}; its checkpoint is in {run_dir}: run the same command "
                               "again to continue")
         report[name] = {
@@ -278,7 +278,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
         log(f"{name:>13}: domain {r['domain_loss_before']:.3f} -> {r['domain_loss_after']:.3f}  "
             f"retain {r['retain_loss_before']:.3f} -> {r['retain_loss_after']:.3f}  "
             f"trainable {r['trainable_params']:,} / {r['total_params']:,}  {r['seconds']:.1f}s")
-        _write_report(out, report, curves, log)
+        write_report(out, report, curves, log)
     log(report_table(report))
     return report
 
@@ -295,7 +295,8 @@ def report_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_report(out: Path, report: dict, curves: dict, log) -> None:
+def write_report(out: Path, report: dict, curves: dict, log, **plot) -> None:
+    """report.json (atomically) and curves.png; `plot`: plot_curves' titles and units."""
     atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     if curves:
-        plot_curves(curves, out / "curves.png", log)
+        plot_curves(curves, out / "curves.png", log, **plot)

