@@ -133,3 +133,17 @@ def interrupt_after(trainer, step: int) -> None:
         return out
 
     trainer._train_step = step_then_interrupt
+
+
+def first_step_gradients(trainer) -> dict:
+    """Train, and return the gradients {name: tensor} that the optimizer's first step received."""
+    grads = {}
+    step = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in trainer.named} if not grads else {})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record
+    trainer.train()
+    return grads

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import interrupt_after
+from conftest import first_step_gradients, interrupt_after
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from minilora import LoraConfig, LoraModel, NF4Config, get_peft_model, quantize_model
@@ -220,16 +220,7 @@ def _first_gradients(tmp_path, **kw):
     model = nonzero_b(lora(gpt2()))
     trainer = Trainer(model, config(steps=1, max_grad_norm=0, **kw), examples(tmp_path, n=8), examples(tmp_path, 2),
                       log=quiet)
-    grads = {}
-    step = trainer.optimizer.step
-
-    def record(*args, **kwargs):
-        grads.update({n: p.grad.clone() for n, p in trainer.named})
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = record
-    trainer.train()
-    return grads
+    return first_step_gradients(trainer)
 
 
 def test_gradient_accumulation_and_precomputed_references_give_the_same_gradient(tmp_path):

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from conftest import interrupt_after
+from conftest import first_step_gradients, interrupt_after
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, T5Config, \
     T5ForConditionalGeneration
 
@@ -316,16 +316,7 @@ def _first_gradients(**kw):
             if "lora_B" in name:
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
     trainer = Trainer(model, config(steps=1, **kw), windows(DOMAIN, 100, 0), windows(DOMAIN, 4, 1), log=quiet)
-    grads = {}
-    step = trainer.optimizer.step
-
-    def record(*args, **kwargs):
-        grads.update({n: p.grad.clone() for n, p in trainer.named})
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = record
-    trainer.train()
-    return grads
+    return first_step_gradients(trainer)
 
 
 def test_gradient_accumulation_gives_the_whole_batch_gradient():
