@@ -475,16 +475,21 @@ class LoraModel(nn.Module):
         return LoadResult(missing_keys=[], unexpected_keys=[])
 
     # ------------------------------------------------------------------ merging
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
+                      progressbar: bool = False) -> None:
         """Fold the (active, or named) adapters into the base weights. Idempotent: merging an adapter
         already merged warns and does nothing. `safe_merge`: check the merged weights are finite
-        before writing them, and raise ValueError (nothing changed) if not."""
+        before writing them, and raise ValueError (nothing changed) if not. `progressbar`: a bar
+        over the layers."""
         names = adapter_names or self.active_adapters
         self._check_exists(names)
         layers = self._lora_layers().values()
         already = sorted({n for layer in layers for n in layer.merged_adapters if n in names})
         if already:
             warnings.warn(f"adapters {already} are already merged; merging them again does nothing", stacklevel=2)
+        if progressbar:
+            from tqdm.auto import tqdm
+            layers = tqdm(layers, desc="merging", unit="layer", leave=False)
         for layer in layers:
             layer.merge([n for n in names if n in layer.lora_A], safe_merge=safe_merge)
 
@@ -493,9 +498,10 @@ class LoraModel(nn.Module):
         for layer in self._lora_layers().values():
             layer.unmerge()
 
-    def _unload(self, merge: bool, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> nn.Module:
+    def _unload(self, merge: bool, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
+                progressbar: bool = False) -> nn.Module:
         if merge:
-            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+            self.merge_adapter(adapter_names, safe_merge=safe_merge, progressbar=progressbar)
         else:
             self.unmerge_adapter()
         for name, module in list(self.model.named_modules()):
@@ -521,7 +527,8 @@ class LoraModel(nn.Module):
             if isinstance(module.base_layer, Linear4bit):
                 quantized[name] = module.base_layer.config
                 module.base_layer = module.base_layer.to_float()
-        merged = self._unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        merged = self._unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge,
+                              progressbar=progressbar)
         if requantize and quantized:
             errors = {}
             for name, config in quantized.items():

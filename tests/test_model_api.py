@@ -166,3 +166,16 @@ def test_training_lowers_the_loss():
     assert losses[-1] < losses[0] - 0.3  # nats; a random tiny GPT-2 starts at ln(128) ≈ 4.85
     k = pm.model.transformer.h[0].attn.c_attn
     assert set(k.parts["default"]) == {"q", "v"}  # K was never part of training
+
+
+def test_merge_and_unload_progressbar_shows_the_layers_and_changes_nothing(capsys):
+    torch.manual_seed(0)
+    quiet, shown = (get_peft_model(make("llama"), LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False))
+                    for _ in range(2))
+    shown.load_state_dict(quiet.state_dict())
+    inputs = batch("llama")
+    plain = logits(quiet.merge_and_unload(), inputs)
+    capsys.readouterr()
+    with_bar = logits(shown.merge_and_unload(progressbar=True), inputs)
+    assert "merging" in capsys.readouterr().err
+    torch.testing.assert_close(with_bar, plain, rtol=0, atol=0)
