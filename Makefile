@@ -1,7 +1,10 @@
 # The two set-up commands of the README:
 #   make finetune   the main job on its embedded default
-#   make test       the test suite
-# Both create or reuse .venv and install what they need. PyTorch is installed first, on its
+#   make test       the test suite, on the tested set of versions (requirements/tested.txt)
+# Both create or reuse .venv and install what they need, within requirements/tested.txt: the set of
+# versions CI passed with, so a fresh machine reproduces CI exactly. Two more:
+#   make test-latest   the suite on today's newest releases, in .venv-latest
+#   make pin           after test-latest passes: write its versions to requirements/tested.txt PyTorch is installed first, on its
 # own, so that a CPU machine never downloads the multi-GB CUDA build that a bare `torch`
 # requirement pulls: with an NVIDIA driver, pip's default build; else a CPU build already in
 # pip's configured sources (find-links, a local wheel cache); else from the index of CPU wheels
@@ -12,8 +15,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= 2.13.0
 TORCH_INDEX_URL ?=
+TESTED := requirements/tested.txt
+# pip options for the extras: the tested versions, or (test-latest) the newest releases
+PIN    ?= --constraint $(TESTED)
 
-.PHONY: finetune test venv
+.PHONY: finetune test venv test-latest pin
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -31,10 +37,11 @@ $(VENV)/.torch:
 	    echo "one), or install torch yourself into $(VENV) first; then run make again."; \
 	    exit 1; \
 	fi
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
 	touch $@
 
-$(VENV)/.installed-%: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install -q -e ".[$*]"
+$(VENV)/.installed-%: $(VENV)/.torch pyproject.toml $(TESTED)
+	$(PY) -m pip install -q -e ".[$*]" $(PIN) --constraint $(VENV)/torch-pin.txt  # keeps the torch build above
 	touch $@
 
 venv: $(VENV)/.installed-test
@@ -42,5 +49,21 @@ venv: $(VENV)/.installed-test
 finetune: $(VENV)/.installed-test
 	$(VENV)/bin/minilora finetune
 
+# MINILORA_TESTED_SET: the suite checks that what is installed is the tested set (empty: the newest)
 test: $(VENV)/.installed-test
-	$(VENV)/bin/pytest  # not `python -m`: the repository root must not be on sys.path
+	MINILORA_TESTED_SET="$(if $(findstring $(TESTED),$(PIN)),$(TESTED))" \
+	    $(VENV)/bin/pytest  # not `python -m`: the repository root must not be on sys.path
+
+test-latest:
+	rm -f .venv-latest/.installed-test
+	$(MAKE) test VENV=.venv-latest PIN="--upgrade --upgrade-strategy eager"
+
+# torch is installed on its own (CPU or CUDA build, see above), so it is left out of the pin.
+pin:
+	@rm -f .venv-latest/.installed-test
+	@$(MAKE) --no-print-directory .venv-latest/.installed-test VENV=.venv-latest PIN="--upgrade --upgrade-strategy eager"
+	@{ echo "# The versions the test suite passed with (make test-latest, then make pin). pip constraints:"; \
+	   echo "# make test installs within them. torch is pinned by the Makefile's TORCH."; \
+	   .venv-latest/bin/python -m pip freeze --all --exclude-editable | grep -v -i -E '^(pip|torch|nvidia-[a-z0-9-]*)=='; \
+	 } > $(TESTED).tmp && mv $(TESTED).tmp $(TESTED)
+	@echo "wrote $(TESTED)"

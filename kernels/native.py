@@ -16,6 +16,12 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import torch
+
+from minilora.quant.nf4_format import (
+    DYNAMIC_MAP, NF4_BOUNDS, NF4_LEVELS, SCALE_BLOCK, NF4State, pack_reference, unpack_reference,
+)
+
 MIN_NUMEL = 1 << 16
 _module = None
 _failed = False
@@ -53,3 +59,42 @@ def native_module() -> Optional[object]:
                       "using the torch reference (slower, same results)", stacklevel=2)
     return _module
 
+
+
+def choose(tensor: torch.Tensor, numel: int, native: Optional[bool]):
+    """The compiled module when it should be used for `numel` values, else None (then the torch
+    reference runs). native=None: only for large CPU tensors, and only if it builds; True: always
+    (an error if it cannot); False: never."""
+    if native is False:
+        return None
+    if native is None:
+        return native_module() if tensor.device.type == "cpu" and numel >= MIN_NUMEL else None
+    if tensor.device.type != "cpu" or native_module() is None:
+        raise RuntimeError("the native NF4 path needs CPU tensors, a C++ compiler and ninja")
+    return native_module()
+
+
+def pack(flat: torch.Tensor, blocksize: int, native: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) float -> (packed uint8 [(n+1)//2], absmax fp32 [n_blocks]), natively or by the reference.
+    A NaN or inf anywhere is an error: it would poison its block's scale."""
+    module = choose(flat, flat.numel(), native)
+    if module is not None:
+        packed, absmax, finite = module.nf4_pack(flat.contiguous(), NF4_BOUNDS, blocksize)
+    else:
+        finite = torch.isfinite(flat).all()
+        packed, absmax = pack_reference(flat.float(), blocksize) if finite else (None, None)
+    if not finite:
+        raise ValueError(f"the weight holds NaN or inf ({(~torch.isfinite(flat)).sum().item()} values): fix it before quantizing")
+    return packed, absmax
+
+
+def dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype, native: Optional[bool] = None) -> torch.Tensor:
+    """(packed, state) -> W_hat of state.shape in `dtype`, natively or by the reference; the caller
+    has checked the state (nf4_format.check_state), and the native loop checks its bounds again."""
+    module = choose(packed, state.numel, native)
+    if module is None:
+        return unpack_reference(packed, state, dtype)
+    scales = (module.dq_scales(state.absmax, state.absmax2, state.offset, DYNAMIC_MAP, SCALE_BLOCK) if state.double_quant
+              else state.absmax)
+    flat = module.nf4_unpack(packed.reshape(-1).contiguous(), scales, NF4_LEVELS, state.numel, state.blocksize, dtype)
+    return flat.view(state.shape)

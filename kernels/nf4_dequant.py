@@ -1,6 +1,6 @@
 """nf4_dequant: packed NF4 codes + (double-quantized) block scales -> a dense weight, in one pass.
 
-Inputs (storage format in minilora/quant/nf4.py):
+Inputs (storage format in minilora/quant/nf4_format.py):
     packed  uint8 [(n+1)//2]    two 4-bit codes per byte, first element in the high nibble
     state   NF4State            absmax fp32 [n_blocks], or (double quant) uint8 codes into the
                                 256-entry dynamic map + absmax2 fp32 [n_blocks/SCALE_BLOCK] + offset fp32
@@ -19,8 +19,9 @@ from typing import Optional
 
 import torch
 
-from minilora.quant.nf4 import DYNAMIC_MAP, NF4_LEVELS, SCALE_BLOCK, NF4State, check_state, nf4_dequantize
+from minilora.quant.nf4_format import DYNAMIC_MAP, NF4_LEVELS, SCALE_BLOCK, NF4State, check_state
 
+from . import native
 from .dispatch import TRITON_KERNELS, triton, triton_launch_options
 
 if triton is not None:
@@ -81,6 +82,8 @@ if triton is not None:
 
 
 def nf4_dequant_reference(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Plain PyTorch: unpack, look up the levels, scale per block."""
-    return nf4_dequantize(packed, state, dtype)
+    """Plain PyTorch (unpack, look up the levels, scale per block), or the native CPU loop for
+    large CPU tensors: the same values."""
+    check_state(packed, state)
+    return native.dequantize(packed, state, dtype or state.dtype)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from minilora.quant.nf4 import NF4State, check_state
+from minilora.quant.nf4_format import NF4State, check_state
 
 from .dispatch import TRITON_KERNELS, interpreting, triton, triton_launch_options
 from .nf4_dequant import nf4_dequant_reference

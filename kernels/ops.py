@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from minilora.quant.nf4 import NF4State
+from minilora.quant.nf4_format import NF4State
 
 from .dispatch import implementation
 from .nf4_dequant import nf4_dequant_reference

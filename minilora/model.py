@@ -85,6 +85,15 @@ def _fill_tied_parameters(module: nn.Module, state_dict: dict, prefix: str, *arg
             state_dict[prefix + name] = state_dict[prefix + source]
 
 
+def _name_the_default_loss(model: nn.Module) -> None:
+    """transformers (5.25 and later) logs a warning each time a model whose `loss_type` is None (GPT-2,
+    among others) computes its loss, then uses "ForCausalLM"; under torch.compile(fullgraph=True) that
+    log call is a graph break, so `model(input_ids, labels=...)` does not compile as one graph.
+    Naming the loss it falls back to anyway changes no number and removes the log call."""
+    if "loss_type" in vars(model) and model.loss_type is None and hasattr(type(model), "loss_function"):
+        model.loss_type = "ForCausalLM"
+
+
 class LoraModel(nn.Module):
     """A HF model whose target layers carry LoRA adapters. `self.model` is the HF model."""
 
@@ -96,6 +105,7 @@ class LoraModel(nn.Module):
         self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its parameters (for set_adapter)
         self.mixed_batch_method = "gather"  # adapter_names: "gather" (batched matmuls) or "segments"
         bind_forward(self, model)  # inspect.signature(self.forward) names the HF model's inputs
+        _name_the_default_loss(model)
         self._take_over_earlier_adapters(adapter_name if config is not None else None)
         self.register_state_dict_post_hook(_list_tied_parameters_once)
         self.register_load_state_dict_pre_hook(_fill_tied_parameters)

@@ -147,3 +147,24 @@ def first_step_gradients(trainer) -> dict:
     trainer.optimizer.step = record
     trainer.train()
     return grads
+
+
+def gpt2_model_dir(path):
+    """A tiny GPT-2 language model saved as a Hugging Face directory (vocabulary 256: byte tokens)."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def instruction_files(folder):
+    """An instruction data set (train.jsonl) and general text (general.txt) for `minilora finetune`."""
+    import json
+
+    from minilora.train.corpus import GENERAL, generate
+
+    words = ["cat", "dog", "owl", "fox", "hen"]
+    rows = [{"instruction": "Shout the word", "input": w, "output": w.upper() + "!"} for w in words * 8]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "general.txt").write_text(generate(GENERAL, 40, 0))
+    return folder / "train.jsonl", folder / "general.txt"

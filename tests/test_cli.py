@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import gpt2_model_dir, instruction_files
 from minilora.cli import main
 
 SMALL = ["--layers", "2", "--width", "64", "--seq-len", "32", "--batch-size", "8", "--pretrain-steps", "150",
@@ -67,28 +68,8 @@ def test_bad_arguments_say_what_to_do():
 
 
 # ---------------------------------------------------------------------------------- your own model
-def _model_dir(path, tokenizer=False):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(cfg).save_pretrained(path)
-    return path
-
-
-def _data(tmp_path):
-    from minilora.train.corpus import GENERAL, generate
-
-    words = ["cat", "dog", "owl", "fox", "hen"]
-    rows = [{"instruction": "Shout the word", "input": w, "output": w.upper() + "!"} for w in words * 8]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "general.txt").write_text(generate(GENERAL, 40, 0))
-    return tmp_path / "train.jsonl", tmp_path / "general.txt"
-
-
 def test_finetune_a_local_model_resume_and_refusals(tmp_path, capsys):
-    model, (data, general) = _model_dir(tmp_path / "model"), _data(tmp_path)
+    model, (data, general) = gpt2_model_dir(tmp_path / "model"), instruction_files(tmp_path)
     out = tmp_path / "out"
     args = ["finetune", "--model", str(model), "--data", str(data), "--task", "instruction", "--tokenizer", "bytes",
             "--retain", str(general), "--replay-ratio", "0.25", "--seq-len", "64", "--steps", "24",
@@ -125,7 +106,7 @@ def test_finetune_a_local_model_resume_and_refusals(tmp_path, capsys):
 
 
 def test_qlora_preset_and_paged_optimizer_from_the_command_line(tmp_path, capsys):
-    model, (_, general) = _model_dir(tmp_path / "model"), _data(tmp_path)
+    model, (_, general) = gpt2_model_dir(tmp_path / "model"), instruction_files(tmp_path)
     from minilora.train.corpus import DOMAIN, generate
 
     (tmp_path / "finance.txt").write_text(generate(DOMAIN, 120, 0))
@@ -144,7 +125,7 @@ def test_qlora_preset_and_paged_optimizer_from_the_command_line(tmp_path, capsys
 
 
 def test_bad_input_to_a_local_run_says_what_to_do(tmp_path, capsys):
-    model, (data, _) = _model_dir(tmp_path / "model"), _data(tmp_path)
+    model, (data, _) = gpt2_model_dir(tmp_path / "model"), instruction_files(tmp_path)
     base = ["finetune", "--model", str(model), "--data", str(data), "--task", "instruction", "--out",
             str(tmp_path / "o"), "--seq-len", "64", "--no-progress"]
 
@@ -227,7 +208,7 @@ def test_ctrl_c_then_resume_from_the_command_line(tmp_path):
 
     import torch
 
-    model, (data, general) = _model_dir(tmp_path / "model"), _data(tmp_path)
+    model, (data, general) = gpt2_model_dir(tmp_path / "model"), instruction_files(tmp_path)
     out = tmp_path / "out"
     args = [sys.executable, "-m", "minilora.cli", "finetune", "--model", str(model), "--data", str(data), "--task",
             "instruction", "--tokenizer", "bytes", "--retain", str(general), "--seq-len", "64", "--steps", "100000",

@@ -2,9 +2,8 @@
 with no graph break, with one adapter active, with adapters disabled, and with a mixed batch; the
 compiled model computes what the eager one does. PEFT's model is measured the same way, as a peer.
 
-GPT-2's loss is computed outside the model here: transformers' own GPT-2 loss path breaks the
-graph by itself (`GPT2LMHeadModel(labels=...)` gives two graphs without any adapter), and that
-break is not minilora's to fix.
+Most cases compute the loss outside the model; the last test passes `labels=` to GPT-2, whose
+loss path in transformers 5.25 logs a warning (a graph break) unless the model names its loss.
 """
 
 import pytest
@@ -146,3 +145,24 @@ def test_dora_compiles_as_one_graph_and_matches_eager(family, targets):
     assert any("lora_magnitude_vector" in n for n in grads[0])
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_gpt2_with_labels_compiles_as_one_graph_and_peft_needs_the_loss_named():
+    """transformers (5.25 and later) logs a warning from GPT-2's loss when `loss_type` is unset, and
+    the log call breaks fullgraph tracing. minilora names the loss transformers falls back to
+    ("ForCausalLM"); PEFT's model breaks until the user does the same."""
+    import peft
+
+    ids = torch.randint(1, 128, (2, 8))
+    ours = lora_model("gpt2", ["q", "v"])
+    eager_loss = ours(input_ids=ids, labels=ids).loss
+    dynamo.reset()
+    compiled = torch.compile(lambda: ours(input_ids=ids, labels=ids).loss, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(), eager_loss)
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(make("gpt2"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    theirs.base_model.model.loss_type = None  # as transformers leaves it for GPT-2
+    if graphs_and_breaks(lambda: theirs(input_ids=ids, labels=ids).loss)[1] > 0:  # transformers >= 5.25
+        theirs.base_model.model.loss_type = "ForCausalLM"  # the fix the README gives PEFT users
+        assert graphs_and_breaks(lambda: theirs(input_ids=ids, labels=ids).loss)[1] == 0

@@ -1,5 +1,6 @@
 """The top-level kernels/ folder installs as minilora.kernels, never as a module named `kernels`."""
 
+import importlib.metadata
 import importlib.util
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def test_wheel_installs_no_top_level_kernels(tmp_path):
 def test_minilora_kernels_imports_and_kernels_is_not_ours():
     import minilora.kernels
 
-    assert Path(minilora.kernels.__file__).parent == ROOT / "kernels"
+    assert Path(minilora.kernels.ops.__file__).parent == ROOT / "kernels"
     spec = importlib.util.find_spec("kernels")  # Hugging Face's package, if anything
     assert spec is None or Path(spec.origin).parent != ROOT / "kernels"
 
@@ -39,3 +40,45 @@ def test_no_script_folder_holds_a_module_named_kernels():
     script_folders = [ROOT / "benchmarks", ROOT / "docs", ROOT / "tests"]
     found = [p for folder in script_folders for p in (folder / "kernels.py", folder / "kernels")]
     assert [str(p.relative_to(ROOT)) for p in found if p.exists()] == []
+
+
+def pinned_versions() -> dict[str, str]:
+    """requirements/tested.txt: normalized package name -> pinned version."""
+    pins = {}
+    for line in (ROOT / "requirements" / "tested.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonical(name)] = version.strip()
+    return pins
+
+
+def canonical(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower().strip()
+
+
+def test_every_dependency_of_the_test_extras_is_in_the_pinned_versions():
+    """Adding a dependency without `make pin` would leave it floating on every fresh machine."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    names = {canonical(re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0]) for spec in wanted}
+    assert names - {"torch"} - set(pinned_versions()) == set()
+
+
+def test_the_installed_versions_are_the_pinned_versions():
+    """`make test` installs within requirements/tested.txt and says so (MINILORA_TESTED_SET);
+    `make test-latest` runs on the newest releases and leaves it empty."""
+    import os
+
+    import pytest
+
+    if not os.environ.get("MINILORA_TESTED_SET"):
+        pytest.skip("runs under `make test`, which installs the tested set")
+    installed = {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    drift = {name: (version, installed.get(name)) for name, version in pinned_versions().items()
+             if installed.get(name) != version}
+    assert drift == {}, f"installed versions differ from requirements/tested.txt (pinned, installed): {drift}"

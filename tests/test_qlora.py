@@ -204,12 +204,16 @@ def test_load_quantized_from_sharded_safetensors_equals_quantize_model(family, t
     assert (tmp_path / "model.safetensors.index.json").exists()
     expected = AutoModelForCausalLM.from_pretrained(tmp_path)
     quantize_model(expected)
-    loaded = load_quantized(tmp_path, model_class=AutoModelForCausalLM)
-    assert expected.state_dict().keys() == loaded.state_dict().keys()
-    for name, tensor in expected.state_dict().items():
-        assert torch.equal(tensor, loaded.state_dict()[name]), name
     ids = torch.randint(3, 128, (1, 7))
-    assert torch.equal(expected(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    for loaded in (load_quantized(tmp_path), load_quantized(tmp_path, model_class=AutoModelForCausalLM)):
+        assert type(loaded) is type(expected)  # config.json's architectures: the head comes along
+        assert expected.state_dict().keys() == loaded.state_dict().keys()
+        for name, tensor in expected.state_dict().items():
+            assert torch.equal(tensor, loaded.state_dict()[name]), name
+        assert torch.equal(expected(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    from transformers import AutoModel
+
+    assert not hasattr(load_quantized(tmp_path, model_class=AutoModel), "lm_head")  # model_class still overrides
 
 
 def test_read_safetensors_matches_the_library_and_refuses_truncated_files(tmp_path):

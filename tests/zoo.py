@@ -94,6 +94,12 @@ def _first_call(record: dict, **states) -> None:
 
 @contextlib.contextmanager
 def _patched(owner, attribute: str, wrap):
+    """Wrap `owner.attribute` (a function of the model's module, such as eager_attention_forward) for
+    the duration. If this transformers release has no such name, say so, naming the release."""
+    if not hasattr(owner, attribute):
+        raise AssertionError(f"transformers {tf.__version__}: {getattr(owner, '__name__', owner)} has no "
+                             f"{attribute!r}, which this probe reads q, k, v from; find where this release "
+                             "splits the fused projection and probe that instead")
     original = getattr(owner, attribute)
     setattr(owner, attribute, wrap(original))
     try:
@@ -114,52 +120,52 @@ def _eager_attention(model, record):
     return _patched(module, "eager_attention_forward", wrap)
 
 
-def _method(cls, name):
-    """A method of the attention class that returns (query, key, value) split from the fused output."""
-    def probe(model, record):
-        def wrap(original):
-            def split(self, fused):
-                q, k, v = original(self, fused)
-                _first_call(record, q=q, k=k, v=v)
-                return q, k, v
-            return split
-        return _patched(cls, name, wrap)
-    return probe
+class _ProductsProbe(TorchFunctionMode):
+    """Attention computed by hand, as two products: scores = q·kᵀ, then context = weights·v. MPT
+    calls torch.matmul twice; BLOOM calls alibi.baddbmm(batch1=q, batch2=kᵀ), then torch.bmm(weights, v).
+    Only public torch functions are watched, so a refactor of the model's private helpers changes nothing."""
 
-
-class _MatmulProbe(TorchFunctionMode):
-    """MPT computes attention with two torch.matmul calls: (q, kᵀ), then (weights, v)."""
+    PRODUCTS = (torch.matmul, torch.bmm, torch.Tensor.baddbmm)
 
     def __init__(self, record):
         super().__init__()
         self.record, self.calls = record, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.matmul and self.calls < 2:
-            if self.calls == 0:
-                _first_call(self.record, q=args[0], k=args[1].transpose(-1, -2))
+        kwargs = kwargs or {}
+        if func in self.PRODUCTS and self.calls < 2:
+            if func is torch.Tensor.baddbmm:  # input.baddbmm(batch1, batch2): positional or keywords
+                left = kwargs.get("batch1", args[1] if len(args) > 1 else None)
+                right = kwargs.get("batch2", args[2] if len(args) > 2 else None)
             else:
-                _first_call(self.record, v=args[1])
+                left, right = args[0], args[1]
+            if self.calls == 0:
+                _first_call(self.record, q=left, k=right.transpose(-1, -2))
+            else:
+                _first_call(self.record, v=right)
             self.calls += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def _mpt(model, record):
-    attention = model.transformer.blocks[0].attn
-    mode = _MatmulProbe(record)
+def _by_products(first_attention):
+    """Probe the attention module that `first_attention(model)` returns with _ProductsProbe."""
+    @contextlib.contextmanager
+    def probe(model, record):
+        attention = first_attention(model)
+        mode = _ProductsProbe(record)
 
-    def enter(*_):
-        mode.__enter__()
+        def enter(*_):
+            mode.__enter__()
 
-    def leave(*_):
-        mode.__exit__(None, None, None)
+        def leave(*_):
+            mode.__exit__(None, None, None)
 
-    enter, leave = attention.register_forward_pre_hook(enter), attention.register_forward_hook(leave)
-    try:
-        yield
-    finally:
-        enter.remove(), leave.remove()
+        enter, leave = attention.register_forward_pre_hook(enter), attention.register_forward_hook(leave)
+        try:
+            yield
+        finally:
+            enter.remove(), leave.remove()
+    return probe
 
 
 def _linear_attention(model, record):
@@ -198,10 +204,9 @@ def _glu(activation, down, record):
 PROBES = {
     "gpt_neox": _eager_attention, "bigcode_mqa": _eager_attention, "bigcode_mha": _eager_attention,
     "phi3": _eager_attention, "modernbert": _eager_attention,
-    "bloom": _method(importlib.import_module("transformers.models.bloom.modeling_bloom").BloomAttention, "_reshape"),
-    **{name: _method(importlib.import_module("transformers.models.falcon.modeling_falcon").FalconAttention,
-                     "_split_heads") for name in ("falcon_new", "falcon_mqa", "falcon_mha")},
-    "mpt": _mpt, "qwen3_5": _linear_attention,
+    "falcon_new": _eager_attention, "falcon_mqa": _eager_attention, "falcon_mha": _eager_attention,
+    "bloom": _by_products(lambda model: model.transformer.h[0].self_attention),
+    "mpt": _by_products(lambda model: model.transformer.blocks[0].attn), "qwen3_5": _linear_attention,
 }
 
 

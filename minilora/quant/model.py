@@ -131,8 +131,10 @@ def _shards(path: Path) -> list[Path]:
 def load_quantized(path: Union[str, Path], config: NF4Config = NF4Config(), skip_modules: Optional[list[str]] = None,
                    model_class=None) -> nn.Module:
     """A Hugging Face model from a local directory (config.json + safetensors, sharded or not),
-    its linear layers quantized to NF4 tensor by tensor as they are read."""
-    from transformers import AutoConfig, AutoModel
+    its linear layers quantized to NF4 tensor by tensor as they are read. The class is the one
+    config.json's `architectures` names (a causal-LM checkpoint loads with its head), unless
+    `model_class` (a transformers class or Auto class) says otherwise."""
+    from transformers import AutoConfig
 
     path = Path(path)
     directory = path if path.is_dir() else path.parent
@@ -140,7 +142,7 @@ def load_quantized(path: Union[str, Path], config: NF4Config = NF4Config(), skip
         raise FileNotFoundError(f"{directory / 'config.json'} is missing: load_quantized needs a model directory")
     hf_config = AutoConfig.from_pretrained(directory)
     prequantized = bnb_format.is_prequantized(json.loads((directory / "config.json").read_text()))
-    model_class = model_class or AutoModel
+    model_class = model_class or architecture_class(hf_config)
     with _linear_weights_on_meta():
         model = (model_class.from_config(hf_config) if hasattr(model_class, "from_config") else model_class(hf_config))
     model.eval()
@@ -183,6 +185,19 @@ def load_quantized(path: Union[str, Path], config: NF4Config = NF4Config(), skip
     if missing:
         raise ValueError(f"{path}: no tensor for {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     return model.requires_grad_(False)
+
+
+def architecture_class(hf_config) -> type:
+    """The transformers class that a config's `architectures` names (what `save_pretrained` wrote:
+    "GPT2LMHeadModel", "LlamaForCausalLM", "BertModel"), or AutoModel (no head) when it names none
+    that this transformers release has."""
+    import transformers
+
+    for name in getattr(hf_config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
 
 
 def _key_prefixes(model: nn.Module) -> list[str]:

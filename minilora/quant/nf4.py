@@ -1,179 +1,27 @@
-r"""NF4 with double-quantized scales, as free functions on plain tensors; same bytes as bitsandbytes.
+"""NF4 with double-quantized scales, as free functions on plain tensors; same bytes as bitsandbytes.
 
-NF4 (Dettmers et al., 2023, "QLoRA", section 3) has 16 levels placed at quantiles of a standard
-normal, rescaled to [-1, 1] with an exact zero; a weight in a block of `blocksize` values is
-stored as the 4-bit index of the level nearest to w / absmax(block):
+    packed, state = nf4_quantize(W, blocksize=64, double_quant=True)
+    W_hat = nf4_dequantize(packed, state, dtype=torch.bfloat16)
 
-    W (out, in) ──flatten row-major──► blocks of 64 ──÷ absmax──► nearest of 16 levels ──► 4 bits
-    two codes per byte, the first element in the high nibble; an odd count is padded (code of 0.0)
-
-Double quantization (section 3, "Double Quantization") stores the fp32 absmax vector itself in
-8 bits: subtract its mean (the `offset`), cut it into blocks of 256, scale each block by its own
-absmax (`absmax2`, fp32) and map to the nearest of bitsandbytes' 256-entry signed dynamic map.
-
-    bits per weight = 4 + 32/64                  = 4.5     without double quant
-                    = 4 + 8/64 + 32/(64·256)     ≈ 4.127   with it
-
-Dequantization is `level × absmax` in fp32, rounded once to the target dtype; with double quant
-absmax = dynamic_map[q] × absmax2 + offset, in fp32, first. bitsandbytes' CPU path computes
-exactly this, so each library reads the other's weights to identical values.
-
-Shape legend: n = numel(W), n_blocks = ceil(n / blocksize), n_blocks2 = ceil(n_blocks / 256).
+The storage format and its plain-PyTorch reference are in nf4_format.py (the math is there);
+these two pick the native CPU loop of minilora.kernels for large CPU tensors when it builds, and
+the reference otherwise. Both give the same bytes and values.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
-# The 16 NF4 levels (QLoRA, appendix E), sorted; index 7 is the exact zero.
-NF4_LEVELS = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-])
-SCALE_BLOCK = 256  # block size of the second quantization (of absmax)
-BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 ... 4096
+from minilora.kernels import native as native_kernels
 
-
-def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (Dettmers, 2016), 256 sorted fp32 values in [-1, 1],
-    built exactly as bitsandbytes builds it for its GPU path and saves it in its checkpoints.
-
-    For each decade e = 0..6: the 2^e midpoints of 2^e + 1 evenly spaced points on [0.1, 1],
-    scaled by 10^(e-6), with both signs (127 magnitudes from ~5.5e-7 to ~0.993); then 0 and 1.
-    The most negative entry is therefore -0.99297, not -1.0: a scale group's most negative
-    value, stored as code 0, reads back 0.7 % small. Both libraries must read code 0 the same
-    way, so minilora decodes with bitsandbytes' entry rather than a "better" -1.0. (Encoding is
-    another matter: bitsandbytes' CPU quantizer searches a copy whose entry 0 is -1.0, and so do
-    the decision boundaries below, so the bytes stay bitsandbytes' too.)
-    """
-    values = [0.0, 1.0]
-    for e in range(7):
-        grid = torch.linspace(0.1, 1, 2**e + 1)  # fp32, like every step below
-        midpoints = (grid[:-1] + grid[1:]) / 2
-        values += ((10 ** (e - 6)) * midpoints).tolist() + (-(10 ** (e - 6)) * midpoints).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)
-
-
-DYNAMIC_MAP = dynamic_map()
-
-
-def _midpoints(levels: torch.Tensor) -> torch.Tensor:
-    """Decision boundaries between neighbouring levels; a value on a boundary takes the lower code."""
-    return (levels[:-1] + levels[1:]) / 2
-
-
-_NF4_BOUNDS = _midpoints(NF4_LEVELS)
-_DYNAMIC_BOUNDS = _midpoints(torch.cat([torch.tensor([-1.0]), DYNAMIC_MAP[1:]]))  # see dynamic_map()
-
-
-@dataclass
-class NF4State:
-    """Everything besides the packed codes that dequantization needs."""
-
-    absmax: torch.Tensor  # fp32 [n_blocks]; uint8 [n_blocks] codes into DYNAMIC_MAP with double quant
-    shape: torch.Size  # the original weight's shape
-    dtype: torch.dtype  # the original weight's dtype (the default dequantization dtype)
-    blocksize: int  # values per block (a power of two, 32..4096)
-    double_quant: bool  # whether absmax is itself quantized
-    absmax2: Optional[torch.Tensor] = None  # fp32 [n_blocks2]: per-SCALE_BLOCK scale of (absmax - offset)
-    offset: Optional[torch.Tensor] = None  # fp32 scalar: mean of absmax, subtracted before quantizing it
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.numel // self.blocksize)
-
-    def to(self, device) -> "NF4State":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, absmax=move(self.absmax), absmax2=move(self.absmax2), offset=move(self.offset))
-
-    def scales(self) -> torch.Tensor:
-        """The fp32 absmax per block: (n_blocks,)."""
-        if not self.double_quant:
-            return self.absmax
-        code = DYNAMIC_MAP.to(self.absmax.device)[self.absmax.long()]  # (n_blocks,)
-        blocks2 = torch.arange(self.n_blocks, device=code.device) // SCALE_BLOCK
-        return code * self.absmax2[blocks2] + self.offset
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.absmax, self.absmax2, self.offset) if t is not None)
-
-
-def check_blocksize(blocksize: int) -> None:
-    if blocksize not in BLOCKSIZES:
-        extra = (" (bitsandbytes accepts 16 on some paths; minilora's kernels tile in blocks of at least 32: "
-                 "use 32 for the finest scales)") if blocksize == 16 else ""
-        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}{extra}")
-
-
-def blockwise_absmax_scale(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block absmax (n_blocks,) and the values scaled into [-1, 1] (n,), bitsandbytes' way:
-    full blocks multiply by the fp32 reciprocal, a partial last block divides."""
-    n = A.numel()
-    full = n - n % blocksize
-    body = A[:full].view(-1, blocksize)  # (n_full_blocks, blocksize)
-    absmax = body.abs().amax(dim=1)
-    scaled = (body * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
-    if full < n:
-        tail_max = A[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_max.view(1)])
-        scaled = torch.cat([scaled, (A[full:] / tail_max).clamp_(-1, 1)])
-    return absmax, scaled
-
-
-def _quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Double quant: (codes uint8 [n_blocks], absmax2 fp32 [n_blocks2], offset fp32 scalar).
-
-    Two edge cases, each a group of SCALE_BLOCK scales:
-      all equal to their mean  absmax2 = 0: every code is 0, as bitsandbytes writes (any code
-                               reads back code × 0 + offset = the exact scale)
-      centred values below 2.9e-39 (subnormal)  the true quotient x / absmax2. bitsandbytes
-                               multiplies by 1 / absmax2, which overflows to inf there and writes
-                               codes 0 and 255 whatever the values: minilora keeps the values
-                               right and its bytes differ from bitsandbytes' (README, QLoRA)."""
-    offset = absmax.mean()
-    centered = absmax - offset  # (n_blocks,)
-    n = centered.numel()
-    blocks2 = -(-n // SCALE_BLOCK)
-    padded = torch.nn.functional.pad(centered, (0, blocks2 * SCALE_BLOCK - n)).view(blocks2, SCALE_BLOCK)
-    absmax2 = padded.abs().amax(dim=1)  # (n_blocks2,)
-    flat = absmax2.unsqueeze(1) == 0  # (n_blocks2, 1): a group with nothing to scale
-    normed = padded / torch.where(flat, torch.ones_like(absmax2).unsqueeze(1), absmax2.unsqueeze(1))
-    codes = torch.bucketize(normed.view(-1)[:n], _DYNAMIC_BOUNDS.to(normed.device), out_int32=True)
-    codes = codes.masked_fill(flat.expand(-1, SCALE_BLOCK).reshape(-1)[:n], 0)
-    return codes.to(torch.uint8), absmax2, offset
-
-
-def _native(tensor: torch.Tensor, numel: int, native: Optional[bool]):
-    """The compiled CPU extension when it should be used for `numel` values, else None (then the
-    torch reference runs). None: only for large CPU tensors, and only if it builds."""
-    if native is False:
-        return None
-    from minilora.kernels.native import MIN_NUMEL, native_module  # late: the kernels import this module
-
-    if native is None:
-        return native_module() if tensor.device.type == "cpu" and numel >= MIN_NUMEL else None
-    if tensor.device.type != "cpu" or native_module() is None:
-        raise RuntimeError("the native NF4 path needs CPU tensors, a C++ compiler and ninja")
-    return native_module()
-
-
-def _pack_reference(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: (n,) fp32 -> packed uint8 [(n+1)//2], absmax fp32 [n_blocks]."""
-    absmax, scaled = blockwise_absmax_scale(A, blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad takes 0.0's code
-    q = torch.bucketize(scaled, _NF4_BOUNDS.to(A.device), out_int32=True).to(torch.uint8)  # nearest level
-    return (q[0::2] << 4) | q[1::2], absmax  # first element in the high nibble
+from .nf4_format import (  # noqa: F401 - the format's names, importable from here as before
+    BLOCKSIZES, DYNAMIC_MAP, NF4_BOUNDS, NF4_LEVELS, SCALE_BLOCK, NF4State, blockwise_absmax_scale,
+    check_blocksize, check_scales, check_state, dynamic_map, pack_reference, quantize_scales, unpack,
+    unpack_reference,
+)
 
 
 def nf4_quantize(W: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
@@ -188,40 +36,12 @@ def nf4_quantize(W: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError(f"nf4_quantize got an empty tensor of shape {tuple(W.shape)}: nothing to quantize")
     check_blocksize(blocksize)
     flat = W.detach().reshape(-1)  # (n,), row-major
-    module = _native(flat, flat.numel(), native)
-    if module is not None:
-        packed, absmax, finite = module.nf4_pack(flat.contiguous(), _NF4_BOUNDS, blocksize)
-    else:
-        finite = torch.isfinite(flat).all()
-        packed, absmax = _pack_reference(flat.float(), blocksize) if finite else (None, None)
-    if not finite:
-        raise ValueError(f"the weight holds NaN or inf ({(~torch.isfinite(flat)).sum().item()} values): fix it before quantizing")
+    packed, absmax = native_kernels.pack(flat, blocksize, native)
     state = NF4State(absmax=absmax, shape=W.shape, dtype=W.dtype, blocksize=blocksize, double_quant=False)
     if double_quant:
-        codes, absmax2, offset = _quantize_scales(absmax)
+        codes, absmax2, offset = quantize_scales(absmax)
         state = replace(state, absmax=codes, absmax2=absmax2, offset=offset, double_quant=True)
     return packed, state
-
-
-def check_state(packed: torch.Tensor, state: NF4State) -> None:
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed NF4 codes must be uint8, got {packed.dtype}")
-    if packed.numel() != (state.numel + 1) // 2:
-        raise ValueError(
-            f"the packed codes hold {packed.numel()} bytes but the state describes shape {tuple(state.shape)} "
-            f"({state.numel} values = {(state.numel + 1) // 2} bytes): packed and state do not belong together"
-        )
-    if state.absmax.numel() != state.n_blocks:
-        raise ValueError(
-            f"the state has {state.absmax.numel()} block scales but shape {tuple(state.shape)} with blocksize "
-            f"{state.blocksize} has {state.n_blocks} blocks"
-        )
-
-
-def unpack(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """uint8 [(n+1)//2] -> codes int64 [n] (high nibble first)."""
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(-1)  # (2 · bytes,)
-    return codes[:numel].long()
 
 
 def nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None,
@@ -232,23 +52,4 @@ def nf4_dequantize(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
     if not dtype.is_floating_point:
         raise TypeError(f"nf4_dequantize produces floating-point weights; {dtype} is not (use bfloat16, float16, float32)")
     check_state(packed, state)
-    module = _native(packed, state.numel, native)
-    if module is not None:
-        scales = (module.dq_scales(state.absmax, state.absmax2, state.offset, DYNAMIC_MAP, SCALE_BLOCK) if state.double_quant
-                  else state.absmax)
-        flat = module.nf4_unpack(packed.reshape(-1).contiguous(), scales, NF4_LEVELS, state.numel, state.blocksize, dtype)
-        return flat.view(state.shape)
-    return _unpack_reference(packed, state, dtype)
-
-
-def _unpack_reference(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
-    """Plain PyTorch dequantization."""
-    levels = NF4_LEVELS.to(packed.device)[unpack(packed.reshape(-1), state.numel)]  # (n,) fp32
-    scales = state.scales()  # (n_blocks,) fp32
-    n, bs = state.numel, state.blocksize
-    full = n - n % bs
-    out = torch.empty(n, dtype=torch.float32, device=packed.device)
-    out[:full] = (levels[:full].view(-1, bs) * scales[: full // bs].unsqueeze(1)).view(-1)
-    if full < n:
-        out[full:] = levels[full:] * scales[-1]
-    return out.view(state.shape).to(dtype)
+    return native_kernels.dequantize(packed, state, dtype, native)
