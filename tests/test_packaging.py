@@ -78,7 +78,12 @@ def test_the_installed_versions_are_the_pinned_versions():
 
     if not os.environ.get("MINILORA_TESTED_SET"):
         pytest.skip("runs under `make test`, which installs the tested set")
-    installed = {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
-    drift = {name: (version, installed.get(name)) for name, version in pinned_versions().items()
-             if installed.get(name) != version}
+    def installed(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    drift = {name: (version, installed(name)) for name, version in pinned_versions().items()
+             if installed(name) != version}
     assert drift == {}, f"installed versions differ from requirements/tested.txt (pinned, installed): {drift}"
