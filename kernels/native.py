@@ -4,7 +4,9 @@ The torch reference is exact but makes many passes over memory (unpack, gather, 
 the C++ loop makes one. It is built once per machine with torch's extension loader (needs a C++
 compiler and `ninja`; the build is cached) and used only for CPU tensors of at least
 `MIN_NUMEL` values, so nobody waits on a compile for a tiny tensor. If it cannot be built, or
-MINILORA_NATIVE=0, the torch reference is used: a slower path, never an error.
+MINILORA_NATIVE=0, the torch reference is used: a slower path, never an error. Each compiled
+function checks its arguments' devices, dtypes and lengths (TORCH_CHECK, a RuntimeError) before
+its loop reads anything.
 """
 
 from __future__ import annotations
@@ -90,7 +92,10 @@ def pack(flat: torch.Tensor, blocksize: int, native: Optional[bool] = None) -> t
 
 def dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype, native: Optional[bool] = None) -> torch.Tensor:
     """(packed, state) -> W_hat of state.shape in `dtype`, natively or by the reference; the caller
-    has checked the state (nf4_format.check_state), and the native loop checks its bounds again."""
+    has checked the state (nf4_format.check_state). The native functions check again every length
+    they index (packed ≥ (n+1)//2 bytes, ≥ n_blocks scales, ≥ n_blocks2 absmax2 values, 16 levels,
+    256 map entries, one offset), so a state that skipped the check is a RuntimeError, never a read
+    out of bounds."""
     module = choose(packed, state.numel, native)
     if module is None:
         return unpack_reference(packed, state, dtype)

@@ -4,11 +4,16 @@
 //   nf4_pack(A (n,) fp32/bf16/fp16, midpoints (15,) fp32, blocksize)
 //       -> (packed uint8 [(n+1)/2], absmax fp32 [n_blocks], finite bool)
 //   nf4_unpack(packed, scales fp32 [n_blocks], levels (16,) fp32, n, blocksize, dtype) -> W_hat (n,) dtype
+//   dq_scales(codes uint8 [n_blocks], absmax2 fp32 [n_blocks2], offset fp32 (1,), dynamic_map (256,), 256)
+//       -> scales fp32 [n_blocks]
 //
 // Quantize, per block: absmax = max|x|; full blocks scale by the fp32 reciprocal 1/max(absmax, 1e-38),
 // a partial last block divides by max(absmax, 1e-38) (and stores that); clamp to [-1, 1]; the code is
 // the number of midpoints strictly below the value (torch.bucketize: ties go to the lower code); two
 // codes per byte, the first in the high nibble; an odd count is padded with the code of 0.0.
+//
+// Every entry point checks its arguments against the lengths it will index (TORCH_CHECK: a Python
+// RuntimeError), so a damaged state is refused before any read; the loops themselves never check.
 //
 // Dequantize: level[code] × scale[block] in fp32, rounded once to the output dtype. Within a block
 // there are only 16 distinct outputs, so each block first builds its 16-entry table (16 products,
@@ -25,6 +30,15 @@
 #if defined(__SSSE3__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+
+// ------------------------------------------------------------------------------------ argument checks
+// ⌈n / d⌉ for n >= 0, d > 0, without the overflow of (n + d - 1) / d near INT64_MAX.
+static inline int64_t ceil_div(int64_t n, int64_t d) { return n / d + (n % d != 0); }
+
+static void check_cpu(const torch::Tensor& t, const char* fn, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got one on ", t.device(),
+              "; move it with .cpu() or use the torch reference path");
+}
 
 // ------------------------------------------------------------------------------------ quantize
 template <typename T>
@@ -71,10 +85,14 @@ static void pack_kernel(const T* A, const float* mid_in, uint8_t* out, float* ab
 
 std::vector<torch::Tensor> nf4_pack(torch::Tensor A, torch::Tensor midpoints, int64_t blocksize) {
   TORCH_CHECK(A.device().is_cpu() && A.is_contiguous(), "nf4_pack: A must be a contiguous CPU tensor");
-  TORCH_CHECK(blocksize % 2 == 0, "nf4_pack: blocksize must be even");
+  TORCH_CHECK(blocksize > 0 && blocksize % 2 == 0, "nf4_pack: blocksize must be positive and even, got ", blocksize,
+              "; NF4 blocks are a power of two from 32 to 4096");
+  check_cpu(midpoints, "nf4_pack", "midpoints");
+  TORCH_CHECK(midpoints.numel() == 15, "nf4_pack: midpoints must hold the 15 boundaries between the 16 NF4 levels, got ",
+              midpoints.numel(), " values");
   const int64_t n = A.numel();
   auto packed = torch::empty({(n + 1) / 2}, torch::dtype(torch::kUInt8));
-  auto absmax = torch::empty({(n + blocksize - 1) / blocksize}, torch::dtype(torch::kFloat32));
+  auto absmax = torch::empty({ceil_div(n, blocksize)}, torch::dtype(torch::kFloat32));
   auto mid = midpoints.contiguous().to(torch::kFloat32);
   bool finite = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, A.scalar_type(), "nf4_pack", [&] {
@@ -229,7 +247,19 @@ static torch::Tensor empty_output(int64_t n, torch::ScalarType dtype) {
 torch::Tensor nf4_unpack(torch::Tensor packed, torch::Tensor scales, torch::Tensor levels, int64_t n, int64_t blocksize,
                          torch::ScalarType dtype) {
   TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous(), "nf4_unpack: packed must be a contiguous CPU tensor");
-  TORCH_CHECK(blocksize % 2 == 0, "nf4_unpack: blocksize must be even");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8, "nf4_unpack: packed codes must be uint8, got ", packed.scalar_type());
+  TORCH_CHECK(n >= 0, "nf4_unpack: n (the number of values) must be >= 0, got ", n);
+  TORCH_CHECK(blocksize > 0 && blocksize % 2 == 0, "nf4_unpack: blocksize must be positive and even, got ", blocksize,
+              "; NF4 blocks are a power of two from 32 to 4096");
+  TORCH_CHECK(packed.numel() >= (n + 1) / 2, "nf4_unpack: ", n, " values need ", (n + 1) / 2,
+              " packed bytes (two codes per byte), got ", packed.numel(), ": codes and state do not belong together");
+  check_cpu(scales, "nf4_unpack", "scales");
+  TORCH_CHECK(scales.is_floating_point(), "nf4_unpack: scales must be floating point (fp32 block scales), got ",
+              scales.scalar_type(), "; decode double-quant codes with dq_scales first");
+  TORCH_CHECK(scales.numel() >= ceil_div(n, blocksize), "nf4_unpack: ", n, " values in blocks of ", blocksize,
+              " need ", ceil_div(n, blocksize), " block scales, got ", scales.numel());
+  check_cpu(levels, "nf4_unpack", "levels");
+  TORCH_CHECK(levels.numel() == 16, "nf4_unpack: levels must hold the 16 NF4 levels, got ", levels.numel(), " values");
   auto out = empty_output(n, dtype);
   auto s = scales.contiguous().to(torch::kFloat32);
   auto lv = levels.contiguous().to(torch::kFloat32);
@@ -245,8 +275,19 @@ torch::Tensor nf4_unpack(torch::Tensor packed, torch::Tensor scales, torch::Tens
 torch::Tensor dq_scales(torch::Tensor codes, torch::Tensor absmax2, torch::Tensor offset, torch::Tensor dynamic_map,
                         int64_t scale_block) {
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == torch::kUInt8, "dq_scales: uint8 CPU codes expected");
-  TORCH_CHECK(scale_block > 0, "dq_scales: scale_block must be positive");
+  TORCH_CHECK(scale_block > 0, "dq_scales: scale_block must be positive, got ", scale_block);
   const int64_t n = codes.numel();
+  check_cpu(absmax2, "dq_scales", "absmax2");
+  TORCH_CHECK(absmax2.is_floating_point(), "dq_scales: absmax2 must be floating point (fp32), got ", absmax2.scalar_type());
+  TORCH_CHECK(absmax2.numel() >= ceil_div(n, scale_block), "dq_scales: ", n, " scale codes in groups of ",
+              scale_block, " need ", ceil_div(n, scale_block), " values of absmax2 (the scales' scales), got ",
+              absmax2.numel());
+  check_cpu(offset, "dq_scales", "offset");
+  TORCH_CHECK(offset.numel() == 1, "dq_scales: offset must be one value (the mean of the block scales), got ",
+              offset.numel());
+  check_cpu(dynamic_map, "dq_scales", "dynamic_map");
+  TORCH_CHECK(dynamic_map.numel() == 256, "dq_scales: dynamic_map must hold the 256 entries of the 8-bit map, got ",
+              dynamic_map.numel());
   auto out = torch::empty({n}, torch::dtype(torch::kFloat32));
   auto q = codes.contiguous();
   auto a2 = absmax2.contiguous().to(torch::kFloat32);

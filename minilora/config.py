@@ -18,6 +18,7 @@ Layer bands are fractions of depth, so one line scales to any model:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Union
 
@@ -86,10 +87,11 @@ class LoraConfig:
         self._check()
 
     def _check(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
+        self._check_types()
+        if self.r <= 0:
             raise ValueError(f"r must be a positive integer, got r={self.r!r}; typical values are 4, 8, 16")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}; a common choice is 2 * r")
+        if not 0 < self.lora_alpha < math.inf:
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}; a common choice is 2 * r")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -110,12 +112,12 @@ class LoraConfig:
             if not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
         for key, alpha in self.alpha_pattern.items():
-            if alpha <= 0:
-                raise ValueError(f"alpha_pattern[{key!r}] must be > 0, got {alpha!r}")
+            if not _is_number(alpha) or not 0 < alpha < math.inf:
+                raise ValueError(f"alpha_pattern[{key!r}] must be a finite number > 0, got {alpha!r}")
         for key, (rank, alpha) in self.component_ranks.items():
             if key not in COMPONENTS:
                 raise ValueError(f"component_ranks key {key!r} is unknown; use one of {sorted(COMPONENTS)}")
-            if rank <= 0 or alpha <= 0:
+            if not isinstance(rank, int) or rank <= 0 or not _is_number(alpha) or not 0 < alpha < math.inf:
                 raise ValueError(f"component_ranks[{key!r}] = ({rank}, {alpha}): rank and alpha must be > 0")
         if self.layer_bands is not None:
             self.layer_bands = tuple(
@@ -128,7 +130,7 @@ class LoraConfig:
                     "or drop layer_bands"
                 )
             for b in self.layer_bands:
-                if b.r <= 0 or b.lora_alpha <= 0:
+                if not isinstance(b.r, int) or b.r <= 0 or not _is_number(b.lora_alpha) or not 0 < b.lora_alpha < math.inf:
                     raise ValueError(f"{b}: rank and alpha must be > 0")
         if self.target_parameters is not None:
             if isinstance(self.target_parameters, str) or not all(isinstance(t, str) for t in self.target_parameters):
@@ -137,6 +139,34 @@ class LoraConfig:
             self.target_parameters = list(self.target_parameters)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+
+    def _check_types(self) -> None:
+        """Each field of the kind its comment says (a config read from JSON can hold anything):
+        a TypeError naming the field, the value and the kind expected."""
+        def wrong(name, expected):
+            raise TypeError(f"{name} must be {expected}, got {getattr(self, name)!r} ({type(getattr(self, name)).__name__})")
+
+        if not isinstance(self.r, int) or isinstance(self.r, bool):
+            wrong("r", "an integer")
+        for name in ("lora_alpha", "lora_dropout"):
+            if not _is_number(getattr(self, name)):
+                wrong(name, "a number")
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                wrong(name, "true or false")
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not _strings(value):
+                wrong(name, "a name, a regex, or a list of names")
+        if self.modules_to_save is not None and not _strings(self.modules_to_save):
+            wrong("modules_to_save", "a list of module names")
+        for name in ("rank_pattern", "alpha_pattern", "component_ranks", "loftq_config"):
+            if not isinstance(getattr(self, name), dict):
+                wrong(name, "a mapping (a JSON object)")
+        value = self.layers_to_transform
+        if value is not None and not isinstance(value, int) and not (
+                isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
+            wrong("layers_to_transform", "a layer index or a list of them")
 
     @classmethod
     def article(cls, target_modules=("q", "v"), bands=ARTICLE_BANDS, head=True, **overrides) -> "LoraConfig":
@@ -163,6 +193,14 @@ class LoraConfig:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
 
 
 # Components of an encoder-decoder model that `component_ranks` can size separately.

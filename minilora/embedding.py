@@ -162,16 +162,22 @@ class LoRAEmbedding(nn.Module):
         return self.scaling[name] * (self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float()).T
 
     @torch.no_grad()
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise ValueError, changing nothing, if merging one of these adapters would give NaN or inf."""
+        W = self.base_layer.weight  # (V, d)
+        for name in (n for n in adapter_names if n in self.lora_embedding_A and n not in self.merged_adapters):
+            if not torch.isfinite(W.float() + self.delta_weight(name)).all():
+                raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} seems to be "
+                                 "broken; nothing was merged")
+
+    @torch.no_grad()
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """E ← E + s·(B A)ᵀ for each adapter not merged yet; with a tied head the head changes too."""
         chosen = self.state.active if adapter_names is None else adapter_names
         names = [n for n in chosen if n in self.lora_embedding_A and n not in self.merged_adapters]
         W = self.base_layer.weight  # (V, d)
         if safe_merge:
-            for name in names:
-                if not torch.isfinite(W.float() + self.delta_weight(name)).all():
-                    raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} seems to be "
-                                     "broken; nothing was merged")
+            self.check_merge(names)
         if names and self.tied_head:
             warnings.warn("merging an embedding adapter into a weight the LM head shares (tied embeddings): the head "
                           "now reads the merged weight too, so the logits differ from the unmerged model's; "

@@ -159,14 +159,19 @@ class LoRAExperts(Unmerging, nn.Module):
         chosen = self.state.active if adapter_names is None else adapter_names
         names = [n for n in chosen if n in self.lora_A and n not in self.merged_adapters]
         if safe_merge:
-            for name in names:
-                for parameter in self.parts[name]:
-                    if not torch.isfinite(self.adapted_weight(parameter, [name])).all():
-                        raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} ({parameter}) "
-                                         "seems to be broken; nothing was merged")
+            self.check_merge(names)
         for name in names:
             self._fold(name, +1.0)
             self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise ValueError, changing nothing, if merging one of these adapters would give NaN or inf."""
+        for name in (n for n in adapter_names if n in self.lora_A and n not in self.merged_adapters):
+            for parameter in self.parts[name]:
+                if not torch.isfinite(self.adapted_weight(parameter, [name])).all():
+                    raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} ({parameter}) "
+                                     "seems to be broken; nothing was merged")
 
     def extra_repr(self) -> str:
         ranks = {n: {p: {k: v.r for k, v in parts.items()} for p, parts in params.items()} for n, params in self.parts.items()}

@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .files import sync_directory
+from .files import give_default_mode, sync_directory
 from .model import LoraModel
 from .prune import PruneReport, prune as prune_model
 from .quant import Linear4bit, NF4Config, load_quantized
@@ -279,6 +279,7 @@ def export(model: Union[str, Path, nn.Module], adapter: Union[str, Path, None] =
         quantize_for_export(merged, NF4Config(blocksize=64, double_quant=True), progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    give_default_mode(partial)  # 0755 under umask 022, not mkdtemp's 0700: others may serve the model
     try:
         write_model(merged, partial, fmt, source_dir)
         bytes_after = sum(f.stat().st_size for f in partial.glob("*.safetensors"))
@@ -295,6 +296,8 @@ def export(model: Union[str, Path, nn.Module], adapter: Union[str, Path, None] =
                               {k: v for k, v in losses.items() if v is not None},
                               pruned.to_dict() if pruned else None)
         (partial / "export_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        for path in partial.rglob("*"):  # transformers' writer leaves some files 0600
+            give_default_mode(path)
         publish(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

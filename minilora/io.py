@@ -30,9 +30,14 @@ lora_magnitude_vector holds the slices' m and, for K's rows, ‖W_row‖ (gain 1
 `minilora_config.json` keeps the original config (roles, bands), so minilora reads slices back as
 slices; it carries the SHA-256 of the adapter_config.json it belongs to, and is ignored when that
 file has changed since (say, PEFT saved over the directory). Files written by earlier versions,
-with a "minilora" key inside adapter_config.json, still load. Writes are atomic: each file goes to a temporary name in the same directory, is fsynced,
-then renamed over the old one. Nothing in an adapter directory is ever executed: tensors come from
-safetensors, or from `adapter_model.bin` through `torch.load(weights_only=True)` only.
+with a "minilora" key inside adapter_config.json, still load.
+
+An adapter directory changes as a whole (files.replace_files): the new files are staged, committed
+with one rename, then moved into place; `read_adapter` reads the set as it was before or after the
+commit, never a mix, also after a save killed at any point. Readers validate before they allocate:
+config fields and numbers, finite tensors, ranks the weights can hold. Nothing in an adapter
+directory is ever executed: tensors come from safetensors, or from `adapter_model.bin` through
+`torch.load(weights_only=True)` only.
 
 These are functions over plain data: a mapping of module path -> adapter layer (LoRALinear, or
 ModulesToSave for a trained head) and the adapter's name and config in; tensors, config dicts and
@@ -46,6 +51,8 @@ import json
 import math
 import pickle
 import re
+import uuid
+from io import BytesIO
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -54,13 +61,14 @@ from typing import Union
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
 from .config import LoraConfig
 from .dora import MAGNITUDE, set_whole_magnitude, whole_magnitude
 from .embedding import LoRAEmbedding
 from .experts import LoRAExperts
-from .files import atomic_write
+from .files import read_stable, replace_files
 from .lora import LoRALinear
 from .roles import FULL
 from .surgery import ModulesToSave
@@ -70,7 +78,9 @@ MINILORA_CONFIG_NAME = "minilora_config.json"
 MODEL_CARD_NAME = "README.md"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+WEIGHT_NAMES = (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)  # in order of preference
 PREFIX = "base_model.model."
+GENERATION_KEY = "minilora_generation"  # safetensors metadata: which save wrote the weights
 AdapterModules = dict[str, nn.Module]  # module path -> LoRALinear or ModulesToSave holding the adapter
 
 # PEFT fields minilora does not implement: ignored when they hold their default, refused otherwise.
@@ -232,23 +242,37 @@ def adapter_directory(directory: Union[str, Path], name: str) -> Path:
 def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], peft_config: dict, config: LoraConfig,
                   safe_serialization: bool = True, base_model: Union[str, None] = None) -> None:
     """The weights (safetensors, or with `safe_serialization=False` PEFT's adapter_model.bin: a
-    dict of tensors), minilora_config.json, then adapter_config.json, each written atomically, and
-    a model card (or PEFT's metadata added to the one there). The weights come first: a reader never sees a config
-    that promises tensors the file lacks. `base_model`: the base model's own name (its config's
-    `_name_or_path`), which the card's metadata names as PEFT's does; None for a model without one."""
+    dict of tensors), adapter_config.json, a model card (or PEFT's metadata added to the one there)
+    and minilora_config.json, as one change of the directory (files.replace_files): a reader sees
+    the old adapter or the new one, never a mix, even if the save is killed half-way.
+    minilora_config.json ties the set together: it names the weights file and carries the hash of
+    adapter_config.json and the weights' generation (a fresh id, also in the safetensors header), and
+    it is new at every save, which is what lets a reader see that a save happened mid-read. `base_model`: the base model's own name (its config's `_name_or_path`),
+    which the card's metadata names as PEFT's does; None for a model without one."""
+    directory = Path(directory)
     weights, stale = (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if safe_serialization else (LEGACY_WEIGHTS_NAME, WEIGHTS_NAME)
-    if safe_serialization:
-        atomic_write(directory / weights, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    else:
-        atomic_write(directory / weights, lambda p: torch.save(tensors, p))
-    (directory / stale).unlink(missing_ok=True)  # a reader prefers safetensors: no stale file may shadow
+    generation = uuid.uuid4().hex
     text = json.dumps(peft_config, indent=2, sort_keys=True)
-    record = {"config": config.to_dict(), "adapter_config_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    atomic_write(directory / MINILORA_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(record, indent=2)))
-    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
     card_path = directory / MODEL_CARD_NAME
     card = _with_metadata(card_path.read_text(), base_model) if card_path.exists() else _model_card(base_model, peft_config)
-    atomic_write(card_path, lambda p: Path(p).write_text(card))
+
+    def write_weights(path: str) -> None:
+        if safe_serialization:
+            save_file(tensors, path, metadata={"format": "pt", GENERATION_KEY: generation})
+        else:
+            torch.save(tensors, path)
+
+    def write_record(path: str) -> None:
+        record = {"config": config.to_dict(), "adapter_config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                  "weights": weights, "generation": generation}
+        Path(path).write_text(json.dumps(record, indent=2))
+
+    replace_files(directory, {
+        weights: write_weights,  # the weights first: a reader unaware of the protocol (PEFT) never
+        CONFIG_NAME: lambda path: Path(path).write_text(text),  # sees a config that promises missing tensors
+        MODEL_CARD_NAME: lambda path: Path(path).write_text(card),
+        MINILORA_CONFIG_NAME: write_record,  # last, and new at every save: read_stable's marker
+    }, remove=(stale,))  # a reader prefers safetensors: no stale file may shadow
 
 
 def _with_metadata(card: str, base_model: Union[str, None]) -> str:
@@ -329,58 +353,124 @@ def _model_card(base_model: Union[str, None], peft_config: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- files -> model
-def read_config(directory: Union[str, Path]) -> LoraConfig:
-    """The LoraConfig in `directory`, from a minilora or a PEFT adapter_config.json."""
+def read_adapter(directory: Union[str, Path], with_config: bool = True
+                 ) -> tuple[Union[LoraConfig, None], dict[str, torch.Tensor]]:
+    """The LoraConfig (None without `with_config`) and the tensors of the adapter saved in `directory`
+    by minilora or by PEFT, read as one set: while a minilora save replaces the directory, and after
+    one killed half-way, this gives the old adapter or the new one, never a mix (files.read_stable).
+    Everything is validated before a caller allocates anything: config fields and numbers, tensors
+    finite, and (check_ranks) ranks the file can hold."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist (or is not a directory)")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    return read_config_file(path)
+
+    def read(where) -> tuple:
+        config_bytes = where(CONFIG_NAME).read_bytes() if with_config else b""
+        record_bytes = _read_optional(where(MINILORA_CONFIG_NAME))
+        named = _json_or_none(record_bytes)
+        candidates = [named["weights"]] if isinstance(named, dict) and named.get("weights") in WEIGHT_NAMES else []
+        for name in dict.fromkeys([*candidates, *WEIGHT_NAMES]):
+            data = _read_optional(where(name))
+            if data is not None:
+                return config_bytes, record_bytes, name, data
+        raise FileNotFoundError(directory / WEIGHTS_NAME)
+
+    try:
+        config_bytes, record_bytes, weights_name, data = read_stable(directory, read, MINILORA_CONFIG_NAME)
+    except FileNotFoundError as err:
+        missing = Path(err.filename or err.args[0]).name
+        raise FileNotFoundError(f"{directory / missing} is missing: an adapter directory holds {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})") from None
+    tensors, generation = _parse_weights(directory / weights_name, data)
+    _check_finite(tensors, directory / weights_name)
+    if not with_config:
+        return None, tensors
+    record = _record_for(_json_or_none(record_bytes), config_bytes, directory / weights_name, generation)
+    config = _parse_config(config_bytes, directory / CONFIG_NAME, record)
+    return config, tensors
+
+
+def read_tensors(directory: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (see read_adapter)."""
+    return read_adapter(directory, with_config=False)[1]
 
 
 def read_config_file(path: Union[str, Path]) -> LoraConfig:
     """A LoraConfig from JSON: an adapter_config.json (minilora's or PEFT's) or LoraConfig's own fields."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"no such config file: {path}") from None
+    record = None
+    if path.name == CONFIG_NAME:  # minilora's own record beside it, if it belongs to this very file
+        raw = _json_or_none(_read_optional(path.parent / MINILORA_CONFIG_NAME))
+        if isinstance(raw, dict) and raw.get("adapter_config_sha256") == hashlib.sha256(data).hexdigest():
+            record = raw
+    return _parse_config(data, path, record)
+
+
+def _read_optional(path: Path) -> Union[bytes, None]:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _json_or_none(data: Union[bytes, None]):
+    try:
+        return json.loads(data) if data is not None else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _record_for(record, config_bytes: bytes, weights_path: Path, generation):
+    """minilora's record, if it belongs to this adapter_config.json; else None (the config changed
+    since: PEFT saved over the directory, or someone edited it). Weights that carry another save's
+    generation than the record names were put beside it by hand: refused, never mixed."""
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        return None  # damaged or absent: adapter_config.json alone describes the adapter, for PEFT and for us
+    if record.get("adapter_config_sha256") != hashlib.sha256(config_bytes).hexdigest():
+        return None
+    if generation is not None and record.get("generation") not in (None, generation):
+        raise ValueError(f"{weights_path} was written by another save than {MINILORA_CONFIG_NAME} beside it "
+                         "(files copied in from elsewhere?): the directory mixes two adapters; save it again")
+    return record
+
+
+def _parse_config(data: bytes, path: Path, record) -> LoraConfig:
+    try:
+        raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged: save the adapter again") from None
     if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
         kind = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{path} describes a {kind} adapter, not LoRA; minilora loads LoRA adapters only")
-    own = _minilora_record(path)
-    if own is not None:
-        raw = own
-    elif "minilora" in raw:  # written by an earlier minilora, inside adapter_config.json
-        raw = raw["minilora"]["config"]
-    elif "peft_type" in raw:
-        return _from_peft(raw, path)
+    try:
+        if record is not None:
+            return _from_minilora(record["config"], path)
+        if "minilora" in raw:  # written by an earlier minilora, inside adapter_config.json
+            return _from_minilora(raw["minilora"]["config"], path)
+        if "peft_type" in raw:
+            return _from_peft(raw, path)
+        return _from_minilora(raw, path)
+    except (TypeError, ValueError, KeyError) as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _from_minilora(raw: dict, path: Path) -> LoraConfig:
     unknown = sorted(set(raw) - LoraConfig.field_names())
     if unknown:
         raise ValueError(f"{path}: unknown LoraConfig field(s) {', '.join(unknown)}; the fields are "
                          f"{', '.join(sorted(LoraConfig.field_names()))}")
     stored = dict(raw)
-    stored["component_ranks"] = {k: tuple(v) for k, v in stored.get("component_ranks", {}).items()}
+    ranks = stored.get("component_ranks", {})
+    if not isinstance(ranks, dict):
+        raise TypeError(f"component_ranks must be a mapping, got {ranks!r}")
+    stored["component_ranks"] = {k: tuple(v) for k, v in ranks.items()}
     return LoraConfig(**stored)
-
-
-def _minilora_record(path: Path):
-    """minilora's own config beside an adapter_config.json, if it belongs to that very file."""
-    record_path = path.parent / MINILORA_CONFIG_NAME
-    if path.name != CONFIG_NAME or not record_path.is_file():
-        return None
-    try:
-        record = json.loads(record_path.read_text())
-        current = hashlib.sha256(path.read_bytes()).hexdigest()
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return None  # damaged: adapter_config.json alone still describes the adapter for PEFT and for us
-    if not isinstance(record, dict) or record.get("adapter_config_sha256") != current:
-        return None  # adapter_config.json changed since (saved over by PEFT, edited): it is what counts
-    return record["config"]
 
 
 def _from_peft(raw: dict, path: Path) -> LoraConfig:
@@ -394,28 +484,53 @@ def _from_peft(raw: dict, path: Path) -> LoraConfig:
     return LoraConfig(**{k: v for k, v in raw.items() if k in known})
 
 
-def read_tensors(directory: Union[str, Path]) -> dict[str, torch.Tensor]:
-    """The adapter's tensors; safetensors, or a .bin through torch.load(weights_only=True)."""
-    directory = Path(directory)
-    path = directory / WEIGHTS_NAME
+def _parse_weights(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], Union[str, None]]:
+    """(tensors, the generation minilora wrote into a safetensors header, or None)."""
     try:
-        if path.is_file():
-            return load_file(path)
-        legacy = directory / LEGACY_WEIGHTS_NAME
-        if legacy.is_file():
-            path = legacy
-            return torch.load(legacy, map_location="cpu", weights_only=True)
+        if path.name == WEIGHTS_NAME:
+            tensors = safetensors_load(data)
+            header_size = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
+            return tensors, metadata.get(GENERATION_KEY)
+        tensors = torch.load(BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(
             f"{path} cannot be read safely: it holds objects other than tensors, and minilora never unpickles "
             "those; save the adapter again as safetensors"
         ) from None
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, UnicodeDecodeError) as err:
         raise ValueError(
             f"{path} cannot be read safely: it is damaged (truncated or corrupted: "
-            f"{str(err).splitlines()[0][:160]}); save the adapter again"
+            f"{str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); save the adapter again"
         ) from None
-    raise FileNotFoundError(f"{path} is missing (no {LEGACY_WEIGHTS_NAME} either) in {directory}")
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"{path} holds a {type(tensors).__name__}, not a dict of named tensors as PEFT writes: "
+                         "it is not an adapter's weights file; save the adapter again")
+    return tensors, None
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(sorted(bad)[:4])}"
+                         f"{' …' if len(bad) > 4 else ''}); the adapter would compute garbage. Was training diverging "
+                         "when it was saved? Save it again from a good checkpoint")
+
+
+def check_ranks(config: LoraConfig, tensors: dict[str, torch.Tensor], directory) -> None:
+    """Before any layer is allocated: the config's ranks are ones the file's tensors can hold. A
+    config that says r = 1,000,000 beside rank-8 tensors would otherwise allocate gigabytes first."""
+    file_ranks = [t.shape[0] for key, t in tensors.items()
+                  if t.dim() == 2 and key.endswith(("lora_A.weight", "lora_embedding_A"))]
+    if not file_ranks:
+        return
+    configured = [config.r, *config.rank_pattern.values(), *(r for r, _ in config.component_ranks.values()),
+                  *(b.r for b in config.layer_bands or ())]
+    if max(configured) > max(file_ranks):
+        raise ValueError(f"{directory}: the config asks for rank {max(configured)} but the largest rank in the "
+                         f"weights file is {max(file_ranks)}: the config and the weights do not belong together; "
+                         "save the adapter again")
 
 
 @torch.no_grad()

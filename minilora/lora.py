@@ -282,21 +282,27 @@ class LoRALinear(Unmerging, nn.Module):
         chosen = self.active_adapters if adapter_names is None else adapter_names  # [] merges nothing
         names = [n for n in chosen if n in self.lora_A and n not in self.merged_adapters]
         if safe_merge:
-            for name in names:
-                self._check_finite(name)
+            self.check_merge(names)
         for name in names:
             self._fold(name, +1.0)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
-    def _check_finite(self, name: str) -> None:
-        W = self.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
-        for part_name, part in self.parts[name].items():
-            delta = self.delta_weight(name, part_name)  # (d_part, d_in)
-            rows = part.rows(W.T if self.fan_in_fan_out else W, 0)  # (blocks, d_part / blocks, d_in)
-            if not torch.isfinite(rows.float() + delta.view(rows.shape)).all():
-                raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} (part {part_name!r}) "
-                                 "seems to be broken; nothing was merged")
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise ValueError, changing nothing, if W + ΔW would hold NaN or inf for one of these
+        adapters. A 4-bit base is read dequantized, so a QLoRA model is checked before it is unpacked."""
+        base = self.base_layer
+        if base.weight.is_floating_point():
+            W = base.weight.T if self.fan_in_fan_out else base.weight  # (d_out, d_in)
+        else:
+            W = base.dequantized_weight(torch.float32)  # (d_out, d_in)
+        for name in (n for n in adapter_names if n in self.lora_A and n not in self.merged_adapters):
+            for part_name, part in self.parts[name].items():
+                delta = self.delta_weight(name, part_name)  # (d_part, d_in)
+                rows = part.rows(W, 0)  # (blocks, d_part / blocks, d_in)
+                if not torch.isfinite(rows.float() + delta.view(rows.shape)).all():
+                    raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} (part "
+                                     f"{part_name!r}) seems to be broken; nothing was merged")
 
     def extra_repr(self) -> str:
         ranks = {n: {p: part.r for p, part in parts.items()} for n, parts in self.parts.items()}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import re
 import warnings
 from pathlib import Path
@@ -84,6 +85,8 @@ def _fill_tied_parameters(module: nn.Module, state_dict: dict, prefix: str, *arg
         if prefix + name not in state_dict and prefix + source in state_dict:
             state_dict[prefix + name] = state_dict[prefix + source]
 
+
+MAX_NAME_BYTES = 128  # an adapter's name is a folder name when saved: well under a file system's 255
 
 def _name_the_default_loss(model: nn.Module) -> None:
     """transformers (5.25 and later) logs a warning each time a model whose `loss_type` is None (GPT-2,
@@ -169,14 +172,20 @@ class LoraModel(nn.Module):
             raise ValueError("give adapter_names (one adapter per row) or adapter_weights (a mix), not both")
         if any(layer.merged for layer in self._lora_layers().values()):
             raise ValueError("adapters are merged into the weights; call unmerge_adapter() before choosing adapters per call")
+        if isinstance(adapter_names, str):
+            raise ValueError(f"adapter_names takes one adapter name per batch row, got the string {adapter_names!r}; "
+                             f"pass [{adapter_names!r}] * batch_size, or set_adapter({adapter_names!r}) for every row")
+        if adapter_weights is not None and not isinstance(adapter_weights, dict):
+            raise ValueError(f"adapter_weights maps adapter names to weights, got {adapter_weights!r}")
         chosen = list(adapter_names) if adapter_names is not None else list(adapter_weights)
         unknown = sorted({n for n in chosen if n != mixing.BASE and n not in self.peft_config})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)} (and '__base__')")
         if adapter_weights is not None:
-            bad = {n: w for n, w in adapter_weights.items() if not isinstance(w, (int, float)) or w != w}
+            bad = {n: w for n, w in adapter_weights.items()
+                   if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w)}
             if bad:
-                raise ValueError(f"adapter_weights must map adapter names to numbers, got {bad}")
+                raise ValueError(f"adapter_weights must map adapter names to finite numbers, got {bad}")
             return mixing.Routing(weights={n: float(w) for n, w in adapter_weights.items() if n != mixing.BASE})
         if self.training:
             raise ValueError("mixed batches (adapter_names) run in eval mode: call model.eval() first")
@@ -283,8 +292,17 @@ class LoraModel(nn.Module):
             p.requires_grad_(path in chosen)
 
     def _check_new(self, adapter_name: str) -> None:
+        """An adapter's name is a module key and, saved, a folder name: one path component."""
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+        if any(c in adapter_name for c in "/\\") or not adapter_name.isprintable():
+            raise ValueError(f"adapter name {adapter_name!r} holds a path separator or a control character; it names "
+                             "a folder when saved: use letters, digits, '-' and '_'")
+        if len(adapter_name.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"adapter name of {len(adapter_name.encode())} bytes; a saved adapter's folder name "
+                             f"allows {MAX_NAME_BYTES}: pick a shorter name")
+        if adapter_name == mixing.BASE:
+            raise ValueError(f"{mixing.BASE!r} is reserved: in adapter_names it means 'no adapter for this row'")
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first or pick "
@@ -464,12 +482,13 @@ class LoraModel(nn.Module):
         All or nothing: a file that does not fit leaves the model as it was, so the result PEFT
         returns (missing and unexpected keys) is always empty here."""
         self._check_new(adapter_name)
-        config = copy.deepcopy(config) if config is not None else io.read_config(model_id)
+        stored, tensors = io.read_adapter(model_id, with_config=config is None)
+        config = copy.deepcopy(config) if config is not None else stored
+        io.check_ranks(config, tensors, model_id)  # before a single layer is allocated
         config.inference_mode = not is_trainable
         if config.modules_to_save:  # PEFT lists every task head it might add, "score" on BERT included
             heads = {h for names in TASK_HEADS.values() for h in names}
             config.modules_to_save = [m for m in config.modules_to_save if m not in heads or has_module(self.model, m)]
-        tensors = io.read_tensors(model_id)
         init = config.init_lora_weights
         if named_init.changes_base(init):  # PiSSA / OLoRA: the base given is already W_res; don't factorise it again
             config.init_lora_weights = True
@@ -497,11 +516,17 @@ class LoraModel(nn.Module):
         already = sorted({n for layer in layers for n in layer.merged_adapters if n in names})
         if already:
             warnings.warn(f"adapters {already} are already merged; merging them again does nothing", stacklevel=2)
+        if safe_merge:  # every layer checked before any changes: all or nothing
+            self._check_merge(names)
         if progressbar:
             from tqdm.auto import tqdm
             layers = tqdm(layers, desc="merging", unit="layer", leave=False)
         for layer in layers:
-            layer.merge([n for n in names if n in layer.lora_A], safe_merge=safe_merge)
+            layer.merge([n for n in names if n in layer.lora_A])
+
+    def _check_merge(self, names: list[str]) -> None:
+        for layer in self._lora_layers().values():
+            layer.check_merge([n for n in names if n in layer.lora_A])
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out of the base weights. Idempotent."""
@@ -532,6 +557,10 @@ class LoraModel(nn.Module):
         precision, exact with respect to the dequantized base. With `requantize` (True, or an
         NF4Config) those layers are quantized again and `self.merge_report` says what that cost:
         the relative error ‖Q(W') − W'‖ / ‖W'‖ per layer."""
+        if safe_merge:  # before a 4-bit base is unpacked: a refusal leaves the model as it was
+            names = adapter_names or self.active_adapters
+            self._check_exists(names)
+            self._check_merge(names)
         quantized = {}
         for name, module in self._lora_layers().items():
             if isinstance(module.base_layer, Linear4bit):

@@ -154,7 +154,7 @@ def test_out_of_range_layers_and_unused_exclusions_are_warnings():
 @pytest.mark.parametrize("kw, message", [
     ({"r": 0}, "r must be a positive integer"),
     ({"r": -2}, "r must be a positive integer"),
-    ({"lora_alpha": 0}, "lora_alpha must be > 0"),
+    ({"lora_alpha": 0}, "lora_alpha must be a finite number > 0"),
     ({"lora_dropout": 1.5}, "lora_dropout"),
     ({"bias": "some"}, "bias must be"),
     ({"layer_bands": [Band(0.5, 1.0, 8, 16)], "layers_to_transform": [1]}, "drop layers_to_transform"),

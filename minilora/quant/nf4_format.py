@@ -137,25 +137,46 @@ def blockwise_absmax_scale(A: torch.Tensor, blocksize: int) -> tuple[torch.Tenso
 def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quant: (codes uint8 [n_blocks], absmax2 fp32 [n_blocks2], offset fp32 scalar).
 
-    Two edge cases, each a group of SCALE_BLOCK scales:
-      all equal to their mean  absmax2 = 0: every code is 0, as bitsandbytes writes (any code
-                               reads back code × 0 + offset = the exact scale)
-      centred values below 2.9e-39 (subnormal)  the true quotient x / absmax2. bitsandbytes
-                               multiplies by 1 / absmax2, which overflows to inf there and writes
-                               codes 0 and 255 whatever the values: minilora keeps the values
-                               right and its bytes differ from bitsandbytes' (README, QLoRA)."""
+        offset = mean(absmax);  x = absmax - offset, cut into groups of SCALE_BLOCK
+        absmax2[g] = max |x| over group g;  code = nearest entry of the dynamic map to x / absmax2[g]
+
+    Where the bytes are bitsandbytes' (its CPU quantize_4bit(compress_statistics=True), probed on
+    0.50.2), one group of SCALE_BLOCK scales at a time:
+      absmax2 > 2^-128 (≈ 2.938736e-39)  the same codes, but where bitsandbytes' approximate search
+                               misses the nearest entry: one code apart (~0.1 % of scales; README),
+                               up to four for centred values within 5.5e-6 · absmax2 of zero (a
+                               scale equal to the mean: code 131, 2.1e-5 · absmax2, not 127, 0.0)
+      absmax2 = 0 (all equal to their mean)  every code 0, as bitsandbytes writes (any code reads
+                               back code × 0 + offset = the exact scale)
+      0 < absmax2 <= 2^-128    bitsandbytes multiplies by the fp32 1 / absmax2, which rounds to inf
+                               there, and writes 255 for x > 0 and 0 for x <= 0 whatever the values
+                               (a partial last group too); minilora divides, keeps each scale within
+                               its 8-bit step, and its codes differ (by up to 127). Both libraries
+                               read either's bytes to the same values: only the writing differs.
+    A mean that overflows fp32 (scales near 3.4e38) is an error: no stored offset could read back."""
     offset = absmax.mean()
     centered = absmax - offset  # (n_blocks,)
     n = centered.numel()
     blocks2 = -(-n // SCALE_BLOCK)
     padded = torch.nn.functional.pad(centered, (0, blocks2 * SCALE_BLOCK - n)).view(blocks2, SCALE_BLOCK)
     absmax2 = padded.abs().amax(dim=1)  # (n_blocks2,)
+    check_double_quant_scales(absmax, absmax2, offset)
     flat = absmax2.unsqueeze(1) == 0  # (n_blocks2, 1): a group with nothing to scale
     normed = padded / torch.where(flat, torch.ones_like(absmax2).unsqueeze(1), absmax2.unsqueeze(1))
     codes = torch.bucketize(normed.view(-1)[:n], _DYNAMIC_BOUNDS.to(normed.device), out_int32=True)
     codes = codes.masked_fill(flat.expand(-1, SCALE_BLOCK).reshape(-1)[:n], 0)
     return codes.to(torch.uint8), absmax2, offset
 
+
+def check_double_quant_scales(absmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor) -> None:
+    """The second-level scales of finite block scales are finite, or double quant cannot store them:
+    the fp32 mean (offset) or a centred value overflows when the block scales approach 3.4e38."""
+    if not (bool(torch.isfinite(offset)) and bool(torch.isfinite(absmax2).all())):
+        raise ValueError(
+            f"double quant cannot store block scales up to {absmax.abs().max().item():.3e}: their fp32 mean "
+            f"(the offset) or a centred scale overflows (offset {offset.item()}). Quantize without double "
+            "quant (double_quant=False), or rescale the weight"
+        )
 
 
 def pack_reference(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
