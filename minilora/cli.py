@@ -20,7 +20,7 @@ import sys
 import typing
 from dataclasses import MISSING, asdict, fields
 
-from .train.data import DataError
+from .train.data import DataError, read_utf8
 from .train.distributed import teardown
 from .train.demo import ALL_STRATEGIES, EXPERIMENT_DEFAULTS, DemoSettings, run
 from .train.job import JobSettings, run_job
@@ -135,12 +135,10 @@ def _export_parser(sub) -> argparse.ArgumentParser:
 
 def _calibration(model_dir: str, text_file: str, n_batches: int, seq_len: int) -> list:
     """Up to n_batches rows of seq_len tokens from a text file, tokenized by the model's tokenizer."""
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer(Path(text_file).read_text(), return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(read_utf8(text_file), return_tensors="pt")["input_ids"][0]
     rows = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:n_batches]
     if not rows:
         raise ValueError(f"{text_file} holds {len(ids)} tokens, fewer than one row of --seq-len {seq_len}")

@@ -1,6 +1,8 @@
 """Training checkpoints and the run directory.
 
-    <out>/run.json          what this run is (settings and data); a different run is refused
+    <out>/run.json          what this run is (settings and data); a different run is refused. It marks
+                            the directory as a minilora run: a directory without it that holds
+                            anything is never written into, and --overwrite deletes only a run's files
     <out>/checkpoint.pt     everything needed to continue bit-exactly: trainable weights, the best
                             ones so far, optimizer and schedule state, RNG states, data positions,
                             the monitor and the metric history. One file, replaced atomically.
@@ -40,22 +42,30 @@ class RunDirectoryError(ValueError):
     """The output directory holds something this run must not overwrite (or nothing to resume)."""
 
 
-def prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> None:
-    """Check `out` against this run; refuse a different run unless told to overwrite it."""
-    record = out / "run.json"
+def check_directory(out: Path, run: dict, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written or deleted, an output directory this run must not use: one
+    that holds something other than a minilora run, a run with work to lose (without --resume or
+    --overwrite), a different run to resume, or nothing to resume."""
     if resume and overwrite:
         raise RunDirectoryError("--resume continues the run in the output directory, --overwrite deletes it: "
                                 "pass one of them")
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"--out {out} is a file, not a directory; pick another --out")
+    record = out / "run.json"
+    if out.is_dir() and not record.is_file():
+        others = sorted(p.name for p in out.iterdir())
+        if others:  # not a minilora run: nothing in it is ours to replace, let alone delete
+            raise RunDirectoryError(
+                f"--out {out} already exists and holds no minilora run (no run.json) but {len(others)} other "
+                f"entr{'y' if len(others) == 1 else 'ies'} (e.g. {others[0]}); minilora only writes into, or with "
+                "--overwrite deletes, a directory it made itself: pick another --out, or empty this one")
     if overwrite:
-        for name in RUN_FILES:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    elif record.is_file() and (resume or (out / "checkpoint.pt").is_file()):  # a run with work to lose
-        held = json.loads(record.read_text())
+        return  # the run in `out` is deleted by `prepare`, once this run has passed its own checks
+    if record.is_file() and (resume or (out / "checkpoint.pt").is_file()):  # a run with work to lose
         if not resume:
             raise RunDirectoryError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
                                     "start again, or choose another output directory")
-        changed = differences(held, run)
+        changed = differences(_read_record(record), run)
         if changed:
             raise RunDirectoryError(f"{out} holds a different run (settings differ in: {', '.join(changed)}); "
                                     "resume with the same settings, or pass --overwrite to start again")
@@ -64,7 +74,32 @@ def prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> None:
     if resume and not (out / "checkpoint.pt").is_file():
         raise RunDirectoryError(f"nothing to resume in {out}: no checkpoint.pt was written yet; start again "
                                 "with --overwrite")
+
+
+def prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> None:
+    """Check `out` against this run (`check_directory`), then, with `overwrite`, delete the run it
+    holds (only the files a run writes), and record this run. Call it once the new run has passed
+    every check of its own, right before training: a run refused later would have cost the old one."""
+    check_directory(out, run, resume, overwrite)
+    if overwrite:
+        for name in RUN_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    record = out / "run.json"
     atomic_write(record, lambda p: Path(p).write_text(json.dumps(run, indent=2, sort_keys=True, default=str)))
+
+
+def _read_record(record: Path) -> dict:
+    """The settings a run directory's run.json holds."""
+    try:
+        held = json.loads(record.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirectoryError(f"{record} cannot be read as a minilora run record ({e}); start again with "
+                                "--overwrite, or choose another output directory") from None
+    if not isinstance(held, dict):
+        raise RunDirectoryError(f"{record} holds a {type(held).__name__}, not a minilora run record (a JSON "
+                                "object); start again with --overwrite, or choose another output directory")
+    return held
 
 
 def differences(held: dict, run: dict) -> list[str]:

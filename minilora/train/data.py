@@ -25,6 +25,7 @@ models built from a config.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,7 @@ def read_text(path: Union[str, Path]) -> str:
     path = _existing(path)
     if path.suffix == ".jsonl":
         return "\n\n".join(record["text"] for _, record in read_jsonl(path, ("text",)))
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if not text.strip():
         raise DataError(f"{path} is empty: put the training text in it")
     return text
@@ -139,25 +140,39 @@ def read_jsonl(path: Union[str, Path], required: tuple[str, ...] = (), optional:
     """(line number, record) for every non-blank line; a clear error for the first bad one."""
     path = _existing(path)
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); each line "
-                                "must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in required if k not in record]
-            if missing:
-                wanted = ", ".join(repr(k) for k in required) + "".join(f" (optional {k!r})" for k in optional)
-                raise DataError(f"{path} line {number}: missing field {missing[0]!r}; each example needs {wanted}")
-            records.append((number, record))
+    for number, line in enumerate(io.StringIO(read_utf8(path), newline=None), 1):  # lines as open() splits them
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); each line "
+                            "must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+        missing = [k for k in required if k not in record]
+        if missing:
+            wanted = ", ".join(repr(k) for k in required) + "".join(f" (optional {k!r})" for k in optional)
+            raise DataError(f"{path} line {number}: missing field {missing[0]!r}; each example needs {wanted}")
+        records.append((number, record))
     if not records:
         raise DataError(f"{path} is empty: expected one JSON object per line")
     return records
+
+
+def read_utf8(path: Union[str, Path]) -> str:
+    """A file's text, decoded as UTF-8 (a leading byte-order mark dropped). Bytes that are not UTF-8 are
+    refused with the file, the line and the column of the first one."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, line_start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                        f"{e.start - line_start + 1} of the line: {e.reason}); save the file as UTF-8, or remove "
+                        "or replace that byte") from None
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def _existing(path: Union[str, Path]) -> Path:
@@ -209,7 +224,7 @@ def load_examples(path: Union[str, Path], task: str, tokens: Tokens, seq_len: in
     if task == "instruction":
         return _instruction_rows(path, records, tokens, seq_len)
     if task == "classification":
-        return _classification_rows(records, tokens, seq_len, label_names)
+        return _classification_rows(path, records, tokens, seq_len, label_names)
     if task == "preference":
         from .preference import preference_rows  # the pairs' own module
 
@@ -233,15 +248,40 @@ def _instruction_rows(path: Path, records, tokens: Tokens, seq_len: int) -> Exam
                      "labels": _pad(labels, seq_len, IGNORE)}, "instruction")
 
 
-def _classification_rows(records, tokens: Tokens, seq_len: int, label_names: Optional[list[str]]) -> Examples:
+def class_names(path: Path, records) -> list[str]:
+    """The name of each class index, from a training file's labels. Integer labels are class indices:
+    the classifier gets one output for each of 0 … the largest. Names (strings) are sorted into indices.
+
+    The largest index must be below the number of examples: K classes among N < K examples leave at
+    least K − N of them with nothing to learn from, so such a label is a typo or a data mix-up, and
+    taking it at its word would size the head (and the list of names) by the label, not by the data."""
+    raw = [(number, r["label"]) for number, r in records]
+    if not all(isinstance(x, int) and not isinstance(x, bool) for _, x in raw):
+        return sorted({str(x) for _, x in raw})
+    number, lowest = min(raw, key=lambda item: item[1])
+    if lowest < 0:
+        raise DataError(f"{path} line {number}: label {lowest} is negative; integer labels are class indices "
+                        "0, 1, 2, …: renumber the classes from 0, or give the labels as names (strings)")
+    number, largest = max(raw, key=lambda item: item[1])
+    if largest >= len(raw):
+        raise DataError(f"{path} line {number}: label {largest} would make {largest + 1} classes (integer labels "
+                        f"are class indices 0 … the largest), but the file has only {len(raw)} example(s), so at "
+                        f"least {largest + 1 - len(raw)} class(es) would have none; number the classes 0 … K−1 "
+                        f"with K at most {len(raw)}, or give the labels as names (strings)")
+    return [str(i) for i in range(largest + 1)]
+
+
+def _classification_rows(path: Path, records, tokens: Tokens, seq_len: int,
+                         label_names: Optional[list[str]]) -> Examples:
     raw = [r["label"] for _, r in records]
-    if label_names is None:  # integers are class indices; names are sorted into indices
-        label_names = ([str(i) for i in range(max(raw) + 1)] if all(isinstance(x, int) for x in raw)
-                       else sorted({str(x) for x in raw}))
+    if label_names is None:  # a training file: its labels decide the classes
+        label_names = class_names(path, records)
     index = {name: i for i, name in enumerate(label_names)}
-    unknown = sorted({str(x) for x in raw} - set(index))
-    if unknown:
-        raise DataError(f"label {unknown[0]!r} is not one of the training labels {label_names}")
+    unknown = next(((number, r["label"]) for number, r in records if str(r["label"]) not in index), None)
+    if unknown is not None:
+        shown = ", ".join(label_names[:20]) + (f", … ({len(label_names)} in all)" if len(label_names) > 20 else "")
+        raise DataError(f"{path} line {unknown[0]}: label {str(unknown[1])!r} is not one of the training labels "
+                        f"({shown}); use the training file's labels")
     ids = [tokens.encode(r["text"], special=True)[:seq_len] for _, r in records]
     mask = [[1] * len(row) for row in ids]
     return Examples({"input_ids": _pad(ids, seq_len, tokens.pad_id), "attention_mask": _pad(mask, seq_len, 0),

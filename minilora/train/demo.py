@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import resource
 import time
 import warnings
@@ -50,7 +51,7 @@ from . import checkpoint
 from .corpus import DOMAIN, GENERAL, ByteTokenizer, generate
 from .data import Tokens, text_windows
 from .plots import plot_curves
-from .trainer import Interrupted, Trainer, TrainConfig
+from .trainer import Interrupted, Trainer, TrainConfig, check_count, check_number
 
 STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")  # the default comparison
 REPLAY_RATIO = 0.25  # "<strategy>_replay": a quarter of every batch is general text
@@ -99,8 +100,13 @@ class DemoSettings:
         if self.experiment not in EXPERIMENTS:
             raise ValueError(f"unknown experiment {self.experiment!r}; choose from {', '.join(EXPERIMENTS)}")
         for name in ("layers", "width", "seq_len", "batch_size", "finetune_steps", "pretrain_steps", "eval_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            check_count(name, getattr(self, name), 1, "a size or a count")
+        check_count("seed", self.seed, 0, "the random seed", 2**32 - 1)
+        for name in ("lr_full", "lr_lora"):
+            check_number(name, getattr(self, name), 0.0, math.inf, (False, False), "a peak learning rate")
+        if self.forgetting_budget is not None:
+            check_number("forgetting_budget", self.forgetting_budget, 0.0, math.inf, (True, False),
+                         "how far the retain loss may rise; leave it out for no budget")
         if self.experiment != "synthetic":
             changed = [name for name, value in SYNTHETIC_ONLY.items() if getattr(self, name) != value]
             if changed:

@@ -1,6 +1,8 @@
 """`minilora finetune --model DIR --data FILE …`: fine-tune a local Hugging Face model with LoRA.
 
     1. check every input before any work: model directory, data files, flags, output directory
+       (read only: nothing in it changes, and --overwrite deletes nothing, until every check of
+       steps 2 to 4 has passed; a non-empty directory that holds no run is never used)
     2. tokenizer (the model's own, or bytes) → rows for the task (data.py)
     3. model: from_pretrained, or with --qlora its linear layers stored in NF4 (quantized while
        loading where the checkpoint is safetensors), then LoRA from --config / --preset / default
@@ -27,11 +29,12 @@ from ..quant import NF4Config, load_quantized, quantize_model
 from . import checkpoint
 from .distributed import barrier, setup
 from .data import CAUSAL_TASKS, LM_TASKS, DataError, load_examples, load_tokenizer, retain_examples
-from .trainer import Trainer, TrainConfig, TrainResult
+from .trainer import Trainer, TrainConfig, TrainResult, check_batch
 
 PRESETS = ("article",)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+POSITION_KEYS = ("n_positions", "max_position_embeddings")  # config.json's longest sequence, by family
 TASK_TYPES = {"domain": "CAUSAL_LM", "instruction": "CAUSAL_LM", "classification": "SEQ_CLS",
               "seq2seq": "SEQ_2_SEQ_LM", "preference": "CAUSAL_LM"}
 
@@ -86,6 +89,28 @@ def check(s: JobSettings, t: TrainConfig) -> None:
         raise ValueError(f"--val-fraction must be in (0, 1), got {s.val_fraction}")
     if s.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2, got {s.seq_len}")
+    key, limit = position_limit(directory)
+    if limit is not None and s.seq_len > limit:
+        raise ValueError(f"--seq-len {s.seq_len} is longer than the model reads: {directory / 'config.json'} has "
+                         f"{key} = {limit}; lower --seq-len to at most {limit}")
+
+
+def position_limit(directory: Path) -> tuple[Optional[str], Optional[int]]:
+    """(the config key, the most token positions the model has embeddings for), or (None, None) for a
+    model without a limit of its own (relative positions, such as T5's)."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} cannot be read as JSON ({e}); it is not a Hugging Face model config: save the "
+                        "model with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path} holds a {type(config).__name__}, not a model config (a JSON object); save the "
+                        "model with save_pretrained")
+    for key in POSITION_KEYS:
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return key, config[key]
+    return None, None
 
 
 def lora_config(s: JobSettings, task: str) -> LoraConfig:
@@ -120,8 +145,22 @@ def load_model(s: JobSettings, task: str, n_labels: Optional[int], log: Callable
 
 
 def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Fine-tune `s.model` on `s.data`; the Trainer's result. See the module docstring."""
+    """Fine-tune `s.model` on `s.data`; the Trainer's result. See the module docstring.
+
+    Everything that can refuse the run comes before anything in `s.out` changes: the settings, the
+    output directory (read only), the data, the batch against the data, the model against the
+    tokenizer and the Trainer's own checks. Only then is an old run deleted (--overwrite) and this
+    one recorded, so a run refused for any reason leaves the directory as it found it."""
     check(s, t)
+    out = Path(s.out)
+    run = {**{k: v for k, v in asdict(s).items() if k not in ("resume", "overwrite")},
+           **t.settings()}
+    procs = setup()
+    if procs.is_main:  # one process reads the directory (and later prepares it); the others wait for it
+        checkpoint.check_directory(out, run, s.resume, s.overwrite)
+    else:
+        log = _silent
+    barrier(procs)
     tokens = load_tokenizer(s.model, s.tokenizer)
     train = load_examples(s.data, t.task, tokens, s.seq_len)
     labels = train.label_names
@@ -130,21 +169,11 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
     else:
         train, val = train.split(s.val_fraction, seed=t.seed)
         log(f"validation: {len(val)} of the {len(train) + len(val)} examples of {s.data} held out")
+    check_batch(t, len(train), procs.world)
     retain = retain_examples(s.retain, t.task, tokens, s.seq_len, labels) if s.retain else None
     replay_file = s.replay or s.retain
     replay = retain_examples(replay_file, t.task, tokens, s.seq_len, labels) if t.replay_ratio > 0 else None
-    out = Path(s.out)
-    run = {**{k: v for k, v in asdict(s).items() if k not in ("resume", "overwrite")},
-           **t.settings()}
-    procs = setup()
-    if procs.is_main:  # one process checks and prepares the directory; the others wait for it
-        checkpoint.prepare(out, run, s.resume, s.overwrite)
-    else:
-        log = _silent
-    barrier(procs)
 
-    if labels and procs.is_main:  # class index -> name, for whoever uses the adapter
-        atomic_write(out / "labels.json", lambda p: Path(p).write_text(json.dumps(labels)))
     torch.manual_seed(t.seed)  # a new head and the adapters start the same in every run and every process
     model = load_model(s, t.task, len(labels) if labels else None, log)
     vocab = model.get_input_embeddings().num_embeddings
@@ -153,7 +182,14 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
                         "use the model's own tokenizer")
     model = get_peft_model(model, lora_config(s, t.task))
     log(format_trainable(*model.get_nb_trainable_parameters()))
-    return Trainer(model, t, train, val, retain, replay, out=out, log=log, processes=procs).train(resume=s.resume)
+    trainer = Trainer(model, t, train, val, retain, replay, out=out, log=log, processes=procs)
+
+    if procs.is_main:  # every check passed: now the old run may go (--overwrite) and this one is recorded
+        checkpoint.prepare(out, run, s.resume, s.overwrite)
+        if labels:  # class index -> name, for whoever uses the adapter
+            atomic_write(out / "labels.json", lambda p: Path(p).write_text(json.dumps(labels)))
+    barrier(procs)
+    return trainer.train(resume=s.resume)
 
 
 def _silent(line: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import signal
 import threading
 import time
@@ -90,6 +91,8 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k != "progress"}
 
     def check(self) -> None:
+        """Refuse a setting that is unknown, out of its range (see RANGES and COUNTS) or not finite, with
+        the setting, its flag, the value and what is accepted. The CLI and `Trainer` both call it."""
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -104,25 +107,96 @@ class TrainConfig:
                              "pass --parallel ddp")
         if self.parallel == "fsdp":
             fsdp.check_launch()
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_bad_steps",
-                     "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.replay_ratio < 1.0:
-            raise ValueError(f"replay_ratio must be in [0, 1), got {self.replay_ratio}")
-        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
-            raise ValueError(f"loraplus_lr_ratio must be > 0 (lora_B's lr / lora_A's; typically 2 to 16), "
-                             f"got {self.loraplus_lr_ratio}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0 (how strongly the preference loss scales the log-ratios; DPO's usual "
-                             f"0.1), got {self.beta}")
+        for name, (lowest, meaning) in COUNTS.items():
+            check_count(name, getattr(self, name), lowest, meaning)
+        check_count("warmup_steps", self.warmup_steps, -1, "linear warmup steps; -1: a tenth of steps")
+        check_count("seed", self.seed, 0, "the random seed", 2**32 - 1)
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps}); give "
+                             f"--warmup-steps a value in [0, {self.steps}], or -1 for a tenth of the steps")
+        for name, (low, high, closed, meaning) in RANGES.items():
+            if getattr(self, name) is not None:  # the optional ones: None switches them off
+                check_number(name, getattr(self, name), low, high, closed, meaning)
         if self.loss not in PREFERENCE_LOSSES:
             raise ValueError(f"unknown preference loss {self.loss!r}; choose from {', '.join(PREFERENCE_LOSSES)}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5) (the probability that a label is flipped), "
-                             f"got {self.label_smoothing}")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+
+
+# The numeric settings: (lowest, highest, (lowest allowed?, highest allowed?), what the number is).
+# Every one must also be finite: NaN compares false with everything, so it would pass a plain
+# comparison and silently switch a rule off (NaN min_delta: no step is ever better; NaN
+# max_grad_norm: no clipping), and an infinite one breaks the arithmetic (infinite weight decay: every
+# step non-finite).
+RANGES = {
+    "lr": (0.0, math.inf, (False, False), "the peak learning rate"),
+    "weight_decay": (0.0, math.inf, (True, False), "AdamW's decoupled weight decay; 0: none"),
+    "min_lr_ratio": (0.0, 1.0, (True, True), "the fraction of the peak learning rate the cosine ends at"),
+    "max_grad_norm": (0.0, math.inf, (True, False), "the global gradient norm to clip to; 0: no clipping"),
+    "loraplus_lr_ratio": (0.0, math.inf, (False, False), "lora_B's lr / lora_A's; typically 2 to 16"),
+    "min_delta": (0.0, math.inf, (True, False), "how much lower a validation loss must be to count as better"),
+    "forgetting_budget": (0.0, math.inf, (True, False), "how far the retain loss may rise; leave it out for no "
+                          "budget"),
+    "replay_ratio": (0.0, 1.0, (True, False), "the fraction of each batch drawn from the replay set"),
+    "beta": (0.0, math.inf, (False, False), "how strongly the preference loss scales the log-ratios; DPO's "
+             "usual 0.1"),
+    "label_smoothing": (0.0, 0.5, (True, False), "the probability that a label is flipped"),
+    "simpo_gamma": (0.0, math.inf, (True, False), "SimPO's target reward margin"),
+}
+COUNTS = {  # the whole-number settings: (lowest, what the number is)
+    "steps": (1, "optimizer steps"),
+    "batch_size": (1, "examples per micro-batch, per process"),
+    "grad_accum": (1, "micro-batches per optimizer step"),
+    "eval_every": (1, "steps between evaluations"),
+    "eval_batch_size": (1, "examples per evaluation batch"),
+    "max_bad_steps": (1, "consecutive non-finite steps before training stops"),
+    "log_every": (1, "steps between train records"),
+    "save_every": (0, "steps between checkpoints; 0: only at the end"),
+    "patience": (0, "evaluations without a better validation loss before stopping; 0: never"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _rule(low: float, high: float, closed: tuple[bool, bool]) -> str:
+    """'> 0', '>= 0' or 'in [0, 0.5)': the accepted values, as the messages show them."""
+    if high == math.inf:
+        return f"{'>=' if closed[0] else '>'} {low:g}"
+    return f"in {'[' if closed[0] else '('}{low:g}, {high:g}{']' if closed[1] else ')'}"
+
+
+def check_number(name: str, value, low: float, high: float, closed: tuple[bool, bool], meaning: str) -> None:
+    """A finite number in the range; else a ValueError naming the setting, its flag, the value and the range."""
+    rule = _rule(low, high, closed)
+    fits = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and (low <= value if closed[0] else low < value) and (value <= high if closed[1] else value < high))
+    if not fits:
+        raise ValueError(f"{name} must be {rule} ({meaning}), got {value!r}; give {_flag(name)} a finite number "
+                         f"{rule}")
+
+
+def check_count(name: str, value, lowest: int, meaning: str, highest: Optional[int] = None) -> None:
+    """A whole number in [lowest, highest]; else a ValueError naming the setting, its flag, the value and
+    the range."""
+    rule = ("> 0" if lowest == 1 else f">= {lowest}") if highest is None else f"in [{lowest}, {highest}]"
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or value < lowest or (highest is not None and value > highest):
+        raise ValueError(f"{name} must be {rule} ({meaning}), got {value!r}; give {_flag(name)} a whole number "
+                         f"{rule}")
+
+
+def check_batch(config: TrainConfig, n_train: int, world: int = 1) -> None:
+    """Refuse a global batch (batch_size × grad_accum × processes) larger than the training set: each step
+    would repeat examples within itself, and its rows are built in memory all at once."""
+    per_step = config.batch_size * config.grad_accum * world
+    if per_step > n_train:
+        most = n_train // (config.grad_accum * world)
+        fix = (f"lower --batch-size to at most {most}" if most >= 1
+               else f"lower --grad-accum (and --batch-size) so that their product times {world} process(es) is "
+                    f"at most {n_train}")
+        raise ValueError(f"a step takes batch_size {config.batch_size} × grad_accum {config.grad_accum} × {world} "
+                         f"process(es) = {per_step} examples, more than the {n_train} training examples; {fix}, "
+                         "or add data")
 
 
 @dataclass
@@ -166,6 +240,9 @@ class Trainer:
         self.train_set, self.val_set, self.retain_set, self.replay_set = train, val, retain, replay
         self.out = Path(out) if out is not None else None
         self.procs = processes or setup()
+        if len(train) < 1:
+            raise ValueError("the training set is empty")
+        check_batch(config, len(train), self.procs.world)
         model.to(self.procs.device)
         self.sharded = config.parallel == "fsdp"
         if self.sharded:
@@ -179,8 +256,6 @@ class Trainer:
         if self.preference is not None:
             train = self.train_set = self.preference.prepare(train)
         self.global_batch = config.batch_size * config.grad_accum * self.procs.world
-        if len(train) < 1:
-            raise ValueError("the training set is empty")
         self.samplers = {"train": Sampler(len(train), config.seed)}
         if replay is not None and config.replay_ratio > 0:
             self.samplers["replay"] = Sampler(len(replay), config.seed + 1)
@@ -295,8 +370,8 @@ class Trainer:
         retain_scores = self._retain_scores()
         retain = retain_scores.pop("retain_loss")
         is_best = self.monitor.observe(self.step, val, retain)
-        if is_best:
-            self.best = {n: fsdp.snapshot(p) for n, p in self.named}
+        if is_best or (not self.best and self.step == self.monitor.best_step):  # the kept adapter is always the
+            self.best = {n: fsdp.snapshot(p) for n, p in self.named}  # step the result names (step 0 by default)
         forgetting = self.monitor.forgetting(retain)
         record = {"kind": "eval", "step": self.step, "train_loss": train_loss, "lr": self.schedule.get_last_lr()[0],
                   "val_loss": val, "retain_loss": retain,
