@@ -57,7 +57,8 @@ class LoraConfig:
     # --- PEFT's fields, with PEFT's meaning ---
     r: int = 8  # rank of B·A
     lora_alpha: float = 8  # scaling = lora_alpha / r (or / sqrt(r) with use_rslora)
-    target_modules: Union[list[str], str, None] = None  # names, suffixes, a regex, "all-linear" or roles
+    target_modules: Union[list[str], set[str], str, None] = None  # names, suffixes, a regex, "all-linear" or
+    # roles; None: the family's defaults (PEFT's table), which add_adapter fills in as a set, as PEFT does
     exclude_modules: Union[list[str], str, None] = None  # same matching rules; wins over targets
     target_parameters: Union[list[str], None] = None  # 3-D expert weights by name ("experts.down_proj"): LoRA per expert
     lora_dropout: float = 0.0  # dropout on the LoRA path's input only
@@ -185,6 +186,9 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with PEFT's keys (bands as lists)."""
         out = asdict(self)
+        for key in ("target_modules", "exclude_modules", "modules_to_save"):  # a set (as PEFT fills in) -> a list
+            if isinstance(out[key], set):
+                out[key] = sorted(out[key])
         if self.layer_bands is not None:
             out["layer_bands"] = [asdict(b) for b in self.layer_bands]
         out["component_ranks"] = {k: list(v) for k, v in self.component_ranks.items()}

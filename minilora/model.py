@@ -32,6 +32,7 @@ from . import combine, io, mixing
 from . import convert
 from . import init as named_init
 from .config import LoraConfig
+from .families import DEFAULT_TARGETS
 from .lora import AdapterState, LoRALinear
 from .merge_methods import MergeOptions
 from .params import count_parameters, format_trainable, parameter_breakdown
@@ -261,7 +262,10 @@ class LoraModel(nn.Module):
         heads = [h for h in TASK_HEADS.get(config.task_type, ()) if has_module(self.model, h)]
         if heads:  # as PEFT does: a task head trains along with the adapter
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
-        self._register(adapter_name, config, resolve_targets(self.model, config))
+        plan = resolve_targets(self.model, config)
+        if config.target_modules is None and not config.target_parameters:  # as PEFT: the defaults, filled in
+            config.target_modules = set(DEFAULT_TARGETS[self.model.config.model_type])
+        self._register(adapter_name, config, plan)
 
     def _register(self, name: str, config: LoraConfig, plan: Plan) -> None:
         """The one way an adapter comes to exist (added, loaded or combined): LoRA on the modules

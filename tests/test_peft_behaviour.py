@@ -212,3 +212,16 @@ def test_linear_combination_with_negative_weights_matches_peft(tmp_path):
         model.add_weighted_adapter(["default", "b"], [1.0, -0.5], "negated", combination_type="linear")
         model.set_adapter("negated")
     torch.testing.assert_close(logits(ours.eval()), logits(theirs.eval()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_target_modules_from_the_defaults_are_filled_in_as_peft_does(family, tmp_path):
+    import peft
+
+    ours = minilora.get_peft_model(make(family), minilora.LoraConfig(r=2))
+    theirs = peft.get_peft_model(make(family), peft.LoraConfig(r=2))
+    assert ours.peft_config["default"].target_modules == theirs.peft_config["default"].target_modules
+    assert isinstance(ours.peft_config["default"].target_modules, set)
+    ours.save_pretrained(tmp_path)  # and the saved config lists them
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(saved) == sorted(theirs.peft_config["default"].target_modules)
