@@ -168,3 +168,14 @@ def _read_optional(path: Path) -> Optional[bytes]:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+
+
+def read_json_object(path: Union[str, Path], what: str, fix: str, error: type = ValueError) -> dict:
+    """The JSON object in `path`, or `error` saying the file is not `what` and what to do (`fix`)."""
+    try:
+        held = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path} cannot be read as {what} ({e}); {fix}") from None
+    if not isinstance(held, dict):
+        raise error(f"{path} holds a {type(held).__name__}, not {what} (a JSON object); {fix}")
+    return held

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, read_json_object
 
 SHARDS = "checkpoint.shards"  # the directory of a sharded checkpoint's shards
 SHARDED = ("trainable", "best", "optimizer")  # the parts of the trainer's state that are sharded
@@ -91,15 +91,8 @@ def prepare(out: Path, run: dict, resume: bool, overwrite: bool) -> None:
 
 def _read_record(record: Path) -> dict:
     """The settings a run directory's run.json holds."""
-    try:
-        held = json.loads(record.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunDirectoryError(f"{record} cannot be read as a minilora run record ({e}); start again with "
-                                "--overwrite, or choose another output directory") from None
-    if not isinstance(held, dict):
-        raise RunDirectoryError(f"{record} holds a {type(held).__name__}, not a minilora run record (a JSON "
-                                "object); start again with --overwrite, or choose another output directory")
-    return held
+    return read_json_object(record, "a minilora run record", "start again with --overwrite, or choose another "
+                            "output directory", RunDirectoryError)
 
 
 def differences(held: dict, run: dict) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import LoraConfig
-from ..files import atomic_write
+from ..files import atomic_write, read_json_object
 from ..io import read_config_file
 from ..model import get_peft_model
 from ..params import format_trainable
@@ -98,15 +98,8 @@ def check(s: JobSettings, t: TrainConfig) -> None:
 def position_limit(directory: Path) -> tuple[Optional[str], Optional[int]]:
     """(the config key, the most token positions the model has embeddings for), or (None, None) for a
     model without a limit of its own (relative positions, such as T5's)."""
-    path = directory / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} cannot be read as JSON ({e}); it is not a Hugging Face model config: save the "
-                        "model with save_pretrained") from None
-    if not isinstance(config, dict):
-        raise DataError(f"{path} holds a {type(config).__name__}, not a model config (a JSON object); save the "
-                        "model with save_pretrained")
+    config = read_json_object(directory / "config.json", "a Hugging Face model config",
+                              "save the model with save_pretrained", DataError)
     for key in POSITION_KEYS:
         if isinstance(config.get(key), int) and config[key] > 0:
             return key, config[key]
