@@ -148,22 +148,23 @@ def read_stable(directory: Union[str, Path], read: Callable[[Callable[[str], Pat
     directory = Path(directory)
     where = lambda name: locate(directory, name)  # noqa: E731
     for attempt in range(attempts):
-        before = _read_optional(where(marker))
+        before = read_optional(where(marker))
         try:
             value = read(where)
         except FileNotFoundError:
-            moved = _read_optional(where(marker)) != before or (directory / PENDING).exists()
+            moved = read_optional(where(marker)) != before or (directory / PENDING).exists()
             if not moved or attempt == attempts - 1:
                 raise  # missing, not moving
         else:
-            if _read_optional(where(marker)) == before:
+            if read_optional(where(marker)) == before:
                 return value
         time.sleep(min(0.001 * (attempt + 1), 0.05))
     raise RuntimeError(f"{directory} kept changing while it was read ({attempts} tries): is a writer saving "
                        "into it in a loop? Read it when the save is done")
 
 
-def _read_optional(path: Path) -> Optional[bytes]:
+def read_optional(path: Path) -> Optional[bytes]:
+    """The file's bytes, or None if there is no such file."""
     try:
         return path.read_bytes()
     except FileNotFoundError:

@@ -52,7 +52,6 @@ import math
 import pickle
 import re
 import uuid
-from io import BytesIO
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -60,15 +59,14 @@ from typing import Union
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import LoraConfig
 from .dora import MAGNITUDE, set_whole_magnitude, whole_magnitude
 from .embedding import LoRAEmbedding
 from .experts import LoRAExperts
-from .files import read_stable, replace_files
+from .files import read_optional, read_stable, replace_files
 from .lora import LoRALinear
 from .roles import FULL
 from .surgery import ModulesToSave
@@ -366,22 +364,21 @@ def read_adapter(directory: Union[str, Path], with_config: bool = True
 
     def read(where) -> tuple:
         config_bytes = where(CONFIG_NAME).read_bytes() if with_config else b""
-        record_bytes = _read_optional(where(MINILORA_CONFIG_NAME))
+        record_bytes = read_optional(where(MINILORA_CONFIG_NAME))
         named = _json_or_none(record_bytes)
         candidates = [named["weights"]] if isinstance(named, dict) and named.get("weights") in WEIGHT_NAMES else []
         for name in dict.fromkeys([*candidates, *WEIGHT_NAMES]):
-            data = _read_optional(where(name))
-            if data is not None:
-                return config_bytes, record_bytes, name, data
+            if where(name).is_file():
+                return (config_bytes, record_bytes, name, *_load_weights(where(name), directory / name))
         raise FileNotFoundError(directory / WEIGHTS_NAME)
 
     try:
-        config_bytes, record_bytes, weights_name, data = read_stable(directory, read, MINILORA_CONFIG_NAME)
+        config_bytes, record_bytes, weights_name, tensors, generation = read_stable(directory, read,
+                                                                                    MINILORA_CONFIG_NAME)
     except FileNotFoundError as err:
         missing = Path(err.filename or err.args[0]).name
         raise FileNotFoundError(f"{directory / missing} is missing: an adapter directory holds {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})") from None
-    tensors, generation = _parse_weights(directory / weights_name, data)
     _check_finite(tensors, directory / weights_name)
     if not with_config:
         return None, tensors
@@ -404,17 +401,10 @@ def read_config_file(path: Union[str, Path]) -> LoraConfig:
         raise FileNotFoundError(f"no such config file: {path}") from None
     record = None
     if path.name == CONFIG_NAME:  # minilora's own record beside it, if it belongs to this very file
-        raw = _json_or_none(_read_optional(path.parent / MINILORA_CONFIG_NAME))
+        raw = _json_or_none(read_optional(path.parent / MINILORA_CONFIG_NAME))
         if isinstance(raw, dict) and raw.get("adapter_config_sha256") == hashlib.sha256(data).hexdigest():
             record = raw
     return _parse_config(data, path, record)
-
-
-def _read_optional(path: Path) -> Union[bytes, None]:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
 
 
 def _json_or_none(data: Union[bytes, None]):
@@ -484,28 +474,31 @@ def _from_peft(raw: dict, path: Path) -> LoraConfig:
     return LoraConfig(**{k: v for k, v in raw.items() if k in known})
 
 
-def _parse_weights(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], Union[str, None]]:
-    """(tensors, the generation minilora wrote into a safetensors header, or None)."""
+def _load_weights(path: Path, shown: Path) -> tuple[dict[str, torch.Tensor], Union[str, None]]:
+    """(tensors, the generation minilora wrote into a safetensors header, or None) from one open of
+    `path` (files are replaced by renames, never rewritten in place, so one open reads one version).
+    A missing file propagates FileNotFoundError (read_stable looks again); damage is a ValueError
+    naming the file as the user knows it, `shown`."""
     try:
         if path.name == WEIGHTS_NAME:
-            tensors = safetensors_load(data)
-            header_size = int.from_bytes(data[:8], "little")
-            metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
-            return tensors, metadata.get(GENERATION_KEY)
-        tensors = torch.load(BytesIO(data), map_location="cpu", weights_only=True)
+            with safe_open(str(path), framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}, (f.metadata() or {}).get(GENERATION_KEY)
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
     except pickle.UnpicklingError:
         raise ValueError(
-            f"{path} cannot be read safely: it holds objects other than tensors, and minilora never unpickles "
+            f"{shown} cannot be read safely: it holds objects other than tensors, and minilora never unpickles "
             "those; save the adapter again as safetensors"
         ) from None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, UnicodeDecodeError) as err:
         raise ValueError(
-            f"{path} cannot be read safely: it is damaged (truncated or corrupted: "
+            f"{shown} cannot be read safely: it is damaged (truncated or corrupted: "
             f"{str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); save the adapter again"
         ) from None
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                 for k, v in tensors.items()):
-        raise ValueError(f"{path} holds a {type(tensors).__name__}, not a dict of named tensors as PEFT writes: "
+        raise ValueError(f"{shown} holds a {type(tensors).__name__}, not a dict of named tensors as PEFT writes: "
                          "it is not an adapter's weights file; save the adapter again")
     return tensors, None
 

@@ -53,6 +53,7 @@ def two_adapters(tmp_path_factory):
 
 def save_forever(models, directory: Path) -> None:
     """In a forked child: save the two adapters into one directory, alternately, until killed."""
+    torch.set_num_threads(1)  # the parent's OpenMP pool did not survive the fork: use none
     try:
         while True:
             for model in models.values():
