@@ -44,6 +44,7 @@ layer's features, r = rank, d_part = the columns of one part.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -52,6 +53,7 @@ import torch.nn as nn
 
 from . import dora, mixing
 from . import init as named_init
+from .quant import bnb_layers
 from .roles import FULL, Rows, features, part_rows
 
 
@@ -261,6 +263,12 @@ class LoRALinear(Unmerging, nn.Module):
     def _fold(self, name: str, sign: float) -> None:
         if name in self.lora_magnitude_vector:
             return dora.fold(self, name, sign)
+        if bnb_layers.is_bnb_4bit(self.base_layer.weight):  # bitsandbytes' 4 bits: dequantize, add, requantize
+            W = bnb_layers.dequantize(self.base_layer)  # (d_out, d_in) fp32
+            for part_name, part in self.parts[name].items():
+                rows = part.rows(W, 0)  # (blocks, d_part / blocks, d_in), a view of W
+                rows += sign * self.delta_weight(name, part_name).view(rows.shape)
+            return bnb_layers.requantize(self.base_layer, W)
         weight = self.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
         W = weight.T if self.fan_in_fan_out else weight  # (d_out, d_in), a view: writes reach the weight
         for part_name, part in self.parts[name].items():
@@ -274,13 +282,21 @@ class LoRALinear(Unmerging, nn.Module):
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """W ← W + (alpha/r)·B·A for each adapter not merged yet. Merging twice is a no-op.
         `safe_merge`: first check that W + ΔW is finite; if not, raise ValueError and change nothing."""
-        if not self.base_layer.weight.is_floating_point():
-            raise TypeError(
-                "cannot merge into a quantized (4-bit) base weight; use merge_and_unload(), which dequantizes "
-                "the base first, or keep the adapter unmerged"
-            )
         chosen = self.active_adapters if adapter_names is None else adapter_names  # [] merges nothing
         names = [n for n in chosen if n in self.lora_A and n not in self.merged_adapters]
+        weight = self.base_layer.weight
+        if names and not weight.is_floating_point() and not bnb_layers.is_bnb_4bit(weight):
+            raise TypeError(
+                "merge_adapter cannot fold an adapter into minilora's packed 4-bit weight in place; "
+                "merge_and_unload() can (it dequantizes the base first, and requantize=True packs the result "
+                "again), or keep the adapter unmerged"
+            )
+        if names and bnb_layers.is_bnb_4bit(weight):
+            if any(n in self.lora_magnitude_vector for n in names):
+                raise TypeError("merging a DoRA adapter into a bitsandbytes 4-bit weight is not supported; "
+                                "keep the adapter unmerged, or load the base in bf16 to merge")
+            warnings.warn("merging into a bitsandbytes 4-bit weight rounds the merged weight to 4 bits again: "
+                          "outputs differ from the unmerged model's by that rounding (as with PEFT)", stacklevel=3)
         if safe_merge:
             self.check_merge(names)
         for name in names:
@@ -294,6 +310,8 @@ class LoRALinear(Unmerging, nn.Module):
         base = self.base_layer
         if base.weight.is_floating_point():
             W = base.weight.T if self.fan_in_fan_out else base.weight  # (d_out, d_in)
+        elif bnb_layers.is_bnb_4bit(base.weight):
+            W = bnb_layers.dequantize(base)  # (d_out, d_in)
         else:
             W = base.dequantized_weight(torch.float32)  # (d_out, d_in)
         for name in (n for n in adapter_names if n in self.lora_A and n not in self.merged_adapters):

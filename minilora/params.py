@@ -13,6 +13,7 @@ import re
 
 import torch.nn as nn
 
+from .quant.bnb_layers import stored_values
 from .roles import ATTENTION_ROLES, classify
 
 COMPONENTS = ("embeddings", "attention", "ffn", "norm", "head", "lora", "other")
@@ -30,9 +31,10 @@ def quantized_weights(module: nn.Module) -> int:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; a 4-bit weight counts as its number of values, as PEFT counts them."""
+    """(trainable, total) parameters; a 4-bit weight counts as its number of values, as PEFT counts them
+    (minilora's Linear4bit keeps it as buffers; bitsandbytes' as a Params4bit of packed bytes)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters()) + sum(quantized_weights(m) for m in model.modules())
+    total = sum(stored_values(p) for p in model.parameters()) + sum(quantized_weights(m) for m in model.modules())
     return trainable, total
 
 
