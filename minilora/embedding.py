@@ -57,6 +57,8 @@ class LoRAEmbedding(nn.Module):
         self.state = state
 
     lora_A = property(lambda self: self.lora_embedding_A)  # `name in layer.lora_A`, as for LoRALinear
+    r = property(lambda self: {name: r for name, (r, _) in self.ranks.items()})  # PEFT's layer.r[name]
+    lora_alpha = property(lambda self: {name: alpha for name, (_, alpha) in self.ranks.items()})
     fan_in_fan_out = False  # E is stored (V, d), the lookup's own layout
 
     @property

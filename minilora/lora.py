@@ -130,6 +130,20 @@ class LoRALinear(Unmerging, nn.Module):
         """True while the model's adapters are switched off (PEFT's per-layer flag; here one for all layers)."""
         return self.state.disabled
 
+    # PEFT's per-adapter attributes: a number for a whole-layer adapter; for a sliced one (which PEFT
+    # cannot express), a number per part
+    @property
+    def r(self) -> dict:
+        return {name: _per_part({p: part.r for p, part in parts.items()}) for name, parts in self.parts.items()}
+
+    @property
+    def lora_alpha(self) -> dict:
+        return {name: _per_part({p: part.alpha for p, part in parts.items()}) for name, parts in self.parts.items()}
+
+    @property
+    def use_dora(self) -> dict[str, bool]:
+        return {name: name in self.lora_magnitude_vector for name in self.parts}
+
     @property
     def weight(self) -> torch.Tensor:  # code that reads `layer.weight` sees the base layer's, as in PEFT
         return self.base_layer.weight
@@ -325,6 +339,11 @@ class LoRALinear(Unmerging, nn.Module):
     def extra_repr(self) -> str:
         ranks = {n: {p: part.r for p, part in parts.items()} for n, parts in self.parts.items()}
         return f"in={self.in_features}, out={self.out_features}, adapters(rank per part)={ranks}"
+
+
+def _per_part(values: dict):
+    """One value for a whole-layer adapter (PEFT's shape), the dict of parts otherwise."""
+    return values[FULL] if list(values) == [FULL] else values
 
 
 def low_rank_add(y: torch.Tensor, columns, scales, factors) -> torch.Tensor:

@@ -225,3 +225,22 @@ def test_target_modules_from_the_defaults_are_filled_in_as_peft_does(family, tmp
     ours.save_pretrained(tmp_path)  # and the saved config lists them
     saved = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
     assert sorted(saved) == sorted(theirs.peft_config["default"].target_modules)
+
+
+@pytest.mark.parametrize("family, targets", [("gpt2", ["c_attn"]), ("llama", ["q_proj", "v_proj", "embed_tokens"])])
+def test_layers_carry_peft_s_per_adapter_attributes(family, targets):
+    import peft
+
+    config = dict(r=4, lora_alpha=16, target_modules=targets, rank_pattern={targets[0]: 2}, use_dora=False)
+    ours = minilora.get_peft_model(make(family), minilora.LoraConfig(**config))
+    theirs = peft.get_peft_model(make(family), peft.LoraConfig(**config))
+    mine = {n: m for n, m in ours.named_modules() if hasattr(m, "lora_alpha") and hasattr(m, "base_layer")}
+    peers = {n.removeprefix("base_model."): m for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert mine.keys() == peers.keys() and mine
+    for name, layer in mine.items():
+        peer = peers[name]
+        assert (layer.r, layer.lora_alpha) == (peer.r, peer.lora_alpha), name
+        assert layer.base_layer is not None and layer.merged_adapters == peer.merged_adapters == []
+    sliced = minilora.get_peft_model(make("gpt2"), minilora.LoraConfig(r=4, target_modules=["q", "v"]))
+    layer = sliced.base_model.model.transformer.h[0].attn.c_attn
+    assert layer.r == {"default": {"q": 4, "v": 4}}  # parts, which PEFT cannot express, one level below
