@@ -38,6 +38,14 @@ T = TypeVar("T")
 
 
 def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells (Linux's /proc); elsewhere
+    set and restored at once (a short window in which another thread would create files with 022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
