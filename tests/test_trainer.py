@@ -178,6 +178,7 @@ def _run(out, interrupt_at=None, resume=False):
 
 
 def test_ctrl_c_checkpoints_and_resume_is_bit_exact(tmp_path):
+    handler = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / a background job
     whole, whole_result = _run(tmp_path / "whole")
     _, stopped = _run(tmp_path / "parts", interrupt_at=7)
     assert stopped.stop_reason == "interrupted" and stopped.steps_done == 7
@@ -189,7 +190,7 @@ def test_ctrl_c_checkpoints_and_resume_is_bit_exact(tmp_path):
     assert result.history == whole_result.history
     lines = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa
     assert lines("parts") == lines("whole")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler is put back
 
 
 def test_training_runs_in_a_worker_thread_and_leaves_ctrl_c_alone():
