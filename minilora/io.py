@@ -401,9 +401,7 @@ def read_config_file(path: Union[str, Path]) -> LoraConfig:
         raise FileNotFoundError(f"no such config file: {path}") from None
     record = None
     if path.name == CONFIG_NAME:  # minilora's own record beside it, if it belongs to this very file
-        raw = _json_or_none(read_optional(path.parent / MINILORA_CONFIG_NAME))
-        if isinstance(raw, dict) and raw.get("adapter_config_sha256") == hashlib.sha256(data).hexdigest():
-            record = raw
+        record = _record_for(_json_or_none(read_optional(path.parent / MINILORA_CONFIG_NAME)), data, path, None)
     return _parse_config(data, path, record)
 
 

@@ -570,8 +570,7 @@ class LoraModel(nn.Module):
             if isinstance(module.base_layer, Linear4bit):
                 quantized[name] = module.base_layer.config
                 module.base_layer = module.base_layer.to_float()
-        merged = self._unload(merge=True, adapter_names=adapter_names, safe_merge=safe_merge,
-                              progressbar=progressbar)
+        merged = self._unload(merge=True, adapter_names=adapter_names, progressbar=progressbar)  # checked above
         if requantize and quantized:
             errors = {}
             for name, config in quantized.items():
