@@ -152,17 +152,20 @@ def read_stable(directory: Union[str, Path], read: Callable[[Callable[[str], Pat
                 attempts: int = 200) -> T:
     """`read(where)` over a directory that `replace_files` may be changing: `where(name)` gives each
     file's current path. The marker file is read before and after; if it changed (or a file moved
-    away mid-read), the read is repeated, so the result is all old or all new."""
+    away mid-read), the read is repeated, so the result is all old or all new. `read` raises
+    FileNotFoundError for a missing file and ValueError for a damaged one: either is final only
+    when nothing moved meanwhile (a reader such as safetensors' may open a file twice, and a
+    rename between the two opens looks like damage)."""
     directory = Path(directory)
     where = lambda name: locate(directory, name)  # noqa: E731
     for attempt in range(attempts):
         before = read_optional(where(marker))
         try:
             value = read(where)
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):  # missing or damaged, or moved / replaced mid-read
             moved = read_optional(where(marker)) != before or (directory / PENDING).exists()
             if not moved or attempt == attempts - 1:
-                raise  # missing, not moving
+                raise  # missing or damaged, not moving
         else:
             if read_optional(where(marker)) == before:
                 return value

@@ -473,10 +473,10 @@ def _from_peft(raw: dict, path: Path) -> LoraConfig:
 
 
 def _load_weights(path: Path, shown: Path) -> tuple[dict[str, torch.Tensor], Union[str, None]]:
-    """(tensors, the generation minilora wrote into a safetensors header, or None) from one open of
-    `path` (files are replaced by renames, never rewritten in place, so one open reads one version).
-    A missing file propagates FileNotFoundError (read_stable looks again); damage is a ValueError
-    naming the file as the user knows it, `shown`."""
+    """(tensors, the generation minilora wrote into a safetensors header, or None) from `path`.
+    A missing file propagates FileNotFoundError; damage is a ValueError naming the file as the user
+    knows it, `shown`. safetensors opens the file twice (header, then map): a save that renames a new
+    file in between reads as damage here, and read_stable, seeing the directory moved, reads again."""
     try:
         if path.name == WEIGHTS_NAME:
             with safe_open(str(path), framework="pt") as f:
@@ -490,6 +490,8 @@ def _load_weights(path: Path, shown: Path) -> tuple[dict[str, torch.Tensor], Uni
             "those; save the adapter again as safetensors"
         ) from None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, UnicodeDecodeError) as err:
+        if not path.exists():  # moved away by a save between finding it and opening it (safetensors says
+            raise FileNotFoundError(path) from None  # so in its own error type): read_stable looks again
         raise ValueError(
             f"{shown} cannot be read safely: it is damaged (truncated or corrupted: "
             f"{str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); save the adapter again"
