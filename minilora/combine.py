@@ -61,8 +61,8 @@ def _factors(layer: LoRALinear, names: list[str], weights: list[float], columns:
     for name, w in zip(names, weights):
         for part_name, part in layer.parts.get(name, {}).items():
             if (part.first, part.end, part.blocks) == columns:
-                out.append((w, layer.scaling[name][part_name], layer.lora_A[name][part_name].weight.detach().float(),
-                            layer.lora_B[name][part_name].weight.detach().float()))
+                A, B = layer.pair(name, part_name)
+                out.append((w, layer.part_scale(name, part_name), A.weight.detach().float(), B.weight.detach().float()))
     return out
 
 

@@ -52,6 +52,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .roles import by_part
+
 MAGNITUDE = "lora_magnitude_vector"  # the attribute of LoRALinear, and PEFT's name in files
 
 
@@ -84,9 +86,10 @@ def row_norm(layer, name: str, part: str) -> torch.Tensor:
     a vector with W, through whatever computes the base: a Linear, a Conv1D, an NF4 kernel), and
     the rest is r × r. The dense (d_part, d_in) update never exists in the forward pass."""
     p = layer.parts[name][part]
-    A = layer.lora_A[name][part].weight.detach().float()  # (r, d_in)
-    B = layer.lora_B[name][part].weight.detach().float()  # (d_part, r)
-    s = layer.scaling[name][part]
+    A_module, B_module = layer.pair(name, part)
+    A = A_module.weight.detach().float()  # (r, d_in)
+    B = B_module.weight.detach().float()  # (d_part, r)
+    s = layer.part_scale(name, part)
     base, bias = layer.base_layer, getattr(layer.base_layer, "bias", None)
     AW = base(A.to(_input_dtype(layer))).float()  # (r, d_in) -> (r, d_out): A Wᵀ (+ b)
     if bias is not None:
@@ -117,8 +120,8 @@ def _weight_row_norms(layer) -> torch.Tensor:
 
 def add_magnitudes(layer, name: str) -> None:
     """Make adapter `name` of `layer` a DoRA adapter: one m per part, m = ‖W_p + s·B·A‖ (‖W_p‖ when B = 0)."""
-    dtype = next(iter(layer.lora_A[name].values())).weight.dtype
-    layer.lora_magnitude_vector[name] = nn.ModuleDict(
+    dtype = layer.adapter_dtype(name)
+    layer.lora_magnitude_vector[name] = by_part(
         {part: Magnitude(row_norm(layer, name, part).to(dtype)) for part in layer.parts[name]})
 
 
@@ -129,8 +132,8 @@ def whole_magnitude(layer, name: str) -> torch.Tensor:
     m = _weight_row_norms(layer).clone()  # (d_out,)
     for part_name, part in layer.parts[name].items():
         rows = part.rows(m)  # (blocks, d_part / blocks), a view of m
-        rows.copy_(layer.lora_magnitude_vector[name][part_name].weight.float().view(rows.shape))
-    return m.to(next(iter(layer.lora_magnitude_vector[name].values())).weight.dtype)
+        rows.copy_(layer.magnitude(name, part_name).weight.float().view(rows.shape))
+    return m.to(layer.adapter_dtype(name))
 
 
 @torch.no_grad()
@@ -139,7 +142,7 @@ def set_whole_magnitude(layer, name: str, m: torch.Tensor, where: str) -> None:
     part covers must hold ‖W_row‖ (gain 1): a file whose other rows were trained cannot load as slices."""
     covered = torch.zeros(m.shape[0], dtype=torch.bool)
     for part_name, part in layer.parts[name].items():
-        layer.lora_magnitude_vector[name][part_name].weight.copy_(part.rows(m).flatten())
+        layer.magnitude(name, part_name).weight.copy_(part.rows(m).flatten())
         part.rows(covered).fill_(True)
     base = _weight_row_norms(layer)
     if not torch.allclose(m[~covered].float(), base[~covered], rtol=1e-5, atol=1e-7):
@@ -159,8 +162,7 @@ def add_dora(layer, y: torch.Tensor, x: torch.Tensor, name: str, weight: float =
     with c = 1, β = 0 and B' = 0 on rows no part covers, H = [dropout(x) A_pᵀ]_p (N, Σr) and B'
     (d_out, Σr) holding each part's rows of (w·s·g) ⊙ B_p in its own r columns. The vectors and B'
     are small; the (N, d_out) activations are read once and written once, in forward and backward."""
-    A, B, M = layer.lora_A[name], layer.lora_B[name], layer.lora_magnitude_vector[name]
-    x = layer.lora_dropout[name](x.to(next(iter(A.values())).weight.dtype))  # (..., d_in)
+    x = layer.lora_dropout[name](x.to(layer.adapter_dtype(name)))  # (..., d_in)
     bias = layer.base_layer.bias
     y2d = y.reshape(-1, layer.out_features)  # (N, d_out)
     parts = layer.parts[name]
@@ -169,16 +171,17 @@ def add_dora(layer, y: torch.Tensor, x: torch.Tensor, name: str, weight: float =
     B_scaled = y2d.new_zeros(layer.out_features, sum(p.r for p in parts.values()), dtype=torch.float32)  # B'
     H, column = [], 0
     for part_name, part in parts.items():
-        g = M[part_name].weight.float() / row_norm(layer, name, part_name)  # (d_part,)
+        A, B = layer.pair(name, part_name)
+        g = layer.magnitude(name, part_name).weight.float() / row_norm(layer, name, part_name)  # (d_part,)
         rows = part.rows(gain)  # (blocks, d_part / blocks), a view
         rows.copy_((1 + weight * (g - 1)).view(rows.shape))
         if bias is not None:
             rows = part.rows(shift)
             rows.copy_((-weight * (g - 1) * part.rows(bias).flatten().float()).view(rows.shape))
-        scaled = (weight * layer.scaling[name][part_name] * g)[:, None] * B[part_name].weight.float()  # (d_part, r)
+        scaled = (weight * layer.part_scale(name, part_name) * g)[:, None] * B.weight.float()  # (d_part, r)
         rows = part.rows(B_scaled[:, column:column + part.r], 0)  # (blocks, d_part / blocks, r), a view
         rows.copy_(scaled.view(rows.shape))
-        H.append(A[part_name](x).reshape(-1, part.r))  # (N, d_in) @ (d_in, r) -> (N, r)
+        H.append(A(x).reshape(-1, part.r))  # (N, d_in) @ (d_in, r) -> (N, r)
         column += part.r
     dtype = y.dtype
     out = torch.addcmul(shift.to(dtype), y2d, gain.to(dtype))  # c ⊙ y + β  (N, d_out)
@@ -193,7 +196,7 @@ def fold(layer, name: str, sign: float) -> None:
     W = layer.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
     for part_name, part in layer.parts[name].items():
         rows = part.rows(W.T if layer.fan_in_fan_out else W, 0)  # (blocks, d_part / blocks, d_in) view
-        magnitude = layer.lora_magnitude_vector[name][part_name]
+        magnitude = layer.magnitude(name, part_name)
         if sign > 0:
             updated = rows.float().flatten(0, 1) + layer.delta_weight(name, part_name)  # (d_part, d_in)
             g = magnitude.weight.float() / torch.linalg.vector_norm(updated, dim=1)  # (d_part,)

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import mixing
+from .adapter_layer import AdapterLayer
 from .roles import FULL, Site, walk
 
 EMBEDDING = "embedding"  # the role of an embedding site: never picked by "all-linear" or role names
@@ -39,24 +40,22 @@ def embedding_sites(model: nn.Module) -> dict[str, Site]:
             for name, m in walk(model) if isinstance(m, (nn.Embedding, LoRAEmbedding))}
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(AdapterLayer):
     """A frozen nn.Embedding plus any number of named adapters (one (A, B) pair each)."""
 
     def __init__(self, base_layer: nn.Embedding, state, tied_head: bool = False):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, state)
         self.num_embeddings, self.embedding_dim = base_layer.weight.shape  # (V, d)
         self.in_features, self.out_features = self.num_embeddings, self.embedding_dim
         self.lora_embedding_A = nn.ParameterDict()  # adapter -> A (r, V)
         self.lora_embedding_B = nn.ParameterDict()  # adapter -> B (d, r)
         self.scaling: dict[str, float] = {}  # adapter -> alpha / r (or alpha / sqrt(r))
         self.ranks: dict[str, tuple[int, float]] = {}  # adapter -> (r, alpha)
-        self.merged_adapters: list[str] = []
         self._saved_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # merged adapter -> (rows, E[rows] before)
         self.tied_head = tied_head  # the model's LM head reads this same weight
-        self.state = state
 
-    lora_A = property(lambda self: self.lora_embedding_A)  # `name in layer.lora_A`, as for LoRALinear
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")  # PEFT's: the tables of trained weights
+    other_param_names = ("r", "lora_alpha", "scaling")  # PEFT's: the other per-adapter tables
     r = property(lambda self: {name: r for name, (r, _) in self.ranks.items()})  # PEFT's layer.r[name]
     lora_alpha = property(lambda self: {name: alpha for name, (_, alpha) in self.ranks.items()})
     fan_in_fan_out = False  # E is stored (V, d), the lookup's own layout
@@ -66,8 +65,8 @@ class LoRAEmbedding(nn.Module):
         return self.base_layer.weight
 
     @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
+    def adapter_names(self) -> list[str]:
+        return list(self.ranks)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [self.lora_embedding_A[name], self.lora_embedding_B[name]]
@@ -76,7 +75,7 @@ class LoRAEmbedding(nn.Module):
     def add_adapter(self, name: str, parts: dict, lora_dropout: float = 0.0, init_lora_weights=True,
                     use_rslora: bool = False, use_dora: bool = False, **_ignored) -> None:
         """Create adapter `name`: A (r, V) = 0 and B (d, r) ~ N(0, 1)."""
-        if name in self.lora_embedding_A:
+        if self.has_adapter(name):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if use_dora:
             raise ValueError("DoRA (use_dora=True) is not available on embeddings; drop the embedding from "
@@ -202,6 +201,23 @@ class LoRAEmbedding(nn.Module):
                 if name == self.merged_adapters[-1]:  # nothing merged on top of it: the saved rows are exact
                     W[rows] = before
                 self.merged_adapters.remove(name)
+
+    # ------------------------------------------------------------------ files (PEFT's keys)
+    def file_tensors(self, name: str, use_rslora: bool
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+        return ({"lora_embedding_A": self.lora_embedding_A[name].detach(),
+                 "lora_embedding_B": self.lora_embedding_B[name].detach()}, {"": self.ranks[name]})
+
+    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], use_rslora: bool, where: str) -> None:
+        self.set_weights(name, tensors["lora_embedding_A"], tensors["lora_embedding_B"])
+
+    def accepts_saved_table(self, table: torch.Tensor, where: str) -> bool:
+        """PEFT saves the whole table beside an adapted embed_tokens (the vocabulary may have grown)."""
+        if table.shape != self.base_layer.weight.shape:
+            raise ValueError(f"{where}: the saved embedding table has shape {tuple(table.shape)} but this model's is "
+                             f"{tuple(self.base_layer.weight.shape)}; resize the model's token embeddings "
+                             "(resize_token_embeddings) to the adapter's vocabulary first")
+        return True
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, adapters(rank)={self.ranks}"

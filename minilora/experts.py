@@ -24,33 +24,35 @@ Shape legend: E = experts, d_in / d_out = one expert's features, r = rank, d_par
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from .lora import AdapterState, LoraPart, Unmerging
+from .adapter_layer import AdapterLayer, AdapterState
+from .lora import LoraPart
 from .roles import FULL
 
 
-class LoRAExperts(Unmerging, nn.Module):
+class LoRAExperts(AdapterLayer):
     """A frozen experts module plus, per adapter and per targeted 3-D parameter, one (A, B) pair
     per part, each holding every expert's factors."""
 
     HOLDS_EXPERT_WEIGHTS = True  # roles.classify: not a Linear site; its 3-D parameters are sites
 
     def __init__(self, base_layer: nn.Module, state: Optional[AdapterState] = None):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, state)
         self.transposed = bool(getattr(base_layer, "is_transposed", False))  # stored (E, d_in, d_out)
         self.lora_A = nn.ModuleDict()  # adapter -> {parameter -> {part -> A (E, r, d_in)}}
         self.lora_B = nn.ModuleDict()  # adapter -> {parameter -> {part -> B (E, d_part, r)}}
         self.parts: dict[str, dict[str, dict[str, LoraPart]]] = {}  # adapter -> parameter -> part -> rows, r, alpha
         self.scaling: dict[str, dict[str, dict[str, float]]] = {}  # adapter -> parameter -> part -> alpha / r
-        self.merged_adapters: list[str] = []
-        self.state = state if state is not None else AdapterState()
         self.fan_in_fan_out = False
-        self.lora_magnitude_vector = nn.ModuleDict()  # never filled: DoRA is refused on experts
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.parts)
 
     def weight_of(self, parameter: str) -> torch.Tensor:
         """The base parameter as (E, d_out, d_in), a view."""
@@ -67,7 +69,7 @@ class LoRAExperts(Unmerging, nn.Module):
         if use_dora or init_lora_weights not in (True, False, "gaussian"):
             raise ValueError("expert weights take plain LoRA only (init_lora_weights True, False or 'gaussian', no "
                              "DoRA); leave the experts out of this adapter or drop those options")
-        if name in self.lora_A:
+        if self.has_adapter(name):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         A, B = nn.ModuleDict(), nn.ModuleDict()
         for parameter, parts in parameters.items():
@@ -172,6 +174,73 @@ class LoRAExperts(Unmerging, nn.Module):
                 if not torch.isfinite(self.adapted_weight(parameter, [name])).all():
                     raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} ({parameter}) "
                                      "seems to be broken; nothing was merged")
+
+    # ------------------------------------------------------------------ files (PEFT's keys)
+    def file_tensors(self, name: str, use_rslora: bool
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+        """Per targeted parameter, PEFT's one LoRA per expert (see `_as_peft_factors`)."""
+        tensors, ranks = {}, {}
+        for parameter, key in self._peft_keys(name).items():
+            A, B, r, alpha = self._as_peft_factors(name, parameter, use_rslora)
+            tensors[f"{key}lora_A.weight"], tensors[f"{key}lora_B.weight"] = A, B
+            ranks[parameter] = (r, alpha)
+        return tensors, ranks
+
+    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], use_rslora: bool, where: str) -> None:
+        for parameter, key in self._peft_keys(name).items():
+            self._from_peft_factors(name, parameter, tensors[f"{key}lora_A.weight"], tensors[f"{key}lora_B.weight"],
+                                    f"{where}.{parameter}")
+
+    def target_parameters(self, name: str) -> list[str]:
+        return list(self.parts[name])
+
+    def _peft_keys(self, name: str) -> dict[str, str]:
+        """Parameter -> the key prefix PEFT gives its factors, after `<module path>.`. PEFT wraps one
+        parameter per wrapper and nests them in the module's parameter order, the first innermost:
+        with gate_up_proj and down_proj targeted, `base_layer.lora_A.weight` is gate_up_proj's and
+        `lora_A.weight` down_proj's."""
+        order = [p for p, _ in self.base_layer.named_parameters(recurse=False) if p in self.parts[name]]
+        return {p: "base_layer." * (len(order) - 1 - i) for i, p in enumerate(order)}
+
+    def _as_peft_factors(self, name: str, parameter: str, rslora: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """One LoRA per expert over the whole parameter, in PEFT's layout: (A, B, r, alpha) with
+        A (E·R, d_in), row e·R + j, and B (d_out, R·E), column j·E + e; R = Σ r_p, B zero outside the parts."""
+        parts, scales = self.parts[name][parameter], self.scaling[name][parameter]
+        A = torch.cat([self.lora_A[name][parameter][p].detach() for p in parts], dim=1)  # (E, R, d_in)
+        experts, r_total, d_in = A.shape
+        first_name, first = next(iter(parts.items()))
+        scale = scales[first_name]
+        alpha = first.alpha if r_total == first.r else (scale * math.sqrt(r_total) if rslora else scale * r_total)
+        B = torch.zeros(experts, self.weight_of(parameter).shape[1], r_total, dtype=A.dtype)  # (E, d_out, R)
+        offset = 0
+        for part_name, part in parts.items():
+            rows = part.rows(B, 1)[..., offset:offset + part.r]  # (E, blocks, d_part / blocks, r_p), a view of B
+            B_part = self.lora_B[name][parameter][part_name].detach() * (scales[part_name] / scale)  # (E, d_part, r_p)
+            rows.copy_(B_part.view(rows.shape))
+            offset += part.r
+        return A.reshape(experts * r_total, d_in), B.permute(1, 2, 0).reshape(B.shape[1], r_total * experts), r_total, alpha
+
+    def _from_peft_factors(self, name: str, parameter: str, A: torch.Tensor, B: torch.Tensor, where: str) -> None:
+        """The inverse of `_as_peft_factors`: PEFT's per-expert A and B back into the parameter's parts."""
+        parts, scales = self.parts[name][parameter], self.scaling[name][parameter]
+        experts = self.weight_of(parameter).shape[0]
+        r_total = A.shape[0] // experts
+        A = A.reshape(experts, r_total, -1)  # (E, R, d_in)
+        B = B.reshape(B.shape[0], r_total, experts).permute(2, 0, 1)  # (E, d_out, R)
+        scale = next(iter(scales.values()))  # the export kept the first part's scale (see _as_peft_factors)
+        covered = torch.zeros(B.shape, dtype=torch.bool)
+        offset = 0
+        for part_name, part in parts.items():
+            cols = slice(offset, offset + part.r)
+            B_part = part.rows(B, 1)[..., cols].reshape(experts, part.width, part.r)  # (E, d_part, r_p)
+            self.set_part_weights(name, parameter, part_name, A[:, cols], B_part * (scale / scales[part_name]))
+            part.rows(covered, 1)[..., cols] = True
+            offset += part.r
+        if (B[~covered] != 0).any():
+            raise ValueError(f"{where}: lora_B has non-zero entries outside the parts the config names (e.g. up's "
+                             "rows), so it cannot load as parts without changing the model; load it with "
+                             "target_parameters")
 
     def extra_repr(self) -> str:
         ranks = {n: {p: {k: v.r for k, v in parts.items()} for p, parts in params.items()} for n, params in self.parts.items()}

@@ -109,7 +109,7 @@ def initialise(layer: "LoRALinear", name: str, method: str) -> None:
             f"({', '.join(parts)}) of a fused layer; target the layer by its module name (e.g. 'c_attn') "
             "or use init_lora_weights=True"
         )
-    r, scale = parts[FULL].r, layer.scaling[name][FULL]
+    r, scale = parts[FULL].r, layer.part_scale(name, FULL)
     if method == "orthogonal":
         A, B = orthogonal(layer.in_features, layer.out_features, r)
         layer.set_part_weights(name, FULL, A, B)

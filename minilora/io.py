@@ -39,16 +39,17 @@ config fields and numbers, finite tensors, ranks the weights can hold. Nothing i
 directory is ever executed: tensors come from safetensors, or from `adapter_model.bin` through
 `torch.load(weights_only=True)` only.
 
-These are functions over plain data: a mapping of module path -> adapter layer (LoRALinear, or
-ModulesToSave for a trained head) and the adapter's name and config in; tensors, config dicts and
-files out. LoraModel decides which layers and biases belong to an adapter and calls them.
+These are functions over plain data: a mapping of module path -> adapter layer (an AdapterLayer,
+or ModulesToSave for a trained head) and the adapter's name and config in; tensors, config dicts and
+files out. This file knows key prefixes and file layout only: each layer names its own tensors
+(`file_tensors`, `load_file_tensors`). LoraModel decides which layers and biases belong to an
+adapter and calls these functions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import pickle
 import re
 import uuid
@@ -63,13 +64,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import LoraConfig
-from .dora import MAGNITUDE, set_whole_magnitude, whole_magnitude
-from .embedding import LoRAEmbedding
-from .experts import LoRAExperts
+from .dora import MAGNITUDE
 from .files import read_optional, read_stable, replace_files
-from .lora import LoRALinear
-from .roles import FULL
-from .surgery import ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 MINILORA_CONFIG_NAME = "minilora_config.json"
@@ -79,7 +75,7 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 WEIGHT_NAMES = (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)  # in order of preference
 PREFIX = "base_model.model."
 GENERATION_KEY = "minilora_generation"  # safetensors metadata: which save wrote the weights
-AdapterModules = dict[str, nn.Module]  # module path -> LoRALinear or ModulesToSave holding the adapter
+AdapterModules = dict[str, nn.Module]  # module path -> AdapterLayer or ModulesToSave holding the adapter
 
 # PEFT fields minilora does not implement: ignored when they hold their default, refused otherwise.
 _PEFT_DEFAULTS = {
@@ -94,108 +90,16 @@ _PEFT_INERT = {"auto_mapping", "revision", "peft_version", "megatron_core", "qal
 
 
 # ---------------------------------------------------------------------------- model -> files
-def _export_scale(layer: LoRALinear, name: str, r_total: int, rslora: bool) -> tuple[float, float]:
-    """(alpha, scale) of the exported single LoRA: same scale as the first part, rank r_total."""
-    first_name, first = next(iter(layer.parts[name].items()))
-    scale = layer.scaling[name][first_name]
-    alpha = first.alpha if r_total == first.r else (scale * math.sqrt(r_total) if rslora else scale * r_total)
-    return alpha, scale
-
-
-def _export_layer(layer: LoRALinear, name: str, rslora: bool) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """One LoRA over the whole output, equal to the layer's parts: (A, B, r, alpha)."""
-    parts = layer.parts[name]
-    A_parts = [layer.lora_A[name][p].weight.detach() for p in parts]  # (r_p, d_in) each
-    if list(parts) == [FULL]:
-        return A_parts[0], layer.lora_B[name][FULL].weight.detach(), parts[FULL].r, parts[FULL].alpha
-    A = torch.cat(A_parts)  # (Σ r_p, d_in)
-    r_total = A.shape[0]
-    alpha, scale = _export_scale(layer, name, r_total, rslora)
-    B = torch.zeros(layer.out_features, r_total, dtype=A.dtype)  # (d_out, Σ r_p): zero outside the parts
-    offset = 0
-    for part_name, part in parts.items():
-        ratio = layer.scaling[name][part_name] / scale  # 1.0 unless parts differ in scale
-        rows = part.rows(B, 0)[..., offset:offset + part.r]  # (blocks, d_part / blocks, r_p), a view of B
-        rows.copy_((layer.lora_B[name][part_name].weight.detach() * ratio).view(rows.shape))
-        offset += part.r
-    return A, B, r_total, alpha
-
-
-def _expert_keys(layer: LoRAExperts, path: str, name: str) -> dict[str, str]:
-    """Parameter -> the key prefix PEFT gives its factors. PEFT wraps one parameter per wrapper and
-    nests them in the module's parameter order, the first innermost: with gate_up_proj and
-    down_proj targeted, `<path>.base_layer.lora_A.weight` is gate_up_proj's, `<path>.lora_A.weight` down_proj's."""
-    order = [p for p, _ in layer.base_layer.named_parameters(recurse=False) if p in layer.parts[name]]
-    return {p: f"{PREFIX}{path}." + "base_layer." * (len(order) - 1 - i) for i, p in enumerate(order)}
-
-
-def _export_experts(layer: LoRAExperts, name: str, parameter: str, rslora: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """One LoRA per expert over the whole parameter, in PEFT's layout: (A, B, r, alpha) with
-    A (E·R, d_in), row e·R + j, and B (d_out, R·E), column j·E + e; R = Σ r_p, B zero outside the parts."""
-    parts, scales = layer.parts[name][parameter], layer.scaling[name][parameter]
-    A = torch.cat([layer.lora_A[name][parameter][p].detach() for p in parts], dim=1)  # (E, R, d_in)
-    experts, r_total, d_in = A.shape
-    first_name, first = next(iter(parts.items()))
-    scale = scales[first_name]
-    alpha = first.alpha if r_total == first.r else (scale * math.sqrt(r_total) if rslora else scale * r_total)
-    B = torch.zeros(experts, layer.weight_of(parameter).shape[1], r_total, dtype=A.dtype)  # (E, d_out, R)
-    offset = 0
-    for part_name, part in parts.items():
-        rows = part.rows(B, 1)[..., offset:offset + part.r]  # (E, blocks, d_part / blocks, r_p), a view of B
-        B_part = layer.lora_B[name][parameter][part_name].detach() * (scales[part_name] / scale)  # (E, d_part, r_p)
-        rows.copy_(B_part.view(rows.shape))
-        offset += part.r
-    return A.reshape(experts * r_total, d_in), B.permute(1, 2, 0).reshape(B.shape[1], r_total * experts), r_total, alpha
-
-
-def _import_experts(layer: LoRAExperts, name: str, parameter: str, A: torch.Tensor, B: torch.Tensor,
-                    where: str) -> None:
-    """The inverse of `_export_experts`: PEFT's per-expert A and B back into the parameter's parts."""
-    parts, scales = layer.parts[name][parameter], layer.scaling[name][parameter]
-    experts = layer.weight_of(parameter).shape[0]
-    r_total = A.shape[0] // experts
-    A = A.reshape(experts, r_total, -1)  # (E, R, d_in)
-    B = B.reshape(B.shape[0], r_total, experts).permute(2, 0, 1)  # (E, d_out, R)
-    scale = next(iter(scales.values()))  # the export kept the first part's scale (see _export_experts)
-    covered = torch.zeros(B.shape, dtype=torch.bool)
-    offset = 0
-    for part_name, part in parts.items():
-        cols = slice(offset, offset + part.r)
-        B_part = part.rows(B, 1)[..., cols].reshape(experts, part.width, part.r)  # (E, d_part, r_p)
-        layer.set_part_weights(name, parameter, part_name, A[:, cols], B_part * (scale / scales[part_name]))
-        part.rows(covered, 1)[..., cols] = True
-        offset += part.r
-    if (B[~covered] != 0).any():
-        raise ValueError(f"{where}: lora_B has non-zero entries outside the parts the config names (e.g. up's rows), "
-                         "so it cannot load as parts without changing the model; load it with target_parameters")
-
-
 def adapter_tensors(modules: AdapterModules, name: str, use_rslora: bool, biases: dict[str, nn.Parameter]
                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
-    """Adapter `name`'s tensors under PEFT's keys, and (r, alpha) per adapted module as exported.
-    `biases`: the base biases it trains, by parameter path."""
+    """Adapter `name`'s tensors under PEFT's keys, and (r, alpha) per adapted module (or module
+    parameter) as exported. Each layer names its own tensors (AdapterLayer.file_tensors); here they
+    get their module's key prefix. `biases`: the base biases it trains, by parameter path."""
     tensors, ranks = {}, {}
     for path, module in modules.items():
-        if isinstance(module, LoRAEmbedding):
-            tensors[f"{PREFIX}{path}.lora_embedding_A"] = module.lora_embedding_A[name].detach()
-            tensors[f"{PREFIX}{path}.lora_embedding_B"] = module.lora_embedding_B[name].detach()
-            ranks[path] = module.ranks[name]
-        elif isinstance(module, LoRAExperts):
-            for parameter, key in _expert_keys(module, path, name).items():
-                A, B, r, alpha = _export_experts(module, name, parameter, use_rslora)
-                tensors[f"{key}lora_A.weight"], tensors[f"{key}lora_B.weight"] = A, B
-                ranks[f"{path}.{parameter}"] = (r, alpha)
-        elif isinstance(module, LoRALinear):
-            A, B, r, alpha = _export_layer(module, name, use_rslora)
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = A
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = B
-            if name in module.lora_magnitude_vector:  # DoRA: m over every row of the layer (see dora.py)
-                tensors[f"{PREFIX}{path}.{MAGNITUDE}"] = whole_magnitude(module, name)
-            ranks[path] = (r, alpha)
-        else:  # ModulesToSave: the adapter's trained copy
-            for param, value in module.modules_to_save[name].state_dict().items():
-                tensors[f"{PREFIX}{path}.{param}"] = value.detach()
+        own, own_ranks = module.file_tensors(name, use_rslora)
+        tensors.update({f"{PREFIX}{path}.{suffix}": t for suffix, t in own.items()})
+        ranks.update({f"{path}.{unit}" if unit else path: r for unit, r in own_ranks.items()})
     for path, param in biases.items():
         tensors[PREFIX + path] = param.detach()
     return {k: v.contiguous() for k, v in tensors.items()}, ranks
@@ -208,9 +112,8 @@ def peft_config_dict(config: LoraConfig, modules: AdapterModules, name: str, ran
     out = {k: v for k, v in config.to_dict().items() if k not in ("layer_bands", "component_ranks")}
     out["base_model_name_or_path"] = out["base_model_name_or_path"] or base_model_name or None
     out["inference_mode"] = True
-    sliced = {path: list(m.parts[name]) for path, m in modules.items()
-              if isinstance(m, LoRALinear) and list(m.parts[name]) != [FULL]}
-    parameters = {f"{path}.{p}" for path, m in modules.items() if isinstance(m, LoRAExperts) for p in m.parts[name]}
+    sliced = {path: m.sliced_parts(name) for path, m in modules.items() if m.sliced_parts(name)}
+    parameters = {f"{path}.{p}" for path, m in modules.items() for p in m.target_parameters(name)}
     plain = not sliced and not parameters and config.layer_bands is None and not config.component_ranks \
         and peft_reads_targets_alike
     if not plain:
@@ -550,20 +453,9 @@ def fill_adapter(modules: AdapterModules, name: str, use_rslora: bool, biases: d
                 "in this model; the adapter was saved for a different base model"
             )
     for path, module in modules.items():
-        if isinstance(module, LoRAEmbedding):
-            module.set_weights(name, tensors[f"{PREFIX}{path}.lora_embedding_A"], tensors[f"{PREFIX}{path}.lora_embedding_B"])
-        elif isinstance(module, LoRAExperts):
-            for parameter, key in _expert_keys(module, path, name).items():
-                _import_experts(module, name, parameter, tensors[f"{key}lora_A.weight"], tensors[f"{key}lora_B.weight"],
-                                f"{directory}: {path}.{parameter}")
-        elif isinstance(module, LoRALinear):
-            A, B = tensors[f"{PREFIX}{path}.lora_A.weight"], tensors[f"{PREFIX}{path}.lora_B.weight"]
-            _import_layer(module, name, A, B, path, use_rslora)
-            if name in module.lora_magnitude_vector:
-                set_whole_magnitude(module, name, tensors[f"{PREFIX}{path}.{MAGNITUDE}"], f"{directory}: {path}")
-        else:
-            copy = module.modules_to_save[name]
-            copy.load_state_dict({p: tensors[f"{PREFIX}{path}.{p}"] for p in copy.state_dict()})
+        key = f"{PREFIX}{path}."
+        own = {k[len(key):]: t for k, t in tensors.items() if k.startswith(key) and k in expected}
+        module.load_file_tensors(name, own, use_rslora, f"{directory}: {path}")
     for path, param in biases.items():
         param.copy_(tensors[PREFIX + path])  # the base's own bias: shared by every adapter, as in PEFT
     for path, table in tables.items():
@@ -577,33 +469,6 @@ def _embedding_tables(modules: AdapterModules, tensors: dict[str, torch.Tensor],
     tables = {}
     for path, module in modules.items():
         table = tensors.pop(f"{PREFIX}{path}.base_layer.weight", None)
-        if table is None or not isinstance(module, LoRAEmbedding):
-            continue
-        if table.shape != module.base_layer.weight.shape:
-            raise ValueError(f"{directory}: {path}'s saved embedding table has shape {tuple(table.shape)} but this "
-                             f"model's is {tuple(module.base_layer.weight.shape)}; resize the model's token "
-                             "embeddings (resize_token_embeddings) to the adapter's vocabulary first")
-        tables[path] = table
+        if table is not None and module.accepts_saved_table(table, f"{directory}: {path}"):
+            tables[path] = table
     return tables
-
-
-def _import_layer(layer: LoRALinear, name: str, A: torch.Tensor, B: torch.Tensor, path: str, rslora: bool) -> None:
-    """The inverse of `_export_layer`: split one whole-layer LoRA back into the layer's parts."""
-    parts = layer.parts[name]
-    if list(parts) == [FULL]:
-        layer.set_part_weights(name, FULL, A, B)
-        return
-    _, scale = _export_scale(layer, name, A.shape[0], rslora)
-    covered = torch.zeros(B.shape, dtype=torch.bool)
-    offset = 0
-    for part_name, part in parts.items():
-        cols = slice(offset, offset + part.r)
-        B_part = part.rows(B, 0)[..., cols].reshape(part.width, part.r)  # (d_part, r_p)
-        layer.set_part_weights(name, part_name, A[cols], B_part * (scale / layer.scaling[name][part_name]))
-        part.rows(covered, 0)[..., cols] = True
-        offset += part.r
-    if B[~covered].abs().max() > 0:
-        raise ValueError(
-            f"{path}: lora_B has non-zero entries outside the slices the config names (e.g. K's rows), so it "
-            "cannot load as slices without changing the model; load it with target_modules set to the module name"
-        )

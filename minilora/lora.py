@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -54,7 +54,8 @@ import torch.nn as nn
 from . import dora, mixing
 from . import init as named_init
 from .quant import bnb_layers
-from .roles import FULL, Rows, features, part_rows
+from .adapter_layer import AdapterLayer, AdapterState
+from .roles import FULL, Rows, by_part, features, part_of, part_rows
 
 
 @dataclass(frozen=True)
@@ -73,62 +74,27 @@ class LoraPart(Rows):
         return self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
 
 
-@dataclass
-class AdapterState:
-    """What every adapter layer of a model reads in its forward pass, besides weights. A LoraModel
-    owns one and hands the same object to each layer: a switch rewrites it once, not per layer."""
-
-    active: list[str] = field(default_factory=list)  # adapters applied, in this order
-    disabled: bool = False  # True inside LoraModel.disable_adapter(): the base model alone
-    routing: Optional[mixing.Routing] = None  # this call's choice of several adapters, or None
-
-
-class Unmerging:
-    """What every adapter layer does alike once `merge` has folded adapters into its weight: it
-    keeps their names in `merged_adapters` and can fold them out again (`_fold(name, -1)`)."""
-
-    merged_adapters: list[str]
-
-    def unmerge(self, adapter_names: Optional[list[str]] = None) -> None:
-        """W ← W − (alpha/r)·B·A for merged adapters, latest first. Unmerging twice is a no-op."""
-        for name in reversed(list(self.merged_adapters)):
-            if adapter_names is None or name in adapter_names:
-                self._fold(name, -1.0)
-                self.merged_adapters.remove(name)
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-
-class LoRALinear(Unmerging, nn.Module):
+class LoRALinear(AdapterLayer):
     """A frozen base layer plus any number of named adapters, each over one or more output parts."""
 
     def __init__(self, base_layer: nn.Module, state: Optional[AdapterState] = None):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer, state)
         self.in_features, self.out_features = features(base_layer)
-        self.lora_A = nn.ModuleDict()  # adapter -> {part -> Linear(d_in, r)}     weight (r, d_in)
-        self.lora_B = nn.ModuleDict()  # adapter -> {part -> Linear(r, d_part)}   weight (d_part, r)
+        # PEFT's layout for a whole-layer adapter: its one module under its name (lora_A.<adapter>.weight);
+        # a sliced adapter, which PEFT cannot express, adds a level of parts (lora_A.<adapter>.<part>.weight)
+        self.lora_A = nn.ModuleDict()  # adapter -> Linear(d_in, r), or {part -> Linear(d_in, r)}  weight (r, d_in)
+        self.lora_B = nn.ModuleDict()  # adapter -> Linear(r, d_out), or {part -> Linear(r, d_part)}
         self.lora_dropout = nn.ModuleDict()  # adapter -> Dropout or Identity
-        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: adapter -> {part -> m (d_part,)}
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: adapter -> m (d_out,), or {part -> m}
         self.parts: dict[str, dict[str, LoraPart]] = {}  # adapter -> {part name -> columns, rank, alpha}
-        self.scaling: dict[str, dict[str, float]] = {}  # adapter -> {part name -> alpha / r}
-        self.merged_adapters: list[str] = []
-        self.state = state if state is not None else AdapterState()
+        self.scaling: dict[str, float | dict[str, float]] = {}  # adapter -> alpha / r, or {part name -> alpha / r}
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")  # PEFT's: the tables of trained modules
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")  # PEFT's: the other per-adapter tables
 
     @property
-    def active_adapters(self) -> list[str]:
-        return self.state.active
-
-    @active_adapters.setter
-    def active_adapters(self, names: list[str]) -> None:
-        self.state.active[:] = names  # in place: the state may be shared with the rest of a model
-
-    @property
-    def disable_adapters(self) -> bool:
-        """True while the model's adapters are switched off (PEFT's per-layer flag; here one for all layers)."""
-        return self.state.disabled
+    def adapter_names(self) -> list[str]:
+        return list(self.parts)
 
     # PEFT's per-adapter attributes: a number for a whole-layer adapter; for a sliced one (which PEFT
     # cannot express), a number per part
@@ -143,6 +109,24 @@ class LoRALinear(Unmerging, nn.Module):
     @property
     def use_dora(self) -> dict[str, bool]:
         return {name: name in self.lora_magnitude_vector for name in self.parts}
+
+    # ------------------------------------------------------------------ one adapter's parts
+    def pair(self, name: str, part: str) -> tuple[nn.Linear, nn.Linear]:
+        """(A, B) of adapter `name` for `part`: A.weight (r, d_in), B.weight (d_part, r)."""
+        return part_of(self.lora_A[name], part), part_of(self.lora_B[name], part)
+
+    def part_scale(self, name: str, part: str) -> float:
+        """alpha / r (alpha / √r with rsLoRA) of adapter `name`'s `part`."""
+        scale = self.scaling[name]
+        return scale[part] if isinstance(scale, dict) else scale
+
+    def magnitude(self, name: str, part: str) -> nn.Module:
+        """The DoRA magnitude m (d_part,) of adapter `name`'s `part`, as a module with `.weight`."""
+        return part_of(self.lora_magnitude_vector[name], part)
+
+    def adapter_dtype(self, name: str) -> torch.dtype:
+        """The dtype adapter `name`'s weights are kept (and its low-rank path computes) in."""
+        return self.pair(name, next(iter(self.parts[name])))[0].weight.dtype
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `layer.weight` sees the base layer's, as in PEFT
@@ -176,7 +160,7 @@ class LoRALinear(Unmerging, nn.Module):
             dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         if not weight.is_floating_point():  # a quantized base stores codes, not values
             dtype = torch.float32
-        A, B = nn.ModuleDict(), nn.ModuleDict()
+        A, B = {}, {}
         for part_name, part in parts.items():
             if part.blocks < 1 or self.out_features % part.blocks or not (
                     0 <= part.first < part.end <= self.out_features // part.blocks):
@@ -191,8 +175,8 @@ class LoRALinear(Unmerging, nn.Module):
             A[part_name] = nn.Linear(self.in_features, part.r, bias=False, device=weight.device, dtype=dtype)
             B[part_name] = nn.Linear(part.r, part.width, bias=False, device=weight.device, dtype=dtype)
         self.parts[name] = dict(parts)
-        self.scaling[name] = {part_name: part.scale(use_rslora) for part_name, part in parts.items()}
-        self.lora_A[name], self.lora_B[name] = A, B
+        self.scaling[name] = _per_part({part_name: part.scale(use_rslora) for part_name, part in parts.items()})
+        self.lora_A[name], self.lora_B[name] = by_part(A), by_part(B)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.reset_adapter(name, init_lora_weights)
         if use_dora:
@@ -205,8 +189,8 @@ class LoRALinear(Unmerging, nn.Module):
         "pissa", "pissa_niter_K", "olora" and "orthogonal" are one call into init.py."""
         if named_init.is_named(init_lora_weights):
             return named_init.initialise(self, name, init_lora_weights)
-        for part, A in self.lora_A[name].items():
-            B = self.lora_B[name][part]
+        for part in self.parts[name]:
+            A, B = self.pair(name, part)
             if init_lora_weights == "gaussian":
                 nn.init.normal_(A.weight, std=1 / A.out_features)
             else:
@@ -224,8 +208,9 @@ class LoRALinear(Unmerging, nn.Module):
     @torch.no_grad()
     def set_part_weights(self, name: str, part: str, A: torch.Tensor, B: torch.Tensor) -> None:
         """Copy A (r, d_in) and B (d_part, r) into adapter `name`'s pair for `part`."""
-        self.lora_A[name][part].weight.copy_(A)
-        self.lora_B[name][part].weight.copy_(B)
+        A_module, B_module = self.pair(name, part)
+        A_module.weight.copy_(A)
+        B_module.weight.copy_(B)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -253,14 +238,14 @@ class LoRALinear(Unmerging, nn.Module):
         """y[..., part] + weight · (alpha/r) · (dropout(x) Aᵀ) Bᵀ for each part of adapter `name`."""
         if name in self.lora_magnitude_vector:
             return dora.add_dora(self, y, x, name, weight)
-        A, B = self.lora_A[name], self.lora_B[name]
-        x = self.lora_dropout[name](x.to(next(iter(A.values())).weight.dtype))  # (..., d_in)
+        x = self.lora_dropout[name](x.to(self.adapter_dtype(name)))  # (..., d_in)
         columns, scales, factors = [], [], []
         for part_name, part in self.parts[name].items():
-            h = A[part_name](x).reshape(-1, part.r)  # (N, d_in) @ (d_in, r) -> (N, r)
+            A, B = self.pair(name, part_name)
+            h = A(x).reshape(-1, part.r)  # (N, d_in) @ (d_in, r) -> (N, r)
             columns.append((part.first, part.end, part.blocks))
-            scales.append(weight * self.scaling[name][part_name])
-            factors += [h.to(y.dtype), B[part_name].weight.to(y.dtype)]  # h (N, r), B (d_part, r)
+            scales.append(weight * self.part_scale(name, part_name))
+            factors += [h.to(y.dtype), B.weight.to(y.dtype)]  # h (N, r), B (d_part, r)
         y2d = y.reshape(-1, self.out_features)  # (N, d_out)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (y2d, *factors)):
             return LowRankAdd.apply(y2d, tuple(columns), tuple(scales), *factors).view(y.shape)
@@ -269,9 +254,17 @@ class LoRALinear(Unmerging, nn.Module):
     # ------------------------------------------------------------------ merge
     def delta_weight(self, name: str, part: str) -> torch.Tensor:
         """(alpha/r) · B · A: (d_part, r) @ (r, d_in) -> (d_part, d_in), computed in fp32."""
-        A = self.lora_A[name][part].weight.float()
-        B = self.lora_B[name][part].weight.float()
-        return self.scaling[name][part] * (B @ A)
+        A, B = self.pair(name, part)
+        return self.part_scale(name, part) * (B.weight.float() @ A.weight.float())
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """PEFT's name: adapter `name`'s ΔW over the whole layer, in the base weight's own layout
+        ((d_out, d_in); (d_in, d_out) for Conv1D), fp32, zero in rows no part covers."""
+        delta = torch.zeros(self.out_features, self.in_features, device=self.base_layer.weight.device)
+        for part_name, part in self.parts[name].items():
+            rows = part.rows(delta, 0)  # (blocks, d_part / blocks, d_in), a view of delta
+            rows.copy_(self.delta_weight(name, part_name).view(rows.shape))
+        return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def _fold(self, name: str, sign: float) -> None:
@@ -335,6 +328,77 @@ class LoRALinear(Unmerging, nn.Module):
                 if not torch.isfinite(rows.float() + delta.view(rows.shape)).all():
                     raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} (part "
                                      f"{part_name!r}) seems to be broken; nothing was merged")
+
+    def check_combinable(self, names: list[str], path: str) -> None:
+        """Linear layers' pairs are what add_weighted_adapter combines (combine.py)."""
+
+    # ------------------------------------------------------------------ files (PEFT's keys)
+    def file_tensors(self, name: str, use_rslora: bool
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+        """PEFT's one LoRA over the whole layer (`lora_A.weight` (r, d_in), `lora_B.weight` (d_out, r)),
+        equal to this adapter's parts, and DoRA's m over every row (`lora_magnitude_vector`)."""
+        A, B, r, alpha = self._as_one_lora(name, use_rslora)
+        tensors = {"lora_A.weight": A, "lora_B.weight": B}
+        if name in self.lora_magnitude_vector:  # DoRA: m over every row of the layer (see dora.py)
+            tensors[dora.MAGNITUDE] = dora.whole_magnitude(self, name)
+        return tensors, {"": (r, alpha)}
+
+    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], use_rslora: bool, where: str) -> None:
+        self._from_one_lora(name, tensors["lora_A.weight"], tensors["lora_B.weight"], use_rslora, where)
+        if name in self.lora_magnitude_vector:
+            dora.set_whole_magnitude(self, name, tensors[dora.MAGNITUDE], where)
+
+    def sliced_parts(self, name: str) -> Optional[list[str]]:
+        parts = list(self.parts[name])
+        return None if parts == [FULL] else parts
+
+    def _one_lora_scale(self, name: str, r_total: int, rslora: bool) -> tuple[float, float]:
+        """(alpha, scale) of the single LoRA a file holds: the first part's scale, at rank r_total."""
+        first_name, first = next(iter(self.parts[name].items()))
+        scale = self.part_scale(name, first_name)
+        alpha = first.alpha if r_total == first.r else (scale * math.sqrt(r_total) if rslora else scale * r_total)
+        return alpha, scale
+
+    def _as_one_lora(self, name: str, rslora: bool) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """One LoRA over the whole output, equal to the adapter's parts: (A, B, r, alpha). The parts'
+        A stack into A (Σ r_p, d_in); B (d_out, Σ r_p) holds each part's B in its rows and its own
+        r_p columns, zero elsewhere, rescaled to the first part's scale."""
+        parts = self.parts[name]
+        A_parts = [self.pair(name, p)[0].weight.detach() for p in parts]  # (r_p, d_in) each
+        if list(parts) == [FULL]:
+            return A_parts[0], self.pair(name, FULL)[1].weight.detach(), parts[FULL].r, parts[FULL].alpha
+        A = torch.cat(A_parts)  # (Σ r_p, d_in)
+        r_total = A.shape[0]
+        alpha, scale = self._one_lora_scale(name, r_total, rslora)
+        B = torch.zeros(self.out_features, r_total, dtype=A.dtype)  # (d_out, Σ r_p): zero outside the parts
+        offset = 0
+        for part_name, part in parts.items():
+            ratio = self.part_scale(name, part_name) / scale  # 1.0 unless parts differ in scale
+            rows = part.rows(B, 0)[..., offset:offset + part.r]  # (blocks, d_part / blocks, r_p), a view of B
+            rows.copy_((self.pair(name, part_name)[1].weight.detach() * ratio).view(rows.shape))
+            offset += part.r
+        return A, B, r_total, alpha
+
+    def _from_one_lora(self, name: str, A: torch.Tensor, B: torch.Tensor, rslora: bool, where: str) -> None:
+        """The inverse of `_as_one_lora`: split one whole-layer LoRA back into the adapter's parts."""
+        parts = self.parts[name]
+        if list(parts) == [FULL]:
+            self.set_part_weights(name, FULL, A, B)
+            return
+        _, scale = self._one_lora_scale(name, A.shape[0], rslora)
+        covered = torch.zeros(B.shape, dtype=torch.bool)
+        offset = 0
+        for part_name, part in parts.items():
+            cols = slice(offset, offset + part.r)
+            B_part = part.rows(B, 0)[..., cols].reshape(part.width, part.r)  # (d_part, r_p)
+            self.set_part_weights(name, part_name, A[cols], B_part * (scale / self.part_scale(name, part_name)))
+            part.rows(covered, 0)[..., cols] = True
+            offset += part.r
+        if B[~covered].abs().max() > 0:
+            raise ValueError(
+                f"{where}: lora_B has non-zero entries outside the slices the config names (e.g. K's rows), so it "
+                "cannot load as slices without changing the model; load it with target_modules set to the module name"
+            )
 
     def extra_repr(self) -> str:
         ranks = {n: {p: part.r for p, part in parts.items()} for n, parts in self.parts.items()}

@@ -74,7 +74,7 @@ def _stacks(layer, entries: tuple, d_part: int, dtype: torch.dtype) -> tuple[tor
     """A (n+1, r_max, d_in) and B·s (n+1, d_part, r_max) of the (adapter, part) entries, index 0 all
     zeros. Cached on the layer and rebuilt when a weight changes (its version counter moves), when
     the layer moves, or when adapters are added or deleted (LoRALinear drops the cache then)."""
-    weights = [(layer.lora_A[n][p].weight, layer.lora_B[n][p].weight) for n, p in entries]
+    weights = [tuple(module.weight for module in layer.pair(n, p)) for n, p in entries]
     if torch.compiler.is_compiling():  # a compiled graph builds the stacks itself: nothing to cache
         return _build_stacks(layer, entries, weights, d_part, dtype)
     versions = tuple((a._version, b._version) for a, b in weights)
@@ -97,7 +97,7 @@ def _build_stacks(layer, entries: tuple, weights: list, d_part: int, dtype: torc
     with torch.no_grad():
         for i, ((n, p), (a, b)) in enumerate(zip(entries, weights), start=1):
             A_stack[i, : a.shape[0]] = a.to(dtype)  # zero-padded ranks change nothing
-            B_stack[i, :, : a.shape[0]] = b.to(dtype) * layer.scaling[n][p]
+            B_stack[i, :, : a.shape[0]] = b.to(dtype) * layer.part_scale(n, p)
     return A_stack, B_stack
 
 
@@ -119,8 +119,8 @@ def add_rows(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch
             idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
             x_rows = x3[idx]  # (b, T, d_in)
             for part_name, part in layer.parts[name].items():
-                A, B = layer.lora_A[name][part_name].weight, layer.lora_B[name][part_name].weight
-                delta = (x_rows.to(A.dtype) @ A.t()) @ B.t() * layer.scaling[name][part_name]  # (b, T, d_part)
+                A, B = (module.weight for module in layer.pair(name, part_name))
+                delta = (x_rows.to(A.dtype) @ A.t()) @ B.t() * layer.part_scale(name, part_name)  # (b, T, d_part)
                 routed = y3[idx]  # (b, T, d_out), a copy of the routed rows
                 part.rows(routed).add_(delta.to(y3.dtype).view(part.rows(routed).shape))
                 y3[idx] = routed
@@ -154,9 +154,9 @@ def add_mixture(layer, y: torch.Tensor, x: torch.Tensor, mixture: Mixture) -> to
         if name not in layer.lora_A:
             continue
         for part_name, part in layer.parts[name].items():
-            A, B = layer.lora_A[name][part_name].weight, layer.lora_B[name][part_name].weight
+            A, B = (module.weight for module in layer.pair(name, part_name))
             h = x3.to(A.dtype) @ A.t()  # (B, T, d_in) @ (d_in, r) -> (B, T, r)
-            delta = (h @ B.t()) * layer.scaling[name][part_name]  # (B, T, d_part)
+            delta = (h @ B.t()) * layer.part_scale(name, part_name)  # (B, T, d_part)
             pad = (part.first, layer.out_features // part.blocks - part.end)  # zeros around the part in each block
             blocked = (delta * w[..., a:a + 1]).unflatten(-1, (part.blocks, -1))  # (B, T, blocks, d_part / blocks)
             out = out + torch.nn.functional.pad(blocked, pad).flatten(-2).to(out.dtype)

@@ -33,14 +33,14 @@ from . import convert
 from . import init as named_init
 from .config import LoraConfig
 from .families import DEFAULT_TARGETS
-from .lora import AdapterState, LoRALinear
+from .adapter_layer import AdapterLayer, AdapterState
 from .merge_methods import MergeOptions
 from .params import count_parameters, format_trainable, parameter_breakdown
 from .quant import Linear4bit, NF4Config
 from .roles import walk
 from .signature import bind_forward
+from .state_names import accept_earlier_names
 from .surgery import (
-    ADAPTER_LAYERS,
     TASK_HEADS,
     ModulesToSave,
     Plan,
@@ -72,16 +72,10 @@ def _tied_names(module: nn.Module) -> dict[str, str]:
     return later
 
 
-def _list_tied_parameters_once(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """`state_dict()` lists a tied parameter under its first name only, as `save_pretrained` writes
-    it: safetensors refuses tensors that share memory, and transformers' Trainer saves a model it
-    does not know as one `save_file(model.state_dict())`."""
-    for name in _tied_names(module):
-        state_dict.pop(prefix + name, None)
-
-
 def _fill_tied_parameters(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """`load_state_dict` takes a state dict with or without the later names of tied parameters."""
+    """`load_state_dict` takes a state dict with or without the later names of tied parameters
+    (`state_dict()` lists every name, as PEFT's and torch's do; safetensors' `save_model` and
+    earlier minilora releases write a tied parameter once)."""
     for name, source in _tied_names(module).items():
         if prefix + name not in state_dict and prefix + source in state_dict:
             state_dict[prefix + name] = state_dict[prefix + source]
@@ -98,12 +92,35 @@ def _name_the_default_loss(model: nn.Module) -> None:
         model.loss_type = "ForCausalLM"
 
 
+class LoraTuner(nn.Module):
+    """PEFT's middle level, `peft_model.base_model`: it holds the HF model as `.model`, so every
+    parameter is named `base_model.model.<path>` as in PEFT. Calling it runs the HF model; other
+    attributes are the LoraModel's (its methods, `peft_config`) and through it the HF model's."""
+
+    def __init__(self, model: nn.Module, owner: "LoraModel"):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the owner holds this one
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "_owner") or "_owner" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_owner"], name)
+
+
 class LoraModel(nn.Module):
-    """A HF model whose target layers carry LoRA adapters. `self.model` is the HF model."""
+    """A HF model whose target layers carry LoRA adapters. `self.model` (PEFT's
+    `self.base_model.model`) is the HF model."""
 
     def __init__(self, model: nn.Module, config: Optional[LoraConfig], adapter_name: str = "default"):
         super().__init__()
-        self.model = model
+        self.base_model = LoraTuner(model, self)
         self.peft_config: dict[str, LoraConfig] = {}
         self._state = AdapterState()  # read by every adapter layer: active names, disabled, routing
         self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its parameters (for set_adapter)
@@ -111,7 +128,7 @@ class LoraModel(nn.Module):
         bind_forward(self, model)  # inspect.signature(self.forward) names the HF model's inputs
         _name_the_default_loss(model)
         self._take_over_earlier_adapters(adapter_name if config is not None else None)
-        self.register_state_dict_post_hook(_list_tied_parameters_once)
+        self.register_load_state_dict_pre_hook(accept_earlier_names)  # first: the next hook reads today's names
         self.register_load_state_dict_pre_hook(_fill_tied_parameters)
         if config is not None:  # None: adapters come later, from files (`from_pretrained`)
             self.add_adapter(adapter_name, config)
@@ -121,7 +138,7 @@ class LoraModel(nn.Module):
         """A base wrapped a second time (a second get_peft_model, as PEFT allows): its adapter layers
         now read this model's state, and an earlier adapter named `replaced` gives way to the new one.
         Other earlier adapters stay in the layers, inactive and unregistered here."""
-        layers = [m for _, m in walk(self.model) if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))]
+        layers = [m for _, m in walk(self.model) if isinstance(m, (AdapterLayer, ModulesToSave))]
         if not layers:
             return
         warnings.warn("this model already carries minilora adapters from an earlier get_peft_model: the new "
@@ -129,10 +146,8 @@ class LoraModel(nn.Module):
                       "use add_adapter on one LoraModel to keep several adapters", stacklevel=3)
         for layer in layers:
             layer.state = self._state
-            if isinstance(layer, ADAPTER_LAYERS) and replaced in layer.lora_A:
+            if replaced is not None and layer.has_adapter(replaced):
                 layer.delete_adapter(replaced)
-            elif isinstance(layer, ModulesToSave) and replaced in layer.modules_to_save:
-                del layer.modules_to_save[replaced]
 
     # ------------------------------------------------------------------ passthrough
     def forward(self, *args, labels=None, adapter_names: Optional[list[str]] = None,
@@ -199,9 +214,14 @@ class LoraModel(nn.Module):
         try:
             return super().__getattr__(name)  # parameters, buffers, submodules
         except AttributeError:
-            if name == "model":
+            if name in ("model", "base_model"):
                 raise
             return getattr(self.model, name)
+
+    @property
+    def model(self) -> nn.Module:
+        """The HF model."""
+        return self.base_model.model
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -212,11 +232,6 @@ class LoraModel(nn.Module):
         upload the whole base model, not the adapter."""
         raise NotImplementedError("minilora does not upload: save_pretrained(dir) writes the adapter in PEFT's "
                                   "format; upload that directory with huggingface_hub (upload_folder)")
-
-    @property
-    def base_model(self) -> "LoraModel":
-        """PEFT's `peft_model.base_model.model` path reaches the HF model here too."""
-        return self
 
     def get_base_model(self) -> nn.Module:
         return self.model
@@ -238,7 +253,7 @@ class LoraModel(nn.Module):
         layers = self._lora_layers()
         first: dict[str, None] = {}
         for name in self.peft_config:  # the order the adapters came in
-            first.update(dict.fromkeys(path for path, layer in layers.items() if name in layer.lora_A))
+            first.update(dict.fromkeys(path for path, layer in layers.items() if layer.has_adapter(name)))
         return [*first, *(path for path in layers if path not in first)]
 
     @property
@@ -355,10 +370,7 @@ class LoraModel(nn.Module):
         """Remove an adapter and free its weights. If it was active, the first remaining one is."""
         self._check_exists([adapter_name])
         for layer in self._adapter_modules(adapter_name).values():
-            if isinstance(layer, ADAPTER_LAYERS):
-                layer.delete_adapter(adapter_name)
-            else:
-                del layer.modules_to_save[adapter_name]
+            layer.delete_adapter(adapter_name)
         del self.peft_config[adapter_name], self._params[adapter_name]
         self._state.active[:] = [n for n in self._state.active if n != adapter_name] or list(self.peft_config)[:1]
         self._update_trainable(self.active_adapters)
@@ -387,9 +399,7 @@ class LoraModel(nn.Module):
                              f"several of {adapters} have a trained copy of {shared}, which has no weighted form")
         plan, factors, energies = {}, {}, {}
         for path, layer in self._lora_layers().items():
-            if not isinstance(layer, LoRALinear) and any(a in layer.lora_A for a in adapters):
-                raise ValueError(f"{path} holds an embedding or expert-weights adapter, which add_weighted_adapter "
-                                 "cannot combine yet; combine adapters that target linear layers only")
+            layer.check_combinable(adapters, path)
             parts, pairs, kept = combine.combine_layer(layer, adapters, weights, combination_type, svd_rank, path,
                                                        options)
             if parts:
@@ -437,14 +447,13 @@ class LoraModel(nn.Module):
         self._update_trainable(self.active_adapters)
 
     def _adapter_modules(self, name: str) -> dict[str, nn.Module]:
-        """Module path -> the LoRALinear or ModulesToSave holding adapter `name`."""
+        """Module path -> the adapter layer or ModulesToSave holding adapter `name`."""
         return {path: m for path, m in walk(self.model)
-                if (isinstance(m, ADAPTER_LAYERS) and name in m.lora_A)
-                or (isinstance(m, ModulesToSave) and name in m.modules_to_save)}
+                if isinstance(m, (AdapterLayer, ModulesToSave)) and m.has_adapter(name)}
 
     def _lora_layers(self) -> dict[str, nn.Module]:
-        """Module path -> LoRALinear or LoRAEmbedding."""
-        return {path: m for path, m in walk(self.model) if isinstance(m, ADAPTER_LAYERS)}
+        """Module path -> adapter layer."""
+        return {path: m for path, m in walk(self.model) if isinstance(m, AdapterLayer)}
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory, selected_adapters: Optional[list[str]] = None,
@@ -526,11 +535,11 @@ class LoraModel(nn.Module):
             from tqdm.auto import tqdm
             layers = tqdm(layers, desc="merging", unit="layer", leave=False)
         for layer in layers:
-            layer.merge([n for n in names if n in layer.lora_A])
+            layer.merge([n for n in names if layer.has_adapter(n)])
 
     def _check_merge(self, names: list[str]) -> None:
         for layer in self._lora_layers().values():
-            layer.check_merge([n for n in names if n in layer.lora_A])
+            layer.check_merge([n for n in names if layer.has_adapter(n)])
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out of the base weights. Idempotent."""
@@ -544,7 +553,7 @@ class LoraModel(nn.Module):
         else:
             self.unmerge_adapter()
         for name, module in list(self.model.named_modules()):
-            if isinstance(module, ADAPTER_LAYERS):
+            if isinstance(module, AdapterLayer):
                 set_submodule(self.model, name, module.base_layer)
             elif isinstance(module, ModulesToSave):
                 set_submodule(self.model, name, module.active_module if merge else module.original_module)

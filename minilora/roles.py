@@ -364,3 +364,19 @@ def supported_roles(model: nn.Module) -> list[str]:
         if site.role:
             found.update(site.role.split("_"))  # a fused role names its parts
     return [r for r in ROLES if r in found]
+
+
+def by_part(modules: dict[str, nn.Module]) -> nn.Module:
+    """How an adapter table holds one adapter's modules: a whole-layer adapter's one module as it
+    is (PEFT's `lora_A.<adapter>.weight`), a sliced adapter's as a ModuleDict of its parts."""
+    return modules[FULL] if list(modules) == [FULL] else nn.ModuleDict(modules)
+
+
+def part_of(held: nn.Module, part: str) -> nn.Module:
+    """The module of `part` in what `by_part` stored."""
+    if isinstance(held, nn.ModuleDict):
+        return held[part]
+    if part != FULL:
+        raise KeyError(f"part {part!r}: this adapter covers the whole layer (part {FULL!r})")
+    return held
+

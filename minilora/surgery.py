@@ -20,8 +20,10 @@ import re
 import warnings
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
+from .adapter_layer import AdapterLayer
 from .config import Band, LoraConfig
 from .embedding import EMBEDDING, LoRAEmbedding, embedding_sites
 from .families import DEFAULT_TARGETS
@@ -38,7 +40,7 @@ TASK_HEADS = {
 }
 
 Plan = dict[str, dict[str, LoraPart]]  # module path -> {part name -> LoraPart}
-ADAPTER_LAYERS = (LoRALinear, LoRAEmbedding, LoRAExperts)  # the layers that hold LoRA factors
+ADAPTER_LAYERS = (AdapterLayer,)  # the layers that hold LoRA factors (kept for code that imported it)
 
 
 def _name_matches(name: str, key: str) -> bool:
@@ -281,7 +283,7 @@ def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: Lora
             targets[name] = parts
     for name, parts in targets.items():
         module = model.get_submodule(name)
-        if isinstance(module, ADAPTER_LAYERS):
+        if isinstance(module, AdapterLayer):
             layer = module
         elif name in experts:
             layer = LoRAExperts(module, state)
@@ -362,6 +364,30 @@ class ModulesToSave(nn.Module):
     def forward(self, *args, **kwargs):
         return self.active_module(*args, **kwargs)
 
+    def has_adapter(self, name: str) -> bool:
+        return name in self.modules_to_save
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+
+    # what io.py asks of every module an adapter saves (see adapter_layer.AdapterLayer)
+    def file_tensors(self, name: str, use_rslora: bool) -> tuple[dict[str, torch.Tensor], dict]:
+        """The adapter's trained copy, under PEFT's `<path>.<parameter>` keys."""
+        return {param: value.detach() for param, value in self.modules_to_save[name].state_dict().items()}, {}
+
+    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], use_rslora: bool, where: str) -> None:
+        copy_ = self.modules_to_save[name]
+        copy_.load_state_dict({p: tensors[p] for p in copy_.state_dict()})
+
+    def sliced_parts(self, name: str) -> None:
+        return None
+
+    def target_parameters(self, name: str) -> list[str]:
+        return []
+
+    def accepts_saved_table(self, table: torch.Tensor, where: str) -> bool:
+        return False
+
 
 def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_name: str,
                          state: AdapterState) -> list["ModulesToSave"]:
@@ -401,7 +427,7 @@ def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
     `.base_layer.` in these keys): none, those of LoRA layers ("lora_only"), or all ("all")."""
     if bias == "none":
         return {}
-    owners = {f"{p}.base_layer.bias" for p, m in walk(model) if isinstance(m, LoRALinear)}
+    owners = {f"{p}.base_layer.bias" for p, m in walk(model) if isinstance(m, AdapterLayer)}
     return {
         path: param for path, param in model.named_parameters()
         if path.endswith("bias") and "lora_" not in path and ".modules_to_save." not in path
@@ -419,6 +445,6 @@ def peft_reads_targets_alike(model: nn.Module, config: LoraConfig) -> bool:
 
 
 def adapter_layers(model: nn.Module):
-    """Every LoRALinear, LoRAEmbedding and ModulesToSave in `model`."""
-    return [m for _, m in walk(model) if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))]
+    """Every adapter layer and ModulesToSave in `model`."""
+    return [m for _, m in walk(model) if isinstance(m, (AdapterLayer, ModulesToSave))]
 

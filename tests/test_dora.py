@@ -7,10 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import minilora
 from conftest import batch, logits, make
 from minilora import LoraConfig, LoraModel, get_peft_model, quantize_model
-from minilora.lora import FULL, LoRALinear
+from minilora.lora import LoRALinear
 
 CASES = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
@@ -45,7 +44,7 @@ def both(family, seed=0):
         with torch.no_grad():
             m.mul_(1 + 0.2 * torch.randn(m.shape, generator=g))
         for side in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            getattr(layer, side)["default"][FULL].weight.data.copy_(params[f"base_model.model.{path}.{side}.default.weight"])
+            getattr(layer, side)["default"].weight.data.copy_(params[f"base_model.model.{path}.{side}.default.weight"])
     return base, theirs.eval(), ours.eval()
 
 
@@ -54,9 +53,9 @@ def randomize(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in layers(model).values():
-            for name, parts in layer.lora_magnitude_vector.items():
-                for part, magnitude in parts.items():
-                    B = layer.lora_B[name][part].weight
+            for name in layer.lora_magnitude_vector:
+                for part in layer.parts[name]:
+                    magnitude, B = layer.magnitude(name, part), layer.pair(name, part)[1].weight
                     B.copy_(0.1 * torch.randn(B.shape, generator=g))
                     magnitude.weight.mul_(1 + 0.2 * torch.randn(magnitude.weight.shape, generator=g))
 
@@ -72,8 +71,8 @@ def test_dora_at_init_is_the_base_bit_for_bit(targets):
     layer = next(iter(layers(model).values()))
     W = layer.base_layer.weight.detach()
     W = W.t() if layer.fan_in_fan_out else W  # (d_out, d_in)
-    for part, magnitude in layer.lora_magnitude_vector["default"].items():
-        p = layer.parts["default"][part]
+    for part, p in layer.parts["default"].items():
+        magnitude = layer.magnitude("default", part)
         assert torch.equal(magnitude.weight.detach(), W[p.first:p.end].norm(dim=1))
 
 
@@ -90,7 +89,7 @@ def test_same_outputs_and_gradients_as_peft(family):
     checked = 0
     for path, layer in layers(ours).items():
         for side in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            grad = getattr(layer, side)["default"][FULL].weight.grad
+            grad = getattr(layer, side)["default"].weight.grad
             expected = their_params[f"base_model.model.{path}.{side}.default.weight"].grad
             assert grad.abs().max() > 0
             torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
@@ -132,7 +131,7 @@ def test_merged_rows_are_the_dora_weight_and_k_stays_bit_identical():
     for part in ("q", "v"):
         p = layer.parts["default"][part]
         V = W[p.first:p.end] + layer.delta_weight("default", part)
-        m = layer.lora_magnitude_vector["default"][part].weight.detach()
+        m = layer.magnitude("default", part).weight.detach()
         torch.testing.assert_close(merged[p.first:p.end], m[:, None] * V / V.norm(dim=1, keepdim=True))
 
 
@@ -144,10 +143,10 @@ def reference(layer, W, x, name="default"):
     y = x @ W.t() + b
     out = [y[:, i:i + 1] for i in range(W.shape[0])]
     for part, p in layer.parts[name].items():
-        A, B = layer.lora_A[name][part].weight, layer.lora_B[name][part].weight
-        s = layer.scaling[name][part]
+        A, B = (module.weight for module in layer.pair(name, part))
+        s = layer.part_scale(name, part)
         norm = (W[p.first:p.end] + s * B @ A).norm(dim=1).detach()
-        g = layer.lora_magnitude_vector[name][part].weight / norm
+        g = layer.magnitude(name, part).weight / norm
         rows = g * (x @ W[p.first:p.end].t() + s * (x @ A.t()) @ B.t()) + b[p.first:p.end]
         out[p.first:p.end] = [rows[:, i:i + 1] for i in range(p.width)]
     return torch.cat(out, dim=1)
@@ -184,8 +183,8 @@ def test_over_nf4_matches_a_dequantized_float_reference_outputs_and_gradients(fa
     expected = reference(layer, W, x)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     assert (y - layer.base_layer(x)).abs().max() > 1e-3
-    weights = [layer.lora_A["default"][FULL].weight, layer.lora_B["default"][FULL].weight,
-               layer.lora_magnitude_vector["default"][FULL].weight]
+    weights = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+               layer.lora_magnitude_vector["default"].weight]
     grads = torch.autograd.grad(y.square().sum(), weights)
     expected_grads = torch.autograd.grad(expected.square().sum(), weights)
     for grad, want in zip(grads, expected_grads):
@@ -250,7 +249,7 @@ def test_mixed_batches_refuse_dora_and_adapter_weights_scale_its_change():
 def test_dora_trains_its_magnitude_and_delete_removes_it():
     model = get_peft_model(make("gpt2"), LoraConfig(r=4, target_modules=["c_attn"], use_dora=True))
     layer = layers(model)["transformer.h.0.attn.c_attn"]
-    m = layer.lora_magnitude_vector["default"][FULL].weight
+    m = layer.lora_magnitude_vector["default"].weight
     assert m.requires_grad and m.shape == (layer.out_features,)
     inputs = batch("gpt2")
     model.train()

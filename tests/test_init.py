@@ -9,7 +9,7 @@ import torch
 import minilora
 from conftest import batch, logits, make
 from minilora import NF4Config, quantize_model
-from minilora.lora import FULL, LoRALinear
+from minilora.lora import LoRALinear
 
 INITS = ["pissa", "pissa_niter_4", "olora", "orthogonal"]
 CASES = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}  # Conv1D / Linear
@@ -33,7 +33,7 @@ def test_the_model_at_init_computes_what_the_base_did(family, init):
     inputs = batch(family)
     torch.testing.assert_close(logits(ours, inputs), logits(base, inputs), atol=1e-5, rtol=1e-4)
     for layer in _layers(ours.model).values():
-        B = layer.lora_B["default"][FULL].weight
+        B = layer.lora_B["default"].weight
         assert B.abs().max() > 1e-3  # B is not zero: the adapter's start is not LoRA's
     changed = [not torch.equal(layer.base_layer.weight, base.get_submodule(path).weight)
                for path, layer in _layers(ours.model).items()]
@@ -95,8 +95,8 @@ def _both(family, init, spectrum=False, **kw):
 def test_exact_inits_equal_peft(family, init, rslora):
     _, theirs, ours, pairs = _both(family, init, use_rslora=rslora)
     for layer, A, B, W in pairs:
-        torch.testing.assert_close(layer.lora_A["default"][FULL].weight, A, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(layer.lora_B["default"][FULL].weight, B, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.lora_A["default"].weight, A, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.lora_B["default"].weight, B, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(layer.base_layer.weight, W, atol=1e-6, rtol=1e-5)
     inputs = batch(family)
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=1e-4)
@@ -106,8 +106,8 @@ def test_exact_inits_equal_peft(family, init, rslora):
 def test_randomized_pissa_spans_peft_subspace(family):
     _, theirs, ours, pairs = _both(family, "pissa_niter_8", spectrum=True)
     for layer, A, B, W in pairs:
-        s = layer.scaling["default"][FULL]
-        ours_A, ours_B = layer.lora_A["default"][FULL].weight, layer.lora_B["default"][FULL].weight
+        s = layer.scaling["default"]
+        ours_A, ours_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         W_ours = layer.base_layer.weight.T if layer.fan_in_fan_out else layer.base_layer.weight
         W_theirs = W.T if layer.fan_in_fan_out else W
         torch.testing.assert_close(W_ours + s * ours_B @ ours_A, W_theirs + s * B @ A, atol=1e-5, rtol=1e-4)
@@ -128,7 +128,7 @@ def test_orthogonal_draws_peft_a_and_b_for_a_seed(family):
         their_layers[path].orthogonal_init("default")
         torch.manual_seed(5)
         layer.reset_adapter("default", "orthogonal")
-        A, B = layer.lora_A["default"][FULL].weight, layer.lora_B["default"][FULL].weight
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         torch.testing.assert_close(A, their_layers[path].lora_A["default"].weight)
         torch.testing.assert_close(B, their_layers[path].lora_B["default"].weight)
         assert (B @ A).abs().max() < 1e-6 and A.abs().min() > 0
@@ -210,8 +210,8 @@ def _copy(ours, theirs):
     their_params = dict(theirs.named_parameters())
     for path, layer in _layers(ours.model).items():
         prefix = f"base_model.model.{path}"
-        their_params[f"{prefix}.lora_A.default.weight"].data.copy_(layer.lora_A["default"][FULL].weight)
-        their_params[f"{prefix}.lora_B.default.weight"].data.copy_(layer.lora_B["default"][FULL].weight)
+        their_params[f"{prefix}.lora_A.default.weight"].data.copy_(layer.lora_A["default"].weight)
+        their_params[f"{prefix}.lora_B.default.weight"].data.copy_(layer.lora_B["default"].weight)
 
 
 def test_conversion_refusals(tmp_path):

@@ -136,7 +136,7 @@ def test_several_adapters_go_to_subdirectories_and_hot_load(tmp_path):
     serving.set_adapter("legal")
     model.set_adapter("legal")
     torch.testing.assert_close(logits(serving, inputs), logits(model, inputs), atol=1e-6, rtol=1e-6)
-    ref = weakref.ref(serving.model.transformer.h[0].attn.c_proj.lora_A["legal"]["full"].weight)
+    ref = weakref.ref(serving.model.transformer.h[0].attn.c_proj.lora_A["legal"].weight)
     serving.delete_adapter("legal")
     gc.collect()
     assert ref() is None  # its memory is freed

@@ -39,7 +39,7 @@ def test_fresh_adapter_is_bit_identical(conv1d):
 def test_forward_is_the_formula(conv1d):
     layer = lora(linear(16, 24, conv1d), r=4, alpha=8.0)
     x = torch.randn(3, 5, 16)
-    A, B = layer.lora_A["a"][FULL].weight, layer.lora_B["a"][FULL].weight
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
     expected = layer.base_layer(x) + (8.0 / 4) * (x @ A.T) @ B.T  # (B,T,d_in)@(d_in,r)@(r,d_out)
     torch.testing.assert_close(layer(x), expected)
 
@@ -50,7 +50,7 @@ def test_merge_adds_scaled_BA_and_unmerge_restores(conv1d):
     W0 = dense_weight(layer).clone()
     x = torch.randn(4, 16)
     y_adapter = layer(x)
-    A, B = layer.lora_A["a"][FULL].weight, layer.lora_B["a"][FULL].weight
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
     layer.merge()
     torch.testing.assert_close(dense_weight(layer), W0 + (6.0 / 4) * B @ A)
     torch.testing.assert_close(layer(x), y_adapter)  # merged forward skips the low-rank path
@@ -88,27 +88,27 @@ def test_fused_slices_equal_separate_q_v_loras_and_k_is_untouched(conv1d):
 
 def test_rslora_scales_by_sqrt_r():
     layer = lora(linear(16, 16), r=4, alpha=8.0, use_rslora=True)
-    assert layer.scaling["a"][FULL] == pytest.approx(8.0 / math.sqrt(4))
+    assert layer.scaling["a"] == pytest.approx(8.0 / math.sqrt(4))
 
 
 def test_init_kaiming_and_gaussian():
     layer = lora(linear(64, 64), r=8, init=True)
-    A = layer.lora_A["a"][FULL].weight
+    A = layer.lora_A["a"].weight
     bound = 1 / math.sqrt(64)  # kaiming-uniform with a=√5 on fan_in 64
     assert A.abs().max() <= bound and A.abs().max() > 0.5 * bound
-    assert torch.count_nonzero(layer.lora_B["a"][FULL].weight) == 0
+    assert torch.count_nonzero(layer.lora_B["a"].weight) == 0
     g = lora(linear(64, 64), r=8, init="gaussian")
-    assert g.lora_A["a"][FULL].weight.std().item() == pytest.approx(1 / 8, rel=0.2)
+    assert g.lora_A["a"].weight.std().item() == pytest.approx(1 / 8, rel=0.2)
 
 
 def test_adapter_dtype_is_independent_of_the_base_and_autocast_works():
     base = linear(16, 24).to(torch.bfloat16)
     layer = lora(base)
-    assert layer.lora_A["a"][FULL].weight.dtype == torch.float32
+    assert layer.lora_A["a"].weight.dtype == torch.float32
     x = torch.randn(5, 16, dtype=torch.bfloat16)
     y = layer(x)
     assert y.dtype == torch.bfloat16
-    A, B = layer.lora_A["a"][FULL].weight, layer.lora_B["a"][FULL].weight
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
     ref = base(x).float() + 2.0 * (x.float() @ A.T) @ B.T
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.02)
     fp32 = lora(linear(16, 24))
@@ -116,7 +116,7 @@ def test_adapter_dtype_is_independent_of_the_base_and_autocast_works():
         out = fp32(torch.randn(5, 16))
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
-    assert fp32.lora_A["a"][FULL].weight.grad is not None
+    assert fp32.lora_A["a"].weight.grad is not None
 
 
 def test_gradients_reach_only_the_adapter():
@@ -124,8 +124,8 @@ def test_gradients_reach_only_the_adapter():
     layer.base_layer.requires_grad_(False)
     x = torch.randn(3, 16, requires_grad=True)
     layer(x).square().sum().backward()
-    assert layer.lora_A["a"][FULL].weight.grad.abs().sum() > 0
-    assert layer.lora_B["a"][FULL].weight.grad.abs().sum() > 0
+    assert layer.lora_A["a"].weight.grad.abs().sum() > 0
+    assert layer.lora_B["a"].weight.grad.abs().sum() > 0
     assert layer.base_layer.weight.grad is None
     assert x.grad is not None  # the input gradient still flows to earlier layers
 
@@ -150,7 +150,7 @@ def test_properties_over_shapes(d_in, d_out, r, alpha, conv1d, rows):
     r = min(r, d_in, d_out)
     layer = lora(linear(d_in, d_out, conv1d), r=r, alpha=alpha)
     x = torch.randn(rows, d_in, dtype=torch.float32)
-    A, B = layer.lora_A["a"][FULL].weight, layer.lora_B["a"][FULL].weight
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
     y = layer(x)
     torch.testing.assert_close(y, layer.base_layer(x) + (alpha / r) * (x @ A.T) @ B.T, atol=1e-4, rtol=1e-4)
     W0 = dense_weight(layer).clone()

@@ -21,12 +21,6 @@ CASES = {  # family -> (LoraConfig keywords): biases, a LayerNorm and a full hea
 }
 
 
-def _peft_name(name: str) -> str:
-    """PEFT's parameter name in minilora's spelling (minilora names the part of each pair: `full`)."""
-    name = name.removeprefix("base_model.")
-    return name.replace(".default.weight", ".default.full.weight") if ".lora_" in name else name
-
-
 def _groups(optimizer, names):
     return [(sorted(names[id(p)] for p in g["params"]), g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
 
@@ -40,7 +34,7 @@ def test_parameter_groups_equal_peft(family, decay):
     ours = minilora.get_peft_model(copy.deepcopy(base), minilora.LoraConfig(**kwargs))
     their_opt = peft_loraplus(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, **decay)
     our_opt = create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, **decay)
-    their_names = {id(p): _peft_name(n) for n, p in theirs.named_parameters()}
+    their_names = {id(p): n for n, p in theirs.named_parameters()}
     our_names = {id(p): n for n, p in ours.named_parameters()}
     expected = _groups(their_opt, their_names)
     assert _groups(our_opt, our_names) == expected

@@ -48,7 +48,7 @@ def layer_pairs(pm, mm, name):
         if isinstance(module, minilora.LoRALinear) and name in module.lora_A:
             theirs = pm.base_model.model.get_submodule(path)
             out.append((path, (theirs.lora_A[name].weight, theirs.lora_B[name].weight),
-                        (module.lora_A[name][FULL].weight, module.lora_B[name][FULL].weight)))
+                        (module.lora_A[name].weight, module.lora_B[name].weight)))
     return out
 
 
@@ -87,12 +87,12 @@ def test_dare_on_adapter_factors_keeps_density_and_rescales(pair):
     mm.add_weighted_adapter(["first", "second"], [0.8, 0.0], "mix", combination_type="dare_linear", density=0.4,
                             seed=2)
     layer = mm.model.model.layers[1].self_attn.q_proj
-    A, A1 = layer.lora_A["mix"][FULL].weight, layer.lora_A["first"][FULL].weight
-    c = 0.8 * layer.scaling["first"][FULL]
+    A, A1 = layer.lora_A["mix"].weight, layer.lora_A["first"].weight
+    c = 0.8 * layer.scaling["first"]
     kept = A != 0
     torch.testing.assert_close(A[kept], (c ** 0.5) * A1[kept] / 0.4)
     total = kept.numel() * 4 * 2  # all q_proj/v_proj layers' A, checked together below
-    survivors = sum((m.lora_A["mix"][FULL].weight != 0).sum().item() for m in mm.model.modules()
+    survivors = sum((m.lora_A["mix"].weight != 0).sum().item() for m in mm.model.modules()
                     if isinstance(m, minilora.LoRALinear) and "mix" in m.lora_A and "second" in m.lora_A)
     assert abs(survivors / total - 0.4) < 4 * (0.4 * 0.6 / total) ** 0.5
 

@@ -115,9 +115,9 @@ def test_linear_is_the_documented_approximation_and_needs_one_rank():
     pm.add_adapter("b", LoraConfig(r=4, lora_alpha=4, target_modules=["q"], init_lora_weights=False))
     pm.add_weighted_adapter(["default", "b"], [0.6, 0.4], "lin", combination_type="linear")
     q = pm.model.model.layers[0].self_attn.q_proj
-    A = [q.lora_A[n]["full"].weight for n in ("default", "b")]
-    B = [q.lora_B[n]["full"].weight for n in ("default", "b")]
-    s = [q.scaling[n]["full"] for n in ("default", "b")]
+    A = [q.lora_A[n].weight for n in ("default", "b")]
+    B = [q.lora_B[n].weight for n in ("default", "b")]
+    s = [q.scaling[n] for n in ("default", "b")]
     w = [0.6, 0.4]  # PEFT's formula: c = w·s; B = Σ √|c| B_i, A = Σ sign(c) √|c| A_i
     c = [w_i * s_i for w_i, s_i in zip(w, s)]
     expected = sum(c_i ** 0.5 * B_i for c_i, B_i in zip(c, B)) @ sum(c_i ** 0.5 * A_i for c_i, A_i in zip(c, A))

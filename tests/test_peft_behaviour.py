@@ -235,7 +235,7 @@ def test_layers_carry_peft_s_per_adapter_attributes(family, targets):
     ours = minilora.get_peft_model(make(family), minilora.LoraConfig(**config))
     theirs = peft.get_peft_model(make(family), peft.LoraConfig(**config))
     mine = {n: m for n, m in ours.named_modules() if hasattr(m, "lora_alpha") and hasattr(m, "base_layer")}
-    peers = {n.removeprefix("base_model."): m for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    peers = {n: m for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert mine.keys() == peers.keys() and mine
     for name, layer in mine.items():
         peer = peers[name]

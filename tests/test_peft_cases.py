@@ -47,7 +47,6 @@ import minilora
 from minilora.families import DEFAULT_TARGETS
 from minilora.lora import LoRALinear
 from minilora.model import get_base_model_state_dict, set_base_model_state_dict
-from minilora.roles import FULL
 from minilora.surgery import ModulesToSave
 
 LIBRARIES = ("peft", "minilora")
@@ -204,43 +203,31 @@ def is_adapter_parameter(name):
 
 
 def rank(layer, adapter):
-    return layer.r[adapter] if isinstance(layer, BaseTunerLayer) else layer.parts[adapter][FULL].r
+    return layer.r[adapter]
 
 
 def scaling(layer, adapter):
-    return layer.scaling[adapter] if isinstance(layer, BaseTunerLayer) else layer.scaling[adapter][FULL]
+    return layer.scaling[adapter]
 
 
 def delta_weight(layer, adapter):
-    """(alpha/r)·B·A as the layer stores it (Conv1D: transposed in PEFT) -> (out, in)."""
-    if isinstance(layer, BaseTunerLayer):
-        delta = layer.get_delta_weight(adapter)
-        return delta.T if layer.fan_in_fan_out else delta
-    return layer.delta_weight(adapter, FULL)
+    """(alpha/r)·B·A as PEFT's get_delta_weight gives it (Conv1D: transposed) -> (out, in)."""
+    delta = layer.get_delta_weight(adapter)
+    return delta.T if layer.fan_in_fan_out else delta
 
 
 def factors(layer, adapter):
     """(A, B) weights of one adapter on one layer."""
-    if isinstance(layer, BaseTunerLayer):
-        return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    return layer.lora_A[adapter][FULL].weight, layer.lora_B[adapter][FULL].weight
+    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
 
 
 def per_adapter_tables(layer):
-    """The per-adapter containers of a LoRA layer (whatever holds something per adapter name)."""
-    if isinstance(layer, BaseTunerLayer):
-        return [attrgetter(a)(layer) for a in (*layer.adapter_layer_names, *layer.other_param_names)]
-    return [layer.lora_A, layer.lora_B, layer.lora_dropout, layer.parts, layer.scaling]
-
-
-def canonical(name):
-    """One parameter name for both libraries: no `base_model.model.` / `model.` prefix, no part name."""
-    name = re.sub(r"^(base_model\.model\.|model\.)", "", name)
-    return re.sub(rf"\.{FULL}\.weight$", ".weight", name)
+    """The per-adapter containers of a LoRA layer (PEFT's adapter_layer_names and other_param_names)."""
+    return [attrgetter(a)(layer) for a in (*layer.adapter_layer_names, *layer.other_param_names)]
 
 
 def requiring_grad(model):
-    return {canonical(n) for n, p in model.named_parameters() if p.requires_grad}
+    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def init_false(kwargs):
@@ -1291,8 +1278,8 @@ def test_unmerge_after_sequential_merge_restores_base(library, first, second):
 
 
 # ---------------------------------------------------------------- which parameters train (TestRequiresGrad)
-LORA_0 = {"lin0.lora_A.{}.weight", "lin0.lora_B.{}.weight"}
-COPY_1 = {"lin1.modules_to_save.{}.weight", "lin1.modules_to_save.{}.bias"}
+LORA_0 = {"base_model.model.lin0.lora_A.{}.weight", "base_model.model.lin0.lora_B.{}.weight"}
+COPY_1 = {"base_model.model.lin1.modules_to_save.{}.weight", "base_model.model.lin1.modules_to_save.{}.bias"}
 
 
 def named(templates, adapter):
@@ -1334,12 +1321,12 @@ def test_requires_grad_follows_inference_mode_modules_to_save(library):
 def test_requires_grad_lora(library, second):
     model = wrap(library, MLP(), target_modules=["lin0"])
     model.add_adapter("adapter1", config(library, target_modules=[second]))
-    expected = {"lin0.lora_A.default.weight", "lin0.lora_B.default.weight"}
+    expected = named(LORA_0, "default")
     assert requiring_grad(model) == expected
     model.set_adapter("default")
     assert requiring_grad(model) == expected
     model.set_adapter("adapter1")
-    expected = {f"{second}.lora_A.adapter1.weight", f"{second}.lora_B.adapter1.weight"}
+    expected = {f"base_model.model.{second}.lora_A.adapter1.weight", f"base_model.model.{second}.lora_B.adapter1.weight"}
     assert requiring_grad(model) == expected
     with model.disable_adapter():
         assert requiring_grad(model) == set()
@@ -1442,8 +1429,9 @@ def test_rank_alpha_pattern_override(library):
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
 def test_lora_with_bias_argument(library, bias):
     model = wrap(library, Wide(), target_modules=["linear"], bias=bias)
-    trained = {canonical(n) for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad}
-    expected = {"none": set(), "all": {"linear.base_layer.bias", "other.bias"}, "lora_only": {"linear.base_layer.bias"}}
+    trained = {n for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad}
+    expected = {"none": set(), "all": {"base_model.model.linear.base_layer.bias", "base_model.model.other.bias"},
+                "lora_only": {"base_model.model.linear.base_layer.bias"}}
     assert trained == expected[bias]
 
 

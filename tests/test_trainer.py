@@ -193,6 +193,22 @@ def test_ctrl_c_checkpoints_and_resume_is_bit_exact(tmp_path):
     assert signal.getsignal(signal.SIGINT) is handler  # the handler is put back
 
 
+def test_a_checkpoint_with_the_earlier_parameter_names_resumes_bit_exact(tmp_path):
+    """Checkpoints written before parameters took PEFT's names (`model.<path>`) resume as they were."""
+    whole, whole_result = _run(tmp_path / "whole")
+    _run(tmp_path / "parts", interrupt_at=7)
+    path = tmp_path / "parts" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for key in ("trainable", "best"):
+        assert all(n.startswith("base_model.model.") for n in state[key])
+        state[key] = {n.replace("base_model.model.", "model.", 1): t for n, t in state[key].items()}
+    torch.save(state, path)
+    resumed, result = _run(tmp_path / "parts", resume=True)
+    for (n, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+    assert result.history == whole_result.history
+
+
 def test_training_runs_in_a_worker_thread_and_leaves_ctrl_c_alone():
     import threading
 

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from ..files import atomic_write, read_json_object
+from ..state_names import current_name
 
 SHARDS = "checkpoint.shards"  # the directory of a sharded checkpoint's shards
 SHARDED = ("trainable", "best", "optimizer")  # the parts of the trainer's state that are sharded
@@ -176,10 +177,11 @@ def load_sharded(out: Path, state: dict, current: dict, world: int, rank: int) -
         raise RunDirectoryError(f"{path} has no {SHARDS} directory beside it: it was not written under --parallel "
                                 "fsdp; resume with the settings it was written with, or start again with --overwrite")
     trainable = current["trainable"]
-    missing = sorted(set(state["best_names"]) - trainable.keys())
-    if missing:
-        check_names(dict.fromkeys(state["best_names"]), trainable, path)
-    targets = {"trainable": trainable, "best": {n: trainable[n].clone() for n in state["best_names"]},
+    saved = {n: current_name(n) for n in state["best_names"]}  # the shards' names -> today's
+    if set(saved.values()) - trainable.keys():
+        check_names(dict.fromkeys(saved.values()), trainable, path)
+    targets = {"trainable": {n: trainable[now] for n, now in saved.items()},
+               "best": {n: trainable[now].clone() for n, now in saved.items()},
                "optimizer": current["optimizer"], "step": torch.tensor(-1)}
     dcp.load(targets, checkpoint_id=out / SHARDS)
     if int(targets["step"]) != state["step"]:
@@ -188,6 +190,14 @@ def load_sharded(out: Path, state: dict, current: dict, world: int, rank: int) -
     state = {**state, **{k: targets[k] for k in SHARDED}}
     state["rng"] = torch.load(out / SHARDS / f"rng.rank{rank}.pt", weights_only=True)
     return state
+
+
+def with_current_names(state: dict) -> dict:
+    """The trainer state with its parameters under today's names (state_names.current_name): a
+    checkpoint written before parameters took PEFT's names resumes as it was."""
+    renamed = {k: {current_name(n): t for n, t in state[k].items()} for k in ("trainable", "best")
+               if isinstance(state.get(k), dict)}
+    return {**state, **renamed}
 
 
 def check_names(saved: dict, params: dict, path: Path) -> None:

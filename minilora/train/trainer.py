@@ -405,6 +405,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict, source: Path = Path("checkpoint")) -> None:
         params = dict(self.named)
+        state = checkpoint.with_current_names(state)
         checkpoint.check_world(state, self.procs.world, source)
         checkpoint.check_names(state["trainable"], params, source)
         with torch.no_grad():

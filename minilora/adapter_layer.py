@@ -1,0 +1,123 @@
+"""AdapterLayer: the contract every kind of adapter layer keeps, so that LoraModel and io.py never
+ask which kind a layer is.
+
+A kind wraps one frozen base module (`base_layer`) and holds any number of named adapters:
+
+    lora.LoRALinear          nn.Linear, GPT-2's Conv1D, 4-bit linears (minilora's, bitsandbytes')
+    embedding.LoRAEmbedding  nn.Embedding
+    experts.LoRAExperts      mixture-of-experts weights stored as 3-D parameters
+
+Each kind owns, for itself:
+
+    add_adapter(name, parts, ...)        create adapter `name`; `parts` says what it adapts
+    adapter_names, has_adapter(name)     which adapters it holds
+    adapter_parameters(name)             what trains
+    delete_adapter(name)
+    forward                              the base output plus the active adapters' updates
+    merge / unmerge / check_merge        fold into the base weight and back: exact, idempotent
+    file_tensors(name, use_rslora)       its tensors under PEFT's key suffixes, and (r, alpha) per unit
+    load_file_tensors(name, tensors, use_rslora, where)     the inverse, every value checked
+    sliced_parts(name), target_parameters(name)             what PEFT's config must name to read the file
+
+and shares what the model shares: one `AdapterState` (which adapters act, disabled, this call's
+routing), read in every forward pass, and PEFT's per-layer flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import mixing
+
+
+@dataclass
+class AdapterState:
+    """What every adapter layer of a model reads in its forward pass, besides weights. A LoraModel
+    owns one and hands the same object to each layer: a switch rewrites it once, not per layer."""
+
+    active: list[str] = field(default_factory=list)  # adapters applied, in this order
+    disabled: bool = False  # True inside LoraModel.disable_adapter(): the base model alone
+    routing: Optional[mixing.Routing] = None  # this call's choice of several adapters, or None
+
+
+class AdapterLayer(nn.Module):
+    """A frozen `base_layer` plus named adapters (see the module docstring for what a kind provides)."""
+
+    def __init__(self, base_layer: nn.Module, state: Optional[AdapterState] = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged_adapters: list[str] = []
+        self.state = state if state is not None else AdapterState()
+
+    # ------------------------------------------------------------------ which adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapter_names
+
+    # PEFT's per-layer flags; here views of the model's one AdapterState
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.state.active
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        self.state.active[:] = names  # in place: the state is shared with the rest of the model
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while the model's adapters are switched off (PEFT's per-layer flag; here one for all layers)."""
+        return self.state.disabled
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ------------------------------------------------------------------ merge
+    def _fold(self, name: str, sign: float) -> None:
+        """W ← W + sign · ΔW of adapter `name` (sign −1 takes a merge back out)."""
+        raise NotImplementedError
+
+    def unmerge(self, adapter_names: Optional[list[str]] = None) -> None:
+        """W ← W − ΔW for merged adapters, latest first. Unmerging twice is a no-op."""
+        for name in reversed(list(self.merged_adapters)):
+            if adapter_names is None or name in adapter_names:
+                self._fold(name, -1.0)
+                self.merged_adapters.remove(name)
+
+    def check_combinable(self, names: list[str], path: str) -> None:
+        """add_weighted_adapter combines the pairs of linear layers; other kinds refuse here."""
+        if any(self.has_adapter(n) for n in names):
+            raise ValueError(f"{path} holds an embedding or expert-weights adapter, which add_weighted_adapter "
+                             "cannot combine yet; combine adapters that target linear layers only")
+
+    # ------------------------------------------------------------------ files (PEFT's keys)
+    def file_tensors(self, name: str, use_rslora: bool
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+        """({key suffix after `<module path>.`: tensor}, {unit: (r, alpha) as exported}); the unit is
+        "" for the layer itself, or the name of one of its parameters."""
+        raise NotImplementedError
+
+    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], use_rslora: bool, where: str) -> None:
+        """Copy a file's tensors (keyed as `file_tensors` gives them, shapes already checked) into
+        adapter `name`; ValueError naming `where` if they cannot be expressed by its parts."""
+        raise NotImplementedError
+
+    def sliced_parts(self, name: str) -> Optional[list[str]]:
+        """The parts of a fused layer that adapter `name` covers, or None when it covers the whole layer."""
+        return None
+
+    def target_parameters(self, name: str) -> list[str]:
+        """The base parameters (PEFT's target_parameters) adapter `name` adapts in place of modules."""
+        return []
+
+    def accepts_saved_table(self, table: torch.Tensor, where: str) -> bool:
+        """True if the whole base table PEFT saves beside some adapters (`<path>.base_layer.weight`)
+        belongs in this layer's base; other kinds ignore it, as PEFT does."""
+        return False
