@@ -79,6 +79,13 @@ class AdapterLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    def refuse_variants(self, options: dict, kind: str) -> None:
+        """Variants (variants.py) extend linear layers; another kind refuses any it is asked for."""
+        used = sorted(option for option, value in options.items() if value)
+        if used:
+            raise ValueError(f"{', '.join(used)} is not available on {kind} (nor in PEFT); leave the {kind} out of "
+                             f"target_modules or turn {', '.join(used)} off")
+
     # ------------------------------------------------------------------ merge
     def _fold(self, name: str, sign: float) -> None:
         """W ← W + sign · ΔW of adapter `name` (sign −1 takes a merge back out)."""

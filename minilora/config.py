@@ -66,6 +66,7 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"  # which biases train
     use_rslora: bool = False  # rank-stabilized scaling lora_alpha / sqrt(r)
     use_dora: bool = False  # DoRA: a trained magnitude per output row (see dora.py)
+    lora_bias: bool = False  # a trained bias on the LoRA path, lora_B's (see lora_bias.py)
     modules_to_save: Union[list[str], None] = None  # modules trained in full, one copy per adapter
     init_lora_weights: Union[bool, str] = True  # True: kaiming-uniform A; "gaussian": N(0, 1/r); False: B random too;
     # "pissa", "pissa_niter_K", "olora", "loftq" (these rewrite the base weight), "orthogonal": see init.py
@@ -152,7 +153,7 @@ class LoraConfig:
         for name in ("lora_alpha", "lora_dropout"):
             if not _is_number(getattr(self, name)):
                 wrong(name, "a number")
-        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "inference_mode"):
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 wrong(name, "true or false")
         for name in ("target_modules", "exclude_modules", "layers_pattern"):

@@ -73,8 +73,9 @@ class LoRAEmbedding(AdapterLayer):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, parts: dict, lora_dropout: float = 0.0, init_lora_weights=True,
-                    use_rslora: bool = False, use_dora: bool = False, **_ignored) -> None:
+                    use_rslora: bool = False, use_dora: bool = False, **variant_options) -> None:
         """Create adapter `name`: A (r, V) = 0 and B (d, r) ~ N(0, 1)."""
+        self.refuse_variants(variant_options, "embeddings")
         if self.has_adapter(name):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if use_dora:

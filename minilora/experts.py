@@ -61,11 +61,12 @@ class LoRAExperts(AdapterLayer):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, parameters: dict[str, dict[str, LoraPart]], lora_dropout: float = 0.0,
-                    init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False, **_) -> None:
+                    init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False, **variant_options) -> None:
         """Create adapter `name` on `parameters` ({parameter -> {part -> LoraPart}}); B = 0."""
         if lora_dropout:
             raise ValueError(f"lora_dropout={lora_dropout} on expert weights: the update is added to the weight, "
                              "not run on activations, so there is no input to drop; set lora_dropout=0")
+        self.refuse_variants(variant_options, "expert weights")
         if use_dora or init_lora_weights not in (True, False, "gaussian"):
             raise ValueError("expert weights take plain LoRA only (init_lora_weights True, False or 'gaussian', no "
                              "DoRA); leave the experts out of this adapter or drop those options")

@@ -56,6 +56,7 @@ from . import init as named_init
 from .quant import bnb_layers
 from .adapter_layer import AdapterLayer, AdapterState
 from .roles import FULL, Rows, by_part, features, part_of, part_rows
+from .variants import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,12 @@ class LoRALinear(AdapterLayer):
         use_rslora: bool = False,
         dtype: Optional[torch.dtype] = None,
         use_dora: bool = False,
+        **variant_options,  # a registered variant's LoraConfig field (lora_bias=True): see variants.py
     ) -> None:
         """Create adapter `name`: for each part, A (r, d_in) and B (d_part, r), B = 0."""
+        unknown = sorted(set(variant_options) - {v.field for v in VARIANTS})
+        if unknown:
+            raise TypeError(f"add_adapter got unknown options {unknown}")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         weight = self.base_layer.weight
@@ -181,6 +186,9 @@ class LoRALinear(AdapterLayer):
         self.reset_adapter(name, init_lora_weights)
         if use_dora:
             dora.add_magnitudes(self, name)
+        for variant in VARIANTS:
+            if variant_options.get(variant.field):
+                variant.add(self, name, init_lora_weights)
         mixing.forget_stacks(self)  # mixed-batch stacks are out of date
 
     @torch.no_grad()
@@ -228,6 +236,8 @@ class LoRALinear(AdapterLayer):
         if state.disabled:
             return y
         if state.routing is not None:  # several adapters in this one call (adapter_names=, ...)
+            if state.routing.weights is None:
+                self._refuse_variants_in_mixed_batches(state.routing.rows or state.routing.mixture.adapters)
             return mixing.apply(self, y, x, state.routing)
         for name in state.active:
             if name in self.lora_A and name not in self.merged_adapters:
@@ -248,8 +258,23 @@ class LoRALinear(AdapterLayer):
             factors += [h.to(y.dtype), B.weight.to(y.dtype)]  # h (N, r), B (d_part, r)
         y2d = y.reshape(-1, self.out_features)  # (N, d_out)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (y2d, *factors)):
-            return LowRankAdd.apply(y2d, tuple(columns), tuple(scales), *factors).view(y.shape)
-        return low_rank_add(y2d, columns, scales, factors).view(y.shape)  # no gradient: no Function needed
+            out = LowRankAdd.apply(y2d, tuple(columns), tuple(scales), *factors).view(y.shape)
+        else:
+            out = low_rank_add(y2d, columns, scales, factors).view(y.shape)  # no gradient: no Function needed
+        for variant in self.variants_of(name):
+            out = variant.forward(self, name, out, weight)
+        return out
+
+    def variants_of(self, name: str) -> list:
+        """The registered variants (variants.py) adapter `name` uses."""
+        return [variant for variant in VARIANTS if variant.holds(self, name)]
+
+    def _refuse_variants_in_mixed_batches(self, names) -> None:
+        for name in (n for n in names if self.has_adapter(n)):
+            used = [variant.field for variant in self.variants_of(name)]
+            if used:
+                raise ValueError(f"adapter {name!r} uses {', '.join(used)}, which mixed batches (adapter_names=) and "
+                                 "routers do not support: run its rows in a call of their own after set_adapter")
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, name: str, part: str) -> torch.Tensor:
@@ -268,6 +293,11 @@ class LoRALinear(AdapterLayer):
 
     @torch.no_grad()
     def _fold(self, name: str, sign: float) -> None:
+        self._fold_weight(name, sign)
+        for variant in self.variants_of(name):
+            variant.fold(self, name, sign)
+
+    def _fold_weight(self, name: str, sign: float) -> None:
         if name in self.lora_magnitude_vector:
             return dora.fold(self, name, sign)
         if bnb_layers.is_bnb_4bit(self.base_layer.weight):  # bitsandbytes' 4 bits: dequantize, add, requantize
@@ -304,6 +334,9 @@ class LoRALinear(AdapterLayer):
                                 "keep the adapter unmerged, or load the base in bf16 to merge")
             warnings.warn("merging into a bitsandbytes 4-bit weight rounds the merged weight to 4 bits again: "
                           "outputs differ from the unmerged model's by that rounding (as with PEFT)", stacklevel=3)
+        for name in names:  # a variant that cannot fold (a bias without a base bias) refuses before anything changes
+            for variant in self.variants_of(name):
+                variant.check_fold(self, name)
         if safe_merge:
             self.check_merge(names)
         for name in names:
@@ -341,12 +374,21 @@ class LoRALinear(AdapterLayer):
         tensors = {"lora_A.weight": A, "lora_B.weight": B}
         if name in self.lora_magnitude_vector:  # DoRA: m over every row of the layer (see dora.py)
             tensors[dora.MAGNITUDE] = dora.whole_magnitude(self, name)
+        for variant in self.variants_of(name):
+            tensors.update(variant.file_tensors(self, name, self._file_ratios(name)))
         return tensors, {"": (r, alpha)}
 
     def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], use_rslora: bool, where: str) -> None:
         self._from_one_lora(name, tensors["lora_A.weight"], tensors["lora_B.weight"], use_rslora, where)
         if name in self.lora_magnitude_vector:
             dora.set_whole_magnitude(self, name, tensors[dora.MAGNITUDE], where)
+        for variant in self.variants_of(name):
+            variant.load_file_tensors(self, name, tensors, self._file_ratios(name), where)
+
+    def _file_ratios(self, name: str) -> dict[str, float]:
+        """Each part's scale over the scale of the one LoRA a file holds (the first part's)."""
+        first = self.part_scale(name, next(iter(self.parts[name])))
+        return {p: self.part_scale(name, p) / first for p in self.parts[name]}
 
     def sliced_parts(self, name: str) -> Optional[list[str]]:
         parts = list(self.parts[name])

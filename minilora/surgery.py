@@ -29,6 +29,7 @@ from .embedding import EMBEDDING, LoRAEmbedding, embedding_sites
 from .families import DEFAULT_TARGETS
 from .lora import AdapterState, LoraPart, LoRALinear
 from .experts import LoRAExperts
+from .variants import VARIANTS
 from .roles import FULL, Part, Site, classify, family_of, parameter_sites, parse_selector, supported_roles, walk
 
 
@@ -299,6 +300,7 @@ def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: Lora
                 init_lora_weights=_layer_init(config),
                 use_rslora=config.use_rslora,
                 use_dora=config.use_dora,
+                **{variant.field: getattr(config, variant.field) for variant in VARIANTS},
             )
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None

@@ -11,6 +11,7 @@ shapes of PEFT's, so the thresholds mean the same.
 Configurations (CUSTOM_CASES, HF_CASES):
 - PEFT's TEST_CASES on Linear layers: "Vanilla MLP 1-6 LoRA" (a regex, lists, modules_to_save,
   alpha and dropout) and "Embedding + transformers Conv1D 1 LoRA" (GPT-2's Conv1D);
+- PEFT's lora_bias cases ("Vanilla MLP ... with lora_bias", and on GPT-2's Conv1D);
 - the same MLP with use_rslora, with rank_pattern + alpha_pattern, with init_lora_weights="gaussian",
   and PEFT's DeepMLP (four blocks deep) with layers_to_transform + layers_pattern;
 - PEFT's decoder config (target_modules=None, r=8, alpha=32, dropout 0.05) on tiny GPT-2 and LLaMA,
@@ -263,6 +264,8 @@ CUSTOM_CASES = [
     ("MLP gaussian init", "MLP", {"target_modules": ["lin0", "lin1"], "init_lora_weights": "gaussian"}),
     ("DeepMLP layers_to_transform", "DeepMLP",
      {"target_modules": ["lin0"], "layers_to_transform": [0, 2], "layers_pattern": "layers"}),
+    ("Vanilla MLP LoRA with lora_bias", "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True}),
+    ("Embedding + transformers Conv1D LoRA with lora_bias", "EmbConv1D", {"target_modules": ["conv1d"], "lora_bias": True}),
 ]
 DECODER = {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32, "target_modules": None, "lora_dropout": 0.05, "bias": "none"}
 HF_CASES = [
