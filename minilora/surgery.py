@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .adapter_layer import AdapterLayer
 from .config import Band, LoraConfig
+from .conv import CONV, CONV_TYPES, LoRAConv, conv_sites
 from .embedding import EMBEDDING, LoRAEmbedding, embedding_sites
 from .families import DEFAULT_TARGETS
 from .lora import AdapterState, LoraPart, LoRALinear
@@ -102,7 +103,8 @@ def _unmatched_error(entry: str, model: nn.Module, sites: dict[str, Site], why: 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
     """Which modules get LoRA, over which output columns, with which rank and alpha."""
-    sites = {**classify(model, config.layers_pattern), **embedding_sites(model),  # embeddings by name only
+    sites = {**classify(model, config.layers_pattern), **embedding_sites(model),  # embeddings, convolutions:
+             **conv_sites(model, config.layers_pattern),  # by name only
              **parameter_sites(model, config.layers_pattern)}  # 3-D expert weights: by role or target_parameters
     family = family_of(model)
     depths = _depths(sites)
@@ -125,7 +127,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
     chosen: dict[str, set[str]] = {}  # path -> parts ({FULL} for the whole layer)
     if targets == "all-linear":
         heads = _output_layer_names(model)
-        chosen = {name: {FULL} for name, site in modules.items() if name not in heads and site.role != EMBEDDING}
+        chosen = {name: {FULL} for name, site in modules.items() if name not in heads and site.role not in (EMBEDDING, CONV)}
         experts = sorted(name for name, site in sites.items() if site.is_parameter and site.role)
         if experts and not config.target_parameters:  # PEFT's "all-linear" leaves them out too; say so
             warnings.warn(f"'all-linear' adapts Linear layers only; the experts' 3-D weights ({experts[0]}, ...) stay "
@@ -290,6 +292,8 @@ def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: Lora
             layer = LoRAExperts(module, state)
         elif isinstance(module, nn.Embedding):
             layer = LoRAEmbedding(module, state, tied_head=_is_tied_to_head(model, module))
+        elif isinstance(module, CONV_TYPES):
+            layer = LoRAConv(module, state)
         else:
             layer = LoRALinear(module, state)
         try:

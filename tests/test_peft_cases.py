@@ -17,8 +17,8 @@ Configurations (CUSTOM_CASES, HF_CASES):
 - PEFT's decoder config (target_modules=None, r=8, alpha=32, dropout 0.05) on tiny GPT-2 and LLaMA,
   "all-linear" on LLaMA, its seq2seq config on T5 and BART, and SEQ_CLS on BERT (built offline).
 
-Only LoRA on nn.Linear and GPT-2's Conv1D is in scope: embeddings, convolutions,
-MultiheadAttention, DoRA, LoftQ/PiSSA/OLoRA inits, trainable tokens and target_parameters are
+LoRA on nn.Linear, GPT-2's Conv1D and nn.Conv1d / nn.Conv2d (PEFT's "Conv1d LoRA", "Conv2d 1/2
+LoRA" on its ModelConv1D / ModelConv2D) is in scope: embeddings, MultiheadAttention, DoRA, LoftQ/PiSSA/OLoRA inits, trainable tokens and target_parameters are
 not ported, nor PEFT's other merge methods (ties, dare, magnitude_prune). Where minilora has no
 switch for a PEFT option (autocast_adapter_dtype=False, low_cpu_mem_usage, per-layer
 enable_adapters, push_to_hub) the case is not ported; see the README's "Moving from PEFT".
@@ -46,7 +46,7 @@ from transformers.pytorch_utils import Conv1D
 
 import minilora
 from minilora.families import DEFAULT_TARGETS
-from minilora.lora import LoRALinear
+from minilora.adapter_layer import AdapterLayer
 from minilora.model import get_base_model_state_dict, set_base_model_state_dict
 from minilora.surgery import ModulesToSave
 
@@ -117,6 +117,40 @@ class EmbConv1D(nn.Module):
         return self.sm(self.lin0(self.flat(self.relu(self.conv1d(self.emb(X))))))
 
 
+class ModelConv1D(nn.Module):
+    """PEFT's: Conv1d (1 -> 1, kernel 2) over the 10 features, ReLU, flatten, lin0 (9 -> 2), log-softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1d = nn.Conv1d(1, 1, 2)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(9, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+        self.dtype = torch.float
+
+    def forward(self, X):
+        X = X.to(self.dtype).reshape(-1, 1, 10)
+        return self.sm(self.lin0(self.flat(self.relu(self.conv1d(X)))))
+
+
+class ModelConv2D(nn.Module):
+    """PEFT's: Conv2d (5 -> 10, kernel 3) over 5 x 3 x 3 inputs, ReLU, flatten, lin0 (10 -> 2), log-softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(5, 10, 3)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(10, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+        self.dtype = torch.float
+
+    def forward(self, X):
+        X = X.to(self.dtype).reshape(-1, 5, 3, 3)
+        return self.sm(self.lin0(self.flat(self.relu(self.conv2d(X)))))
+
+
 class ToyMoE(nn.Module):
     """model.layers.<i> with self_attn.q_proj and two experts' up_proj: a layer index and an expert index."""
 
@@ -136,7 +170,8 @@ class ToyMoE(nn.Module):
 
 
 # Forward passes run through four Blocks: through twelve, ReLUs silence the input and every row comes out alike.
-CUSTOM = {"MLP": MLP, "EmbConv1D": EmbConv1D, "DeepMLP": lambda: DeepMLP(num_hidden_layers=4)}
+CUSTOM = {"MLP": MLP, "EmbConv1D": EmbConv1D, "DeepMLP": lambda: DeepMLP(num_hidden_layers=4),
+          "Conv1d": ModelConv1D, "Conv2d": ModelConv2D}
 GENERATIVE = ("gpt2", "llama", "t5", "bart")
 
 
@@ -184,8 +219,8 @@ def load(library, base, path, **kwargs):
 
 
 def adapter_layers(model):
-    """The LoRA layers: PEFT's tuner layers, or minilora's LoRALinear."""
-    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, LoRALinear))]
+    """The LoRA layers: PEFT's tuner layers, or minilora's adapter layers."""
+    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AdapterLayer))]
 
 
 def trained_copies(model):
@@ -196,7 +231,7 @@ def trained_copies(model):
 def named_layers(model):
     """LoRA layers by their path in the base model."""
     base = model.get_base_model()
-    return {n: m for n, m in base.named_modules() if isinstance(m, (BaseTunerLayer, LoRALinear))}
+    return {n: m for n, m in base.named_modules() if isinstance(m, (BaseTunerLayer, AdapterLayer))}
 
 
 def is_adapter_parameter(name):
@@ -264,6 +299,9 @@ CUSTOM_CASES = [
     ("MLP gaussian init", "MLP", {"target_modules": ["lin0", "lin1"], "init_lora_weights": "gaussian"}),
     ("DeepMLP layers_to_transform", "DeepMLP",
      {"target_modules": ["lin0"], "layers_to_transform": [0, 2], "layers_pattern": "layers"}),
+    ("Conv1d LoRA", "Conv1d", {"target_modules": ["conv1d"]}),
+    ("Conv2d 1 LoRA", "Conv2d", {"target_modules": ["conv2d"]}),
+    ("Conv2d 2 LoRA", "Conv2d", {"target_modules": ["conv2d", "lin0"]}),
     ("Vanilla MLP LoRA with lora_bias", "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True}),
     ("Embedding + transformers Conv1D LoRA with lora_bias", "EmbConv1D", {"target_modules": ["conv1d"], "lora_bias": True}),
 ]
