@@ -33,15 +33,15 @@ import torch.nn as nn
 
 from .model import LoraModel
 from .quant import Linear4bit
-from .quant.bnb_layers import is_bnb_4bit
+from .quant.bnb_layers import is_bnb
 
 HALF = (torch.float16, torch.bfloat16)
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """True if any layer of `model` is a minilora Linear4bit, or holds bitsandbytes' 4-bit weight
+    """True if any layer of `model` is a minilora Linear4bit, or holds bitsandbytes' 4- or 8-bit weight
     (a model transformers loaded with BitsAndBytesConfig)."""
-    return any(isinstance(m, Linear4bit) or is_bnb_4bit(getattr(m, "weight", None)) for m in model.modules())
+    return any(isinstance(m, Linear4bit) or is_bnb(getattr(m, "weight", None)) for m in model.modules())
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,

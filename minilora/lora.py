@@ -300,7 +300,7 @@ class LoRALinear(AdapterLayer):
     def _fold_weight(self, name: str, sign: float) -> None:
         if name in self.lora_magnitude_vector:
             return dora.fold(self, name, sign)
-        if bnb_layers.is_bnb_4bit(self.base_layer.weight):  # bitsandbytes' 4 bits: dequantize, add, requantize
+        if bnb_layers.is_bnb(self.base_layer.weight):  # bitsandbytes' 4 or 8 bits: dequantize, add, requantize
             W = bnb_layers.dequantize(self.base_layer)  # (d_out, d_in) fp32
             for part_name, part in self.parts[name].items():
                 rows = part.rows(W, 0)  # (blocks, d_part / blocks, d_in), a view of W
@@ -322,18 +322,19 @@ class LoRALinear(AdapterLayer):
         chosen = self.active_adapters if adapter_names is None else adapter_names  # [] merges nothing
         names = [n for n in chosen if n in self.lora_A and n not in self.merged_adapters]
         weight = self.base_layer.weight
-        if names and not weight.is_floating_point() and not bnb_layers.is_bnb_4bit(weight):
+        if names and not weight.is_floating_point() and not bnb_layers.is_bnb(weight):
             raise TypeError(
                 "merge_adapter cannot fold an adapter into minilora's packed 4-bit weight in place; "
                 "merge_and_unload() can (it dequantizes the base first, and requantize=True packs the result "
                 "again), or keep the adapter unmerged"
             )
-        if names and bnb_layers.is_bnb_4bit(weight):
+        if names and bnb_layers.is_bnb(weight):
+            bits = 4 if bnb_layers.is_bnb_4bit(weight) else 8
             if any(n in self.lora_magnitude_vector for n in names):
-                raise TypeError("merging a DoRA adapter into a bitsandbytes 4-bit weight is not supported; "
+                raise TypeError(f"merging a DoRA adapter into a bitsandbytes {bits}-bit weight is not supported; "
                                 "keep the adapter unmerged, or load the base in bf16 to merge")
-            warnings.warn("merging into a bitsandbytes 4-bit weight rounds the merged weight to 4 bits again: "
-                          "outputs differ from the unmerged model's by that rounding (as with PEFT)", stacklevel=3)
+            warnings.warn(f"merging into a bitsandbytes {bits}-bit weight rounds the merged weight to {bits} bits "
+                          "again: outputs differ from the unmerged model's by that rounding (as with PEFT)", stacklevel=3)
         for name in names:  # a variant that cannot fold (a bias without a base bias) refuses before anything changes
             for variant in self.variants_of(name):
                 variant.check_fold(self, name)
@@ -350,7 +351,7 @@ class LoRALinear(AdapterLayer):
         base = self.base_layer
         if base.weight.is_floating_point():
             W = base.weight.T if self.fan_in_fan_out else base.weight  # (d_out, d_in)
-        elif bnb_layers.is_bnb_4bit(base.weight):
+        elif bnb_layers.is_bnb(base.weight):
             W = bnb_layers.dequantize(base)  # (d_out, d_in)
         else:
             W = base.dequantized_weight(torch.float32)  # (d_out, d_in)

@@ -1,6 +1,7 @@
-"""QLoRA the way most PEFT users run it: a base that transformers loads in 4 bits with bitsandbytes
-(`BitsAndBytesConfig(load_in_4bit=True, ...)`, on the CPU here), then prepare_model_for_kbit_training,
-LoRA, a training step and merge_and_unload. PEFT on the same model and adapter is the oracle."""
+"""QLoRA the way most PEFT users run it: a base that transformers loads in 4 bits (or 8) with
+bitsandbytes (`BitsAndBytesConfig(load_in_4bit=True, ...)` or `(load_in_8bit=True)`, on the CPU
+here), then prepare_model_for_kbit_training, LoRA, a training step and merge_and_unload. PEFT on
+the same model and adapter is the oracle."""
 
 import warnings
 
@@ -24,21 +25,25 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def load_4bit(path):
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32)
+def load_kbit(path, bits):
+    if bits == 8:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)
     return LlamaForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
 
 
-@pytest.fixture
-def pair(model_dir, tmp_path):
-    """(PEFT's model, minilora's) on two 4-bit loads of one checkpoint, with the same acting adapter."""
+@pytest.fixture(params=[4, 8], ids=["4-bit", "8-bit"])
+def pair(model_dir, tmp_path, request):
+    """(PEFT's model, minilora's) on two k-bit loads of one checkpoint, with the same acting adapter."""
     torch.manual_seed(1)
-    theirs = peft.get_peft_model(peft.prepare_model_for_kbit_training(load_4bit(model_dir)),
+    bits = request.param
+    theirs = peft.get_peft_model(peft.prepare_model_for_kbit_training(load_kbit(model_dir, bits)),
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
     theirs.save_pretrained(tmp_path / "adapter")
-    ours = ml.LoraModel.from_pretrained(ml.prepare_model_for_kbit_training(load_4bit(model_dir)), tmp_path / "adapter",
-                                        is_trainable=True)
+    ours = ml.LoraModel.from_pretrained(ml.prepare_model_for_kbit_training(load_kbit(model_dir, bits)),
+                                        tmp_path / "adapter", is_trainable=True)
     return theirs, ours
 
 
@@ -69,6 +74,13 @@ def test_prepare_for_kbit_training_turns_checkpointing_on(pair):
     assert ours.get_base_model().is_gradient_checkpointing
 
 
+def test_the_same_names_and_shapes_as_peft(pair):
+    theirs, ours = pair
+    shapes = lambda m: {n: (tuple(p.shape), p.dtype, p.requires_grad) for n, p in m.named_parameters()}  # noqa: E731
+    assert shapes(ours) == shapes(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
 def test_the_same_loss_and_adapter_gradients(pair):
     theirs, ours = pair
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -96,8 +108,10 @@ def test_merge_and_unload_gives_peft_s_merged_model(pair):
             warnings.simplefilter("always")
             merged_ours = ours.merge_and_unload()
         merged_theirs = theirs.eval().merge_and_unload()
-        assert any("rounds the merged weight to 4 bits" in str(w.message) for w in caught)
-        assert type(merged_ours.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # bitsandbytes', again
+        layer = merged_theirs.model.layers[0].self_attn.q_proj
+        bits = 4 if type(layer).__name__ == "Linear4bit" else 8
+        assert any(f"rounds the merged weight to {bits} bits" in str(w.message) for w in caught)
+        assert type(merged_ours.model.layers[0].self_attn.q_proj) is type(layer)  # bitsandbytes', again
         expected, got = merged_theirs(input_ids=ids).logits, merged_ours(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # the merged model computes the adapter's effect, up to the 4-bit rounding of the merged weight
@@ -108,7 +122,7 @@ def test_a_safe_merge_checks_the_dequantized_weight(pair):
     _, ours = pair
     with torch.no_grad():
         next(p for n, p in ours.named_parameters() if "layers.1." in n and "lora_B" in n).view(-1)[0] = float("nan")
-    before = {n: b.clone() for n, b in ours.get_base_model().state_dict().items() if b.dtype == torch.uint8}
+    before = {n: b.clone() for n, b in ours.get_base_model().state_dict().items() if b.dtype in (torch.uint8, torch.int8)}
     with pytest.raises(ValueError, match="nothing was merged"):
         ours.merge_and_unload(safe_merge=True)
     after = ours.get_base_model().state_dict()
