@@ -3,6 +3,7 @@ bitsandbytes (`BitsAndBytesConfig(load_in_4bit=True, ...)` or `(load_in_8bit=Tru
 here), then prepare_model_for_kbit_training, LoRA, a training step and merge_and_unload. PEFT on
 the same model and adapter is the oracle."""
 
+import copy
 import warnings
 
 import peft
@@ -127,3 +128,29 @@ def test_a_safe_merge_checks_the_dequantized_weight(pair):
         ours.merge_and_unload(safe_merge=True)
     after = ours.get_base_model().state_dict()
     assert all(torch.equal(after[n], b) for n, b in before.items())
+
+
+def test_state_dicts_cross_both_ways(pair):
+    """A state dict of either library loads into the other, strictly wherever bitsandbytes can load
+    its own layers' state dicts back (8-bit, before any forward pass; under PEFT as under minilora,
+    checked on PEFT first). A 4-bit layer's quant-state entries are refused even by PEFT itself, so
+    there the adapter's part of the state dict crosses: the same keys, nothing unexpected."""
+    theirs, ours = pair
+    try:
+        copy.deepcopy(theirs).load_state_dict(theirs.state_dict(), strict=True)
+        strict = True
+    except RuntimeError:  # the peer's own limit, not minilora's
+        strict = False
+    assert strict == (type(theirs.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear8bitLt")
+    part = (lambda m: m.state_dict()) if strict else (lambda m: {k: v for k, v in m.state_dict().items() if ".lora_" in k})
+    with torch.no_grad():
+        for name, p in [*ours.named_parameters(), *theirs.named_parameters()]:
+            if ".lora_" in name:
+                p.normal_(0, 0.1)  # two different adapters
+        mine, peers = ({k: v.clone() for k, v in part(m).items()} for m in (ours, theirs))
+        assert mine.keys() == peers.keys()
+        assert not theirs.load_state_dict(mine, strict=strict).unexpected_keys
+        assert not ours.load_state_dict(peers, strict=strict).unexpected_keys
+    for model, source in ((theirs, mine), (ours, peers)):
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in source.items() if ".lora_" in k)
