@@ -86,6 +86,36 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"{', '.join(used)} is not available on {kind} (nor in PEFT); leave the {kind} out of "
                              f"target_modules or turn {', '.join(used)} off")
 
+    # ------------------------------------------------------------------ forward, for additive kinds
+    def add_deltas(self, y: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """y (the base's output) plus `self.delta(x, name)` of each active, unmerged adapter, or what
+        this call's routing chose: a weighted sum (adapter_weights=) or one adapter per batch row
+        (adapter_names=). For kinds whose update is an output added to the base's (embeddings,
+        convolutions); `kind` names them in the refusal of a learned router."""
+        state = self.state
+        if state.disabled:
+            return y
+        routing = state.routing
+        if routing is not None and routing.weights is not None:
+            for name, w in routing.weights.items():
+                if self.has_adapter(name):
+                    y = y + w * self.delta(x, name).to(y.dtype)
+            return y
+        if routing is not None and routing.rows is not None:
+            out = y.clone()
+            for name in dict.fromkeys(routing.rows):
+                if name == mixing.BASE or not self.has_adapter(name):
+                    continue
+                index = torch.tensor([i for i, n in enumerate(routing.rows) if n == name], device=x.device)
+                out[index] = out[index] + self.delta(x[index], name).to(y.dtype)
+            return out
+        if routing is not None:
+            raise ValueError(f"a learned router (mixture) cannot route {kind} adapter; target linear layers only")
+        for name in state.active:
+            if self.has_adapter(name) and name not in self.merged_adapters:
+                y = y + self.delta(x, name).to(y.dtype)
+        return y
+
     # ------------------------------------------------------------------ merge
     def _fold(self, name: str, sign: float) -> None:
         """W ← W + sign · ΔW of adapter `name` (sign −1 takes a merge back out)."""

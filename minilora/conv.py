@@ -23,7 +23,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import mixing
 from .adapter_layer import AdapterLayer, AdapterState
 from .roles import FULL, Site, layer_index, walk
 
@@ -125,38 +124,12 @@ class LoRAConv(AdapterLayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)  # (batch, C_out, *spatial)
-        state = self.state
-        if state.disabled:
-            return y
-        routing = state.routing
-        if routing is not None and routing.weights is not None:  # adapter_weights: a weighted sum
-            for name, w in routing.weights.items():
-                if self.has_adapter(name):
-                    y = y + w * self.delta(x, name).to(y.dtype)
-            return y
-        if routing is not None and routing.rows is not None:  # adapter_names: one adapter per batch row
-            return self._per_row(y, x, routing.rows)
-        if routing is not None:
-            raise ValueError("a learned router (mixture) cannot route a convolution adapter; target linear layers only")
-        for name in state.active:
-            if self.has_adapter(name) and name not in self.merged_adapters:
-                y = y + self.delta(x, name).to(y.dtype)
-        return y
+        return self.add_deltas(self.base_layer(x, *args, **kwargs), x, "a convolution")  # (batch, C_out, *spatial)
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """s · B(A(dropout(x))): (batch, C_in, *spatial) -> (batch, r, *) -> (batch, C_out, *spatial)."""
         A = self.lora_A[name]
         return self.lora_B[name](A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
-
-    def _per_row(self, y: torch.Tensor, x: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
-        out = y.clone()
-        for name in dict.fromkeys(rows):
-            if name == mixing.BASE or not self.has_adapter(name):
-                continue
-            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
-            out[index] = out[index] + self.delta(x[index], name).to(y.dtype)
-        return out
 
     # ------------------------------------------------------------------ merge
     def get_delta_weight(self, name: str) -> torch.Tensor:

@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import mixing
 from .adapter_layer import AdapterLayer
 from .roles import FULL, Site, walk
 
@@ -121,24 +120,7 @@ class LoRAEmbedding(AdapterLayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(ids, *args, **kwargs)  # (..., d)
-        state = self.state
-        if state.disabled:
-            return y
-        routing = state.routing
-        if routing is not None and routing.weights is not None:  # adapter_weights: a weighted sum
-            for name, w in routing.weights.items():
-                if name in self.lora_embedding_A:
-                    y = y + w * self.delta(ids, name).to(y.dtype)
-            return y
-        if routing is not None and routing.rows is not None:  # adapter_names: one adapter per batch row
-            return self._per_row(y, ids, routing.rows)
-        if routing is not None:
-            raise ValueError("a learned router (mixture) cannot route an embedding adapter; target linear layers only")
-        for name in state.active:
-            if name in self.lora_embedding_A and name not in self.merged_adapters:
-                y = y + self.delta(ids, name).to(y.dtype)
-        return y
+        return self.add_deltas(self.base_layer(ids, *args, **kwargs), ids, "an embedding")  # (..., d)
 
     def delta(self, ids: torch.Tensor, name: str) -> torch.Tensor:
         """s · Aᵀ[ids] Bᵀ: (..., r) @ (r, d) -> (..., d)."""
@@ -147,16 +129,6 @@ class LoRAEmbedding(AdapterLayer):
                               max_norm=base.max_norm, norm_type=base.norm_type,
                               scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)  # (..., r)
         return (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
-
-    def _per_row(self, y: torch.Tensor, ids: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
-        """Row i of the batch gets adapter rows[i] (or none for "__base__")."""
-        out = y.clone()
-        for name in dict.fromkeys(rows):
-            if name == mixing.BASE or name not in self.lora_embedding_A:
-                continue
-            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=ids.device)
-            out[index] = out[index] + self.delta(ids[index], name).to(y.dtype)
-        return out
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, name: str) -> torch.Tensor:
