@@ -30,10 +30,11 @@ CONV = "conv"  # the role of a convolution site: targeted by module name only, n
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def conv_sites(model: nn.Module, layers_pattern=None) -> dict[str, Site]:
-    """A Site for every convolution (or LoRAConv) in `model`, keyed by module path."""
+def conv_sites(model: nn.Module, layers_pattern=None, modules=None) -> dict[str, Site]:
+    """A Site for every convolution (or LoRAConv) in `model`, keyed by module path. `modules`: the
+    pairs of one `walk(model)`, when the caller has walked it already."""
     return {name: Site(name, CONV, None, m.out_channels, layer_index(name, layers_pattern), None, None)
-            for name, m in walk(model) if isinstance(m, (*CONV_TYPES, LoRAConv))}
+            for name, m in (walk(model) if modules is None else modules) if isinstance(m, (*CONV_TYPES, LoRAConv))}
 
 
 class LoRAConv(AdapterLayer):

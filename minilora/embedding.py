@@ -33,10 +33,11 @@ from .roles import FULL, Site, walk
 EMBEDDING = "embedding"  # the role of an embedding site: never picked by "all-linear" or role names
 
 
-def embedding_sites(model: nn.Module) -> dict[str, Site]:
-    """A Site for every nn.Embedding (or LoRAEmbedding) in `model`, keyed by module path."""
+def embedding_sites(model: nn.Module, modules=None) -> dict[str, Site]:
+    """A Site for every nn.Embedding (or LoRAEmbedding) in `model`, keyed by module path.
+    `modules`: the pairs of one `walk(model)`, when the caller has walked it already."""
     return {name: Site(name, EMBEDDING, None, m.embedding_dim, None, None, None)
-            for name, m in walk(model) if isinstance(m, (nn.Embedding, LoRAEmbedding))}
+            for name, m in (walk(model) if modules is None else modules) if isinstance(m, (nn.Embedding, LoRAEmbedding))}
 
 
 class LoRAEmbedding(AdapterLayer):

@@ -195,12 +195,13 @@ def role_of(name: str, rules) -> tuple[Optional[str], Optional[str]]:
     return found
 
 
-def classify(model: nn.Module, layers_pattern=None) -> dict[str, Site]:
-    """A Site for every Linear / Conv1D in `model`, keyed by module path."""
+def classify(model: nn.Module, layers_pattern=None, modules=None) -> dict[str, Site]:
+    """A Site for every Linear / Conv1D in `model`, keyed by module path. `modules`: the (path,
+    module) pairs of one `walk(model)`, when the caller has walked it already."""
     rules = rules_of(model)
     config = getattr(model, "config", None)
     sites = {}
-    for name, module in walk(model):
+    for name, module in (walk(model) if modules is None else modules):
         if hasattr(module, "original_module"):  # a trained copy (modules_to_save): never a target
             continue
         if not hasattr(module, "base_layer") and not is_linear(module):  # a LoRA wrapper is a site
@@ -212,14 +213,14 @@ def classify(model: nn.Module, layers_pattern=None) -> dict[str, Site]:
     return sites
 
 
-def parameter_sites(model: nn.Module, layers_pattern=None) -> dict[str, Site]:
+def parameter_sites(model: nn.Module, layers_pattern=None, modules=None) -> dict[str, Site]:
     """A Site for every 3-D parameter in `model` (stacked expert weights, (E, d_out, d_in), or
     (E, d_in, d_out) where the experts module says `is_transposed`), keyed by parameter path.
-    Its out_features are one expert's output rows."""
+    Its out_features are one expert's output rows. `modules`: as for `classify`."""
     rules = rules_of(model)
     config = getattr(model, "config", None)
     sites = {}
-    for name, module in walk(model):
+    for name, module in (walk(model) if modules is None else modules):
         if hasattr(module, "original_module"):
             continue
         owner = getattr(module, "base_layer", module)  # an adapted experts module: its base's parameters
@@ -357,10 +358,13 @@ def fused_parts(role: str, layout: Optional[str], d_out: int, config) -> tuple[P
     return LAYOUTS[layout](tuple(role.split("_")), d_out, config)
 
 
-def supported_roles(model: nn.Module) -> list[str]:
-    """The base roles this model actually has, for error messages."""
+def supported_roles(model: nn.Module, sites=None) -> list[str]:
+    """The base roles this model actually has, for error messages; from `sites` (classify's and
+    parameter_sites') when the caller has them."""
+    if sites is None:
+        sites = [*classify(model).values(), *parameter_sites(model).values()]
     found = set()
-    for site in [*classify(model).values(), *parameter_sites(model).values()]:
+    for site in sites:
         if site.role:
             found.update(site.role.split("_"))  # a fused role names its parts
     return [r for r in ROLES if r in found]

@@ -69,9 +69,10 @@ def _matches(name: str, spec) -> bool:
     return any(_name_matches(name, key) for key in spec)
 
 
-def _output_layer_names(model: nn.Module) -> set[str]:
+def _output_layer_names(model: nn.Module, walked: list[tuple[str, nn.Module]]) -> set[str]:
+    """The paths of the model's output layer (its LM head), among the (path, module) pairs of one walk."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n for n, m in walk(model) if head is not None and m is head}
+    return {n for n, m in walked if head is not None and m is head}
 
 
 def _depths(sites: dict[str, Site]) -> dict[Optional[str], int]:
@@ -91,7 +92,7 @@ def _nearest(entry: str, sites: dict[str, Site]) -> list[str]:
 def _unmatched_error(entry: str, model: nn.Module, sites: dict[str, Site], why: str) -> ValueError:
     family = family_of(model)
     if family:
-        roles = f"Roles for {family}: {', '.join(supported_roles(model))}."
+        roles = f"Roles for {family}: {', '.join(supported_roles(model, sites.values()))}."
     else:
         roles = (f"{type(model).__name__} is of no family minilora knows, so role names (q, v, ffn, ...) "
                  "are unavailable: use module names.")
@@ -103,9 +104,11 @@ def _unmatched_error(entry: str, model: nn.Module, sites: dict[str, Site], why: 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
     """Which modules get LoRA, over which output columns, with which rank and alpha."""
-    sites = {**classify(model, config.layers_pattern), **embedding_sites(model),  # embeddings, convolutions:
-             **conv_sites(model, config.layers_pattern),  # by name only
-             **parameter_sites(model, config.layers_pattern)}  # 3-D expert weights: by role or target_parameters
+    walked = list(walk(model))  # the one walk every kind of site is read from
+    pattern = config.layers_pattern
+    sites = {**classify(model, pattern, walked), **embedding_sites(model, walked),  # embeddings, convolutions:
+             **conv_sites(model, pattern, walked),  # by name only
+             **parameter_sites(model, pattern, walked)}  # 3-D expert weights: by role or target_parameters
     family = family_of(model)
     depths = _depths(sites)
     _check_layers(config, depths)
@@ -117,7 +120,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:  # PEFT has no default for it either
-            roles = f" or role names ({', '.join(supported_roles(model))})" if family else ""
+            roles = f" or role names ({', '.join(supported_roles(model, sites.values()))})" if family else ""
             raise ValueError(
                 f"target_modules is required for {type(model).__name__} (model_type {model_type!r} has no default "
                 f"targets in PEFT); e.g. target_modules={_nearest('q_proj', sites)[:2]}{roles}"
@@ -126,7 +129,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
 
     chosen: dict[str, set[str]] = {}  # path -> parts ({FULL} for the whole layer)
     if targets == "all-linear":
-        heads = _output_layer_names(model)
+        heads = _output_layer_names(model, walked)
         chosen = {name: {FULL} for name, site in modules.items() if name not in heads and site.role not in (EMBEDDING, CONV)}
         experts = sorted(name for name, site in sites.items() if site.is_parameter and site.role)
         if experts and not config.target_parameters:  # PEFT's "all-linear" leaves them out too; say so
@@ -146,7 +149,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
                 chosen.setdefault(name, set()).add(part)
         if not chosen and targets:  # nothing at all: an error, as in PEFT
             raise _unmatched_error(unmatched[0], model, sites, "matched no module")
-        present = set(supported_roles(model)) if family else set()
+        present = set(supported_roles(model, sites.values())) if family and unmatched else set()
         for entry in unmatched:  # a role this family lacks is a mistake, not a misspelling to shrug off
             selector = parse_selector(entry) if family else None
             if selector is not None and not present & set(selector.roles):

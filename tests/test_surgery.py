@@ -225,3 +225,15 @@ def test_unknown_family_uses_module_names_and_says_roles_are_unavailable():
         resolve_targets(model, LoraConfig(r=2, target_modules=["q"]))
     with pytest.raises(ValueError, match="target_modules is required"):
         resolve_targets(model, LoraConfig(r=2))
+
+
+@pytest.mark.parametrize("family, targets", [("llama", ["q_proj", "v_proj"]), ("gpt2", ["q", "v"]), ("llama", "all-linear")])
+def test_wrapping_walks_the_model_twice(family, targets):
+    """Once to see whether an earlier LoraModel left adapter layers, once to read every target site
+    (linear layers, embeddings, convolutions, 3-D expert weights) into the plan."""
+    model = make(family)
+    calls = []
+    children = model.named_children
+    model.named_children = lambda *a, **k: calls.append(1) or children(*a, **k)  # each walk starts here
+    get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+    assert len(calls) == 2
