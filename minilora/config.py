@@ -67,6 +67,8 @@ class LoraConfig:
     use_rslora: bool = False  # rank-stabilized scaling lora_alpha / sqrt(r)
     use_dora: bool = False  # DoRA: a trained magnitude per output row (see dora.py)
     lora_bias: bool = False  # a trained bias on the LoRA path, lora_B's (see lora_bias.py)
+    trainable_token_indices: Union[list[int], dict[str, list[int]], None] = None  # embedding rows trained in
+    # full: token ids of the input embeddings, or {embedding module name: token ids} (see trainable_tokens.py)
     modules_to_save: Union[list[str], None] = None  # modules trained in full, one copy per adapter
     init_lora_weights: Union[bool, str] = True  # True: kaiming-uniform A; "gaussian": N(0, 1/r); False: B random too;
     # "pissa", "pissa_niter_K", "olora", "loftq" (these rewrite the base weight), "orthogonal": see init.py
@@ -169,6 +171,11 @@ class LoraConfig:
         if value is not None and not isinstance(value, int) and not (
                 isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
             wrong("layers_to_transform", "a layer index or a list of them")
+        ids = lambda v: isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)  # noqa: E731
+        value = self.trainable_token_indices
+        if value is not None and not ids(value) and not (
+                isinstance(value, dict) and all(isinstance(k, str) and ids(v) for k, v in value.items())):
+            wrong("trainable_token_indices", "a list of token ids, or a mapping {embedding module name: token ids}")
 
     @classmethod
     def article(cls, target_modules=("q", "v"), bands=ARTICLE_BANDS, head=True, **overrides) -> "LoraConfig":

@@ -79,7 +79,7 @@ AdapterModules = dict[str, nn.Module]  # module path -> AdapterLayer or ModulesT
 
 # PEFT fields minilora does not implement: ignored when they hold their default, refused otherwise.
 _PEFT_DEFAULTS = {
-    "layer_replication": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+    "layer_replication": None, "alora_invocation_tokens": None,
     "use_qalora": False, "use_bdlora": None, "eva_config": None, "corda_config": None,
     "arrow_config": None, "kasa_config": None, "lora_ga_config": None, "monteclora_config": None,
     "velora_config": None, "megatron_config": None,

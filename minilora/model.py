@@ -51,6 +51,7 @@ from .surgery import (
     set_submodule,
     trained_biases,
     wrap_modules_to_save,
+    wrap_trainable_tokens,
 )
 
 
@@ -288,6 +289,7 @@ class LoraModel(nn.Module):
         does not grow with the number of adapters already loaded."""
         layers = inject_adapter(self.model, plan, name, config, self._state)
         copies = wrap_modules_to_save(self.model, config.modules_to_save, name, self._state)
+        layers += wrap_trainable_tokens(self.model, config.trainable_token_indices, name, self._state)
         if not self.peft_config:  # the first adapter freezes the base
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -618,8 +620,8 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     return LoraModel(model, peft_config, adapter_name)
 
 
-_WRAPPED = re.compile(r"(^|\.)(?:base_layer|original_module)\.")  # what a wrapper inserts into a base key
-_ADAPTER_WEIGHT = re.compile(r"(^|\.)(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)\.")  # weights that belong to an adapter
+_WRAPPED = re.compile(r"(^|\.)(?:token_adapter\.base_layer|base_layer|original_module)\.")  # what a wrapper inserts into a base key
+_ADAPTER_WEIGHT = re.compile(r"(^|\.)(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save|trainable_tokens_delta)\.")  # weights that belong to an adapter
 
 
 def _base_keys(model: LoraModel) -> dict[str, str]:

@@ -30,6 +30,7 @@ from .embedding import EMBEDDING, LoRAEmbedding, embedding_sites
 from .families import DEFAULT_TARGETS
 from .lora import AdapterState, LoraPart, LoRALinear
 from .experts import LoRAExperts
+from .trainable_tokens import TrainableTokens
 from .variants import VARIANTS
 from .roles import FULL, Part, Site, classify, family_of, parameter_sites, parse_selector, supported_roles, walk
 
@@ -457,3 +458,44 @@ def adapter_layers(model: nn.Module):
     """Every adapter layer and ModulesToSave in `model`."""
     return [m for _, m in walk(model) if isinstance(m, (AdapterLayer, ModulesToSave))]
 
+
+
+def wrap_trainable_tokens(model: nn.Module, token_indices, adapter_name: str,
+                          state: AdapterState) -> list[TrainableTokens]:
+    """Give `adapter_name` trainable rows of the embeddings `token_indices` names (PEFT's rule: a
+    list means the input embeddings; a dict maps module names to lists), and let a head tied to
+    such a table read them too. The wrappers."""
+    if token_indices is None:
+        return []
+    modules = dict(walk(model))
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(token_indices, dict):
+        path = next((n for n, m in modules.items() if m is embedding), None)
+        if path is None:
+            raise ValueError("trainable_token_indices as a list needs a model with input embeddings "
+                             "(get_input_embeddings); give a dict {embedding module name: token ids}")
+        token_indices = {path: token_indices}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = []
+    for key, indices in token_indices.items():
+        paths = [n for n in modules if _name_matches(n, key)]
+        if not paths:
+            raise ValueError(f"trainable_token_indices names {key!r}, which matches no module; name an embedding")
+        for path in paths:
+            module = modules[path]
+            if not isinstance(module, TrainableTokens):
+                if isinstance(module, (AdapterLayer, ModulesToSave)) or not isinstance(module, nn.Embedding):
+                    raise ValueError(f"trainable_token_indices names {path}, which is not a plain nn.Embedding (it is "
+                                     f"a {type(module).__name__}: adapted by LoRA, a trained copy, or no embedding); "
+                                     "leave it out of target_modules and modules_to_save, or name an embedding")
+                module = TrainableTokens(module, state)
+                set_submodule(model, path, module)
+            module.add_adapter(adapter_name, list(indices))
+            layers.append(module)
+            if head is not None and head is not module and getattr(head, "weight", None) is module.weight:
+                head_path = next(n for n, m in modules.items() if m is head)
+                if not isinstance(head, TrainableTokens):
+                    head = TrainableTokens(head, state, tied=module)
+                    set_submodule(model, head_path, head)
+                layers.append(head)
+    return layers
