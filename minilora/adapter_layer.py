@@ -121,6 +121,21 @@ class AdapterLayer(nn.Module):
         """W ← W + sign · ΔW of adapter `name` (sign −1 takes a merge back out)."""
         raise NotImplementedError
 
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise ValueError, changing nothing, if merging one of these adapters would give NaN or inf."""
+        raise NotImplementedError
+
+    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Fold each chosen adapter not merged yet into the base (the active ones by default).
+        Merging twice is a no-op. `safe_merge`: check_merge first, so a refusal changes nothing."""
+        chosen = self.state.active if adapter_names is None else adapter_names
+        names = [n for n in chosen if self.has_adapter(n) and n not in self.merged_adapters]
+        if safe_merge:
+            self.check_merge(names)
+        for name in names:
+            self._fold(name, +1.0)
+            self.merged_adapters.append(name)
+
     def unmerge(self, adapter_names: Optional[list[str]] = None) -> None:
         """W ← W − ΔW for merged adapters, latest first. Unmerging twice is a no-op."""
         for name in reversed(list(self.merged_adapters)):

@@ -152,16 +152,6 @@ class LoRAConv(AdapterLayer):
                 raise ValueError(f"NaNs or infs detected in the merged weights: adapter {name!r} seems to be "
                                  "broken; nothing was merged")
 
-    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """W ← W + s·(B ⊗ A) for each adapter not merged yet. Merging twice is a no-op."""
-        chosen = self.state.active if adapter_names is None else adapter_names
-        names = [n for n in chosen if self.has_adapter(n) and n not in self.merged_adapters]
-        if safe_merge:
-            self.check_merge(names)
-        for name in names:
-            self._fold(name, +1.0)
-            self.merged_adapters.append(name)
-
     # ------------------------------------------------------------------ files (PEFT's keys)
     def file_tensors(self, name: str, use_rslora: bool
                      ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:

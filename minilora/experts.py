@@ -157,16 +157,6 @@ class LoRAExperts(AdapterLayer):
                 rows = part.rows(W, 1)  # (E, blocks, d_part / blocks, d_in)
                 rows += (sign * self.delta_weight(name, parameter, part_name)).to(W.dtype).view(rows.shape)
 
-    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """W_e ← W_e + (alpha/r)·B_e·A_e on each part's rows, for each adapter not merged yet."""
-        chosen = self.state.active if adapter_names is None else adapter_names
-        names = [n for n in chosen if n in self.lora_A and n not in self.merged_adapters]
-        if safe_merge:
-            self.check_merge(names)
-        for name in names:
-            self._fold(name, +1.0)
-            self.merged_adapters.append(name)
-
     @torch.no_grad()
     def check_merge(self, adapter_names: list[str]) -> None:
         """Raise ValueError, changing nothing, if merging one of these adapters would give NaN or inf."""

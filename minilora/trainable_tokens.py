@@ -154,16 +154,6 @@ class TrainableTokens(AdapterLayer):
             if not torch.isfinite(self.token_adapter.trainable_tokens_delta[name]).all():
                 raise ValueError(f"NaNs or infs detected in the trainable tokens of adapter {name!r}; nothing was merged")
 
-    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """E[t_j] ← Δ_j for each adapter not merged yet (a tied head reads the merged table)."""
-        chosen = self.state.active if adapter_names is None else adapter_names
-        names = [n for n in chosen if self.has_adapter(n) and n not in self.merged_adapters]
-        if safe_merge:
-            self.check_merge(names)
-        for name in names:
-            self._fold(name, +1.0)
-            self.merged_adapters.append(name)
-
     # ------------------------------------------------------------------ files (PEFT's keys)
     def file_tensors(self, name: str, use_rslora: bool) -> tuple[dict[str, torch.Tensor], dict]:
         if self.tied is not None:
