@@ -134,7 +134,7 @@ class TrainableTokens(AdapterLayer):
         bias = self.base_layer.bias
         if bias is not None:
             columns = columns + bias[indices]
-        return y.index_copy(-1, indices, columns.to(y.dtype))
+        return y.index_copy_(-1, indices, columns.to(y.dtype))  # in place: no second (..., V) logits tensor
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
