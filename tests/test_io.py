@@ -264,8 +264,8 @@ def test_unknown_keys_warn_and_unsupported_features_refuse(saved):
     (saved / CONFIG_NAME).write_text(json.dumps({**cfg, "shiny_new_option": 3}))
     with pytest.warns(UserWarning, match="ignoring config keys minilora does not know: shiny_new_option"):
         LoraModel.from_pretrained(make("gpt2"), saved)
-    (saved / CONFIG_NAME).write_text(json.dumps({**cfg, "trainable_token_indices": [1, 2]}))
-    with pytest.raises(ValueError, match="uses trainable_token_indices, which minilora does not implement"):
+    (saved / CONFIG_NAME).write_text(json.dumps({**cfg, "layer_replication": [[0, 2], [1, 3]]}))
+    with pytest.raises(ValueError, match="uses layer_replication, which minilora does not implement"):
         LoraModel.from_pretrained(make("gpt2"), saved)
 
 
