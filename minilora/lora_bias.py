@@ -64,7 +64,7 @@ class LoraBias:
 
     @torch.no_grad()
     def fold(self, layer, name: str, sign: float) -> None:
-        self.check_fold(layer, name)
+        """b ← b + sign · s·b_B; LoRALinear.merge ran check_fold for every adapter before any fold."""
         bias = layer.base_layer.bias
         bias.copy_((bias.float() + sign * self._dense(layer, name)).to(bias.dtype))
 

@@ -31,11 +31,6 @@ def current_name(name: str) -> str:
     return _EARLIER_WHOLE_LAYER.sub(r".\1.\2.weight", name)
 
 
-def is_earlier_layout(names) -> bool:
-    """True if some name is in minilora's earlier layout."""
-    return any(current_name(n) != n for n in names)
-
-
 def accept_earlier_names(module, state_dict: dict, prefix: str, *args) -> None:
     """A load_state_dict pre-hook: keys of the earlier layout are renamed to today's, with a warning."""
     renamed = {key: prefix + current_name(key[len(prefix):]) for key in state_dict if key.startswith(prefix)}
