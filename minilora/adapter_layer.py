@@ -12,6 +12,7 @@ Each kind owns, for itself:
     add_adapter(name, parts, ...)        create adapter `name`; `parts` says what it adapts
     adapter_names, has_adapter(name)     which adapters it holds
     adapter_parameters(name)             what trains
+    factors(name)                        its (A, B) weight tensors by unit; set_factors writes one pair
     delete_adapter(name)
     forward                              the base output plus the active adapters' updates
     merge / unmerge / check_merge        fold into the base weight and back: exact, idempotent
@@ -32,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import mixing
+from .variants import VARIANTS
 
 
 @dataclass
@@ -79,12 +81,41 @@ class AdapterLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    @staticmethod
+    def check_variant_options(options: dict) -> None:
+        """TypeError for an add_adapter option no registered variant (variants.py) answers to."""
+        unknown = sorted(set(options) - {v.field for v in VARIANTS})
+        if unknown:
+            raise TypeError(f"add_adapter got unknown options {unknown}")
+
     def refuse_variants(self, options: dict, kind: str) -> None:
-        """Variants (variants.py) extend linear layers; another kind refuses any it is asked for."""
+        """Variants (variants.py: use_dora, lora_bias) extend linear layers; another kind refuses any it
+        is asked for, and a misspelt option, by name."""
+        self.check_variant_options(options)
         used = sorted(option for option, value in options.items() if value)
         if used:
-            raise ValueError(f"{', '.join(used)} is not available on {kind} (nor in PEFT); leave the {kind} out of "
+            raise ValueError(f"{', '.join(used)} is not available on {kind} in minilora; leave the {kind} out of "
                              f"target_modules or turn {', '.join(used)} off")
+
+    # ------------------------------------------------------------------ the low-rank factors
+    def factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Adapter `name`'s (A, B) weight tensors by unit: a part's name (FULL for a whole layer), or
+        "<parameter>.<part>" for expert weights. Shapes are the kind's (lora.py: A (r, d_in), B (d_part, r))."""
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """What trains in adapter `name`: its factors, unless a kind holds more."""
+        return [t for pair in self.factors(name).values() for t in pair]
+
+    @torch.no_grad()
+    def set_factors(self, name: str, unit: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy A and B into adapter `name`'s pair `unit` (a key of `factors(name)`), shapes checked."""
+        A_to, B_to = self.factors(name)[unit]
+        if A.shape != A_to.shape or B.shape != B_to.shape:
+            raise ValueError(f"adapter {name!r}, {unit}: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit its "
+                             f"A {tuple(A_to.shape)} and B {tuple(B_to.shape)}")
+        A_to.copy_(A)
+        B_to.copy_(B)
 
     # ------------------------------------------------------------------ forward, for additive kinds
     def add_deltas(self, y: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:

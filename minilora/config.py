@@ -155,7 +155,7 @@ class LoraConfig:
         for name in ("lora_alpha", "lora_dropout"):
             if not _is_number(getattr(self, name)):
                 wrong(name, "a number")
-        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
+        for name in (f.name for f in fields(self) if f.type == "bool"):  # every switch, variants' included
             if not isinstance(getattr(self, name), bool):
                 wrong(name, "true or false")
         for name in ("target_modules", "exclude_modules", "layers_pattern"):

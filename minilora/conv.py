@@ -72,14 +72,14 @@ class LoRAConv(AdapterLayer):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, parts: dict, lora_dropout: float = 0.0, init_lora_weights=True,
-                    use_rslora: bool = False, use_dora: bool = False, **variant_options) -> None:
+                    use_rslora: bool = False, **variant_options) -> None:
         """Create adapter `name`: A like the base kernel, B 1×…×1 and zero."""
         self.refuse_variants(variant_options, "convolutions")
         base = self.base_layer
         if self.has_adapter(name):
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        if use_dora or init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError("convolutions take plain LoRA (init_lora_weights True, False or 'gaussian', no DoRA); "
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError("convolutions take plain LoRA (init_lora_weights True, False or 'gaussian'); "
                              "leave the convolution out of target_modules or drop those options")
         if list(parts) != [FULL]:
             raise ValueError("a convolution has no slices: target it by its module name")
@@ -113,8 +113,9 @@ class LoRAConv(AdapterLayer):
         else:
             nn.init.zeros_(B)
 
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [self.lora_A[name].weight, self.lora_B[name].weight]
+    def factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{FULL: (A (r, C_in, *k), B (C_out, r, 1, …))} of adapter `name`."""
+        return {FULL: (self.lora_A[name].weight, self.lora_B[name].weight)}
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -160,8 +161,7 @@ class LoRAConv(AdapterLayer):
 
     @torch.no_grad()
     def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], use_rslora: bool, where: str) -> None:
-        self.lora_A[name].weight.copy_(tensors["lora_A.weight"])
-        self.lora_B[name].weight.copy_(tensors["lora_B.weight"])
+        self.set_factors(name, FULL, tensors["lora_A.weight"], tensors["lora_B.weight"])
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, adapters(rank, alpha)={self.ranks}"

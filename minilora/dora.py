@@ -40,6 +40,9 @@ Merging writes W' = g ⊙ (W + s·B·A) into the rows of each part and keeps the
 (and as written), so unmerging restores W exactly. Mixed batches (adapter_names=) are refused:
 they stack every adapter's (A, B) into one batched product, which has no place for g.
 
+DoRA is a path of LoRALinear (lora_variant.py): class `Dora` below calls these functions at the
+protocol's points, and LoRALinear knows nothing else of it.
+
 Quantized bases (Linear4bit): the norm is taken over the dequantized weight, in fp32.
 
 Shapes: N = tokens, d_in / d_out = the base layer's features, d_part = the rows of one part.
@@ -52,9 +55,44 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .lora_variant import LoraVariant
+from .quant import bnb_layers
 from .roles import by_part
 
 MAGNITUDE = "lora_magnitude_vector"  # the attribute of LoRALinear, and PEFT's name in files
+
+
+class Dora(LoraVariant):
+    """DoRA as a path of LoRALinear (lora_variant.py): the functions below, at the protocol's points."""
+
+    field = "use_dora"
+    label = "DoRA (use_dora=True)"
+    replaces_path = True
+
+    def add(self, layer, name: str, init_lora_weights) -> None:
+        add_magnitudes(layer, name)
+
+    def holds(self, layer, name: str) -> bool:
+        return name in layer.lora_magnitude_vector
+
+    def forward(self, layer, name: str, y: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tensor:
+        return add_dora(layer, y, x, name, weight)
+
+    def check_fold(self, layer, name: str) -> None:
+        if bnb_layers.is_bnb(layer.base_layer.weight):
+            bits = 4 if bnb_layers.is_bnb_4bit(layer.base_layer.weight) else 8
+            raise TypeError(f"merging a DoRA adapter into a bitsandbytes {bits}-bit weight is not supported; "
+                            "keep the adapter unmerged, or load the base in bf16 to merge")
+
+    def fold(self, layer, name: str, sign: float) -> None:
+        fold(layer, name, sign)
+
+    def file_tensors(self, layer, name: str, ratio: dict[str, float]) -> dict[str, torch.Tensor]:
+        return {MAGNITUDE: whole_magnitude(layer, name)}  # m over every row: the scale does not enter it
+
+    def load_file_tensors(self, layer, name: str, tensors: dict[str, torch.Tensor], ratio: dict[str, float],
+                          where: str) -> None:
+        set_whole_magnitude(layer, name, tensors[MAGNITUDE], where)
 
 
 class Magnitude(nn.Module):
@@ -207,12 +245,3 @@ def fold(layer, name: str, sign: float) -> None:
             before, written = magnitude.merged
             rows.copy_(before if torch.equal(rows, written) else before + (rows - written))
             magnitude.merged = None
-
-
-def refuse_mixed_batch(layer, names) -> None:
-    """Mixed batches stack plain (A, B) pairs: a DoRA adapter among `names` cannot take part."""
-    for name in names:
-        if name in layer.lora_magnitude_vector:
-            raise ValueError(
-                f"adapter {name!r} is a DoRA adapter (use_dora=True), which mixed batches (adapter_names=) and "
-                "routers do not support: run its rows in a call of their own after set_adapter, or merge it")

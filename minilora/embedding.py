@@ -68,19 +68,13 @@ class LoRAEmbedding(AdapterLayer):
     def adapter_names(self) -> list[str]:
         return list(self.ranks)
 
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [self.lora_embedding_A[name], self.lora_embedding_B[name]]
-
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, parts: dict, lora_dropout: float = 0.0, init_lora_weights=True,
-                    use_rslora: bool = False, use_dora: bool = False, **variant_options) -> None:
+                    use_rslora: bool = False, **variant_options) -> None:
         """Create adapter `name`: A (r, V) = 0 and B (d, r) ~ N(0, 1)."""
         self.refuse_variants(variant_options, "embeddings")
         if self.has_adapter(name):
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        if use_dora:
-            raise ValueError("DoRA (use_dora=True) is not available on embeddings; drop the embedding from "
-                             "target_modules or set use_dora=False")
         if list(parts) != [FULL]:
             raise ValueError("an embedding has no slices: target it by its module name (e.g. 'wte', 'embed_tokens')")
         part = parts[FULL]
@@ -108,11 +102,9 @@ class LoRAEmbedding(AdapterLayer):
         else:
             nn.init.zeros_(A)
 
-    @torch.no_grad()
-    def set_weights(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Copy A (r, V) and B (d, r) into adapter `name`."""
-        self.lora_embedding_A[name].copy_(A)
-        self.lora_embedding_B[name].copy_(B)
+    def factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{FULL: (A (r, V), B (d, r))} of adapter `name`."""
+        return {FULL: (self.lora_embedding_A[name], self.lora_embedding_B[name])}
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -183,7 +175,7 @@ class LoRAEmbedding(AdapterLayer):
                  "lora_embedding_B": self.lora_embedding_B[name].detach()}, {"": self.ranks[name]})
 
     def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], use_rslora: bool, where: str) -> None:
-        self.set_weights(name, tensors["lora_embedding_A"], tensors["lora_embedding_B"])
+        self.set_factors(name, FULL, tensors["lora_embedding_A"], tensors["lora_embedding_B"])
 
     def accepts_saved_table(self, table: torch.Tensor, where: str) -> bool:
         """PEFT saves the whole table beside an adapted embed_tokens (the vocabulary may have grown)."""

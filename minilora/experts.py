@@ -61,15 +61,15 @@ class LoRAExperts(AdapterLayer):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, parameters: dict[str, dict[str, LoraPart]], lora_dropout: float = 0.0,
-                    init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False, **variant_options) -> None:
+                    init_lora_weights=True, use_rslora: bool = False, **variant_options) -> None:
         """Create adapter `name` on `parameters` ({parameter -> {part -> LoraPart}}); B = 0."""
         if lora_dropout:
             raise ValueError(f"lora_dropout={lora_dropout} on expert weights: the update is added to the weight, "
                              "not run on activations, so there is no input to drop; set lora_dropout=0")
         self.refuse_variants(variant_options, "expert weights")
-        if use_dora or init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError("expert weights take plain LoRA only (init_lora_weights True, False or 'gaussian', no "
-                             "DoRA); leave the experts out of this adapter or drop those options")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError("expert weights take plain LoRA only (init_lora_weights True, False or 'gaussian'); "
+                             "leave the experts out of this adapter or drop those options")
         if self.has_adapter(name):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         A, B = nn.ModuleDict(), nn.ModuleDict()
@@ -109,11 +109,10 @@ class LoRAExperts(AdapterLayer):
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for table in (self.lora_A, self.lora_B) if name in table for p in table[name].parameters()]
 
-    @torch.no_grad()
-    def set_part_weights(self, name: str, parameter: str, part: str, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Copy A (E, r, d_in) and B (E, d_part, r) into adapter `name`'s pair for `parameter`'s `part`."""
-        self.lora_A[name][parameter][part].copy_(A)
-        self.lora_B[name][parameter][part].copy_(B)
+    def factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"<parameter>.<part>": (A (E, r, d_in), B (E, d_part, r))} of adapter `name`."""
+        return {f"{parameter}.{part}": (A, self.lora_B[name][parameter][part])
+                for parameter, parts in self.lora_A[name].items() for part, A in parts.items()}
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -225,7 +224,7 @@ class LoRAExperts(AdapterLayer):
         for part_name, part in parts.items():
             cols = slice(offset, offset + part.r)
             B_part = part.rows(B, 1)[..., cols].reshape(experts, part.width, part.r)  # (E, d_part, r_p)
-            self.set_part_weights(name, parameter, part_name, A[:, cols], B_part * (scale / scales[part_name]))
+            self.set_factors(name, f"{parameter}.{part_name}", A[:, cols], B_part * (scale / scales[part_name]))
             part.rows(covered, 1)[..., cols] = True
             offset += part.r
         if (B[~covered] != 0).any():

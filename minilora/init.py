@@ -112,7 +112,7 @@ def initialise(layer: "LoRALinear", name: str, method: str) -> None:
     r, scale = parts[FULL].r, layer.part_scale(name, FULL)
     if method == "orthogonal":
         A, B = orthogonal(layer.in_features, layer.out_features, r)
-        layer.set_part_weights(name, FULL, A, B)
+        layer.set_factors(name, FULL, A, B)
         return
     weight = layer.base_layer.weight
     if not weight.is_floating_point():
@@ -134,5 +134,5 @@ def initialise(layer: "LoRALinear", name: str, method: str) -> None:
     else:
         niter = int(method.rsplit("_", 1)[1]) if "_niter_" in method else None
         A, B, W_res = pissa(W, r, scale, niter)
-    layer.set_part_weights(name, FULL, A, B)
+    layer.set_factors(name, FULL, A, B)
     weight.copy_(W_res.t() if layer.fan_in_fan_out else W_res)

@@ -34,8 +34,11 @@ whole (unsliced) layer is the special case of the single part FULL. An adapter h
 Everything a forward pass reads besides the weights (which adapters are active, whether adapters
 are disabled, a per-call routing of several adapters) sits in one `AdapterState` that a LoraModel
 shares with all its layers. The plain path below is what runs unless a call routes several
-adapters at once; that case is one call into mixing.py. A DoRA adapter (use_dora=True) adds a
-trainable magnitude per output row; its forward pass and merge are one call each into dora.py.
+adapters at once; that case is one call into mixing.py.
+
+What an adapter's low-rank path computes and how it folds into W is its variant's (lora_variant.py):
+plain LoRA (plain_lora.py) unless a registered path replaces it (DoRA, dora.py), plus any
+registered additions (lora_bias). This class knows none of them by name (variants.py lists them).
 
 Shape legend for this file: N = tokens (batch × time, flattened), d_in / d_out = the base
 layer's features, r = rank, d_part = the columns of one part.
@@ -51,12 +54,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import dora, mixing
+from . import mixing
 from . import init as named_init
 from .quant import bnb_layers
 from .adapter_layer import AdapterLayer, AdapterState
-from .roles import FULL, Rows, by_part, features, part_of, part_rows
-from .variants import VARIANTS
+from .roles import FULL, Rows, by_part, features, part_of
+from .variants import PLAIN, VARIANTS
 
 
 @dataclass(frozen=True)
@@ -151,13 +154,10 @@ class LoRALinear(AdapterLayer):
         init_lora_weights=True,
         use_rslora: bool = False,
         dtype: Optional[torch.dtype] = None,
-        use_dora: bool = False,
-        **variant_options,  # a registered variant's LoraConfig field (lora_bias=True): see variants.py
+        **variant_options,  # registered variants' LoraConfig fields (use_dora=True, lora_bias=True): variants.py
     ) -> None:
         """Create adapter `name`: for each part, A (r, d_in) and B (d_part, r), B = 0."""
-        unknown = sorted(set(variant_options) - {v.field for v in VARIANTS})
-        if unknown:
-            raise TypeError(f"add_adapter got unknown options {unknown}")
+        self.check_variant_options(variant_options)
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         weight = self.base_layer.weight
@@ -184,8 +184,6 @@ class LoRALinear(AdapterLayer):
         self.lora_A[name], self.lora_B[name] = by_part(A), by_part(B)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.reset_adapter(name, init_lora_weights)
-        if use_dora:
-            dora.add_magnitudes(self, name)
         for variant in VARIANTS:
             if variant_options.get(variant.field):
                 variant.add(self, name, init_lora_weights)
@@ -209,21 +207,18 @@ class LoRALinear(AdapterLayer):
                 nn.init.zeros_(B.weight)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        """The trainable parameters of adapter `name` on this layer (A, B and DoRA magnitudes)."""
-        return [p for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector)
+        """The trainable parameters of adapter `name` on this layer (A, B, and DoRA's m if it has one)."""
+        return [p for table in (getattr(self, t) for t in self.adapter_layer_names)
                 if name in table for p in table[name].parameters()]
 
-    @torch.no_grad()
-    def set_part_weights(self, name: str, part: str, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Copy A (r, d_in) and B (d_part, r) into adapter `name`'s pair for `part`."""
-        A_module, B_module = self.pair(name, part)
-        A_module.weight.copy_(A)
-        B_module.weight.copy_(B)
+    def factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{part: (A (r, d_in), B (d_part, r))} of adapter `name`."""
+        return {part: tuple(m.weight for m in self.pair(name, part)) for part in self.parts[name]}
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge([name])
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+        for table in (*(getattr(self, t) for t in self.adapter_layer_names), self.lora_dropout):
             if name in table:
                 del table[name]
         del self.parts[name], self.scaling[name]
@@ -245,33 +240,24 @@ class LoRALinear(AdapterLayer):
         return y
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
-        """y[..., part] + weight · (alpha/r) · (dropout(x) Aᵀ) Bᵀ for each part of adapter `name`."""
-        if name in self.lora_magnitude_vector:
-            return dora.add_dora(self, y, x, name, weight)
-        x = self.lora_dropout[name](x.to(self.adapter_dtype(name)))  # (..., d_in)
-        columns, scales, factors = [], [], []
-        for part_name, part in self.parts[name].items():
-            A, B = self.pair(name, part_name)
-            h = A(x).reshape(-1, part.r)  # (N, d_in) @ (d_in, r) -> (N, r)
-            columns.append((part.first, part.end, part.blocks))
-            scales.append(weight * self.part_scale(name, part_name))
-            factors += [h.to(y.dtype), B.weight.to(y.dtype)]  # h (N, r), B (d_part, r)
-        y2d = y.reshape(-1, self.out_features)  # (N, d_out)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (y2d, *factors)):
-            out = LowRankAdd.apply(y2d, tuple(columns), tuple(scales), *factors).view(y.shape)
-        else:
-            out = low_rank_add(y2d, columns, scales, factors).view(y.shape)  # no gradient: no Function needed
-        for variant in self.variants_of(name):
-            out = variant.forward(self, name, out, weight)
-        return out
+        """y (..., d_out) plus `weight` times adapter `name`'s change: its path's (plain LoRA's
+        y[..., part] + s·(dropout(x) Aᵀ) Bᵀ, or DoRA's), then each addition's (lora_bias)."""
+        y = self.path_of(name).forward(self, name, y, x, weight)
+        for addition in (v for v in self.variants_of(name) if not v.replaces_path):
+            y = addition.forward(self, name, y, x, weight)
+        return y
 
     def variants_of(self, name: str) -> list:
-        """The registered variants (variants.py) adapter `name` uses."""
+        """The registered variants (variants.py) adapter `name` uses; plain LoRA is not among them."""
         return [variant for variant in VARIANTS if variant.holds(self, name)]
+
+    def path_of(self, name: str):
+        """The variant that computes adapter `name`'s path: a registered one that replaces plain LoRA, or PLAIN."""
+        return next((v for v in self.variants_of(name) if v.replaces_path), PLAIN)
 
     def _refuse_variants_in_mixed_batches(self, names) -> None:
         for name in (n for n in names if self.has_adapter(n)):
-            used = [variant.field for variant in self.variants_of(name)]
+            used = [variant.label for variant in self.variants_of(name)]
             if used:
                 raise ValueError(f"adapter {name!r} uses {', '.join(used)}, which mixed batches (adapter_names=) and "
                                  "routers do not support: run its rows in a call of their own after set_adapter")
@@ -293,28 +279,10 @@ class LoRALinear(AdapterLayer):
 
     @torch.no_grad()
     def _fold(self, name: str, sign: float) -> None:
-        self._fold_weight(name, sign)
-        for variant in self.variants_of(name):
-            variant.fold(self, name, sign)
-
-    def _fold_weight(self, name: str, sign: float) -> None:
-        if name in self.lora_magnitude_vector:
-            return dora.fold(self, name, sign)
-        if bnb_layers.is_bnb(self.base_layer.weight):  # bitsandbytes' 4 or 8 bits: dequantize, add, requantize
-            W = bnb_layers.dequantize(self.base_layer)  # (d_out, d_in) fp32
-            for part_name, part in self.parts[name].items():
-                rows = part.rows(W, 0)  # (blocks, d_part / blocks, d_in), a view of W
-                rows += sign * self.delta_weight(name, part_name).view(rows.shape)
-            return bnb_layers.requantize(self.base_layer, W)
-        weight = self.base_layer.weight  # (d_out, d_in), or (d_in, d_out) for Conv1D
-        W = weight.T if self.fan_in_fan_out else weight  # (d_out, d_in), a view: writes reach the weight
-        for part_name, part in self.parts[name].items():
-            delta = sign * self.delta_weight(name, part_name)  # (d_part, d_in)
-            if part.blocks == 1:
-                W[part.first:part.end] = (W[part.first:part.end].float() + delta).to(W.dtype)
-            else:  # only the part's rows of each block: a strided view of W, written in place
-                rows = part.rows(W, 0)  # (blocks, d_part / blocks, d_in)
-                rows.copy_((rows.float() + delta.view(rows.shape)).to(W.dtype))
+        """The path folds into W (plain LoRA's ΔW, DoRA's rescaled rows), then each addition (lora_bias)."""
+        self.path_of(name).fold(self, name, sign)
+        for addition in (v for v in self.variants_of(name) if not v.replaces_path):
+            addition.fold(self, name, sign)
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """W ← W + (alpha/r)·B·A for each adapter not merged yet. Merging twice is a no-op.
@@ -328,16 +296,13 @@ class LoRALinear(AdapterLayer):
                 "merge_and_unload() can (it dequantizes the base first, and requantize=True packs the result "
                 "again), or keep the adapter unmerged"
             )
+        for name in names:  # a variant that cannot fold (a bias without a base bias) refuses before anything changes
+            for variant in (self.path_of(name), *self.variants_of(name)):
+                variant.check_fold(self, name)
         if names and bnb_layers.is_bnb(weight):
             bits = 4 if bnb_layers.is_bnb_4bit(weight) else 8
-            if any(n in self.lora_magnitude_vector for n in names):
-                raise TypeError(f"merging a DoRA adapter into a bitsandbytes {bits}-bit weight is not supported; "
-                                "keep the adapter unmerged, or load the base in bf16 to merge")
             warnings.warn(f"merging into a bitsandbytes {bits}-bit weight rounds the merged weight to {bits} bits "
                           "again: outputs differ from the unmerged model's by that rounding (as with PEFT)", stacklevel=3)
-        for name in names:  # a variant that cannot fold (a bias without a base bias) refuses before anything changes
-            for variant in self.variants_of(name):
-                variant.check_fold(self, name)
         if safe_merge:
             self.check_merge(names)
         for name in names:
@@ -370,19 +335,15 @@ class LoRALinear(AdapterLayer):
     def file_tensors(self, name: str, use_rslora: bool
                      ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
         """PEFT's one LoRA over the whole layer (`lora_A.weight` (r, d_in), `lora_B.weight` (d_out, r)),
-        equal to this adapter's parts, and DoRA's m over every row (`lora_magnitude_vector`)."""
+        equal to this adapter's parts, and what its variants save (DoRA's `lora_magnitude_vector`)."""
         A, B, r, alpha = self._as_one_lora(name, use_rslora)
         tensors = {"lora_A.weight": A, "lora_B.weight": B}
-        if name in self.lora_magnitude_vector:  # DoRA: m over every row of the layer (see dora.py)
-            tensors[dora.MAGNITUDE] = dora.whole_magnitude(self, name)
         for variant in self.variants_of(name):
             tensors.update(variant.file_tensors(self, name, self._file_ratios(name)))
         return tensors, {"": (r, alpha)}
 
     def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], use_rslora: bool, where: str) -> None:
         self._from_one_lora(name, tensors["lora_A.weight"], tensors["lora_B.weight"], use_rslora, where)
-        if name in self.lora_magnitude_vector:
-            dora.set_whole_magnitude(self, name, tensors[dora.MAGNITUDE], where)
         for variant in self.variants_of(name):
             variant.load_file_tensors(self, name, tensors, self._file_ratios(name), where)
 
@@ -426,7 +387,7 @@ class LoRALinear(AdapterLayer):
         """The inverse of `_as_one_lora`: split one whole-layer LoRA back into the adapter's parts."""
         parts = self.parts[name]
         if list(parts) == [FULL]:
-            self.set_part_weights(name, FULL, A, B)
+            self.set_factors(name, FULL, A, B)
             return
         _, scale = self._one_lora_scale(name, A.shape[0], rslora)
         covered = torch.zeros(B.shape, dtype=torch.bool)
@@ -434,7 +395,7 @@ class LoRALinear(AdapterLayer):
         for part_name, part in parts.items():
             cols = slice(offset, offset + part.r)
             B_part = part.rows(B, 0)[..., cols].reshape(part.width, part.r)  # (d_part, r_p)
-            self.set_part_weights(name, part_name, A[cols], B_part * (scale / self.part_scale(name, part_name)))
+            self.set_factors(name, part_name, A[cols], B_part * (scale / self.part_scale(name, part_name)))
             part.rows(covered, 0)[..., cols] = True
             offset += part.r
         if B[~covered].abs().max() > 0:
@@ -451,59 +412,3 @@ class LoRALinear(AdapterLayer):
 def _per_part(values: dict):
     """One value for a whole-layer adapter (PEFT's shape), the dict of parts otherwise."""
     return values[FULL] if list(values) == [FULL] else values
-
-
-def low_rank_add(y: torch.Tensor, columns, scales, factors) -> torch.Tensor:
-    """out[:, first:end] = y[:, first:end] + s_p · h_p B_pᵀ for each part p; y itself is not changed.
-    columns: (first, end, blocks) per part; factors: h_1 (N, r_1), B_1 (d_1, r_1), h_2, B_2, ...
-    A part of several blocks (per head, per kv group) adds through a strided view of its rows."""
-    with torch.autocast(y.device.type, enabled=False):  # the caller already chose the dtype
-        if len(columns) == 1 and tuple(columns[0]) == (0, y.shape[1], 1):
-            h, B = factors
-            return torch.addmm(y, h, B.t(), alpha=scales[0])  # y + s·h Bᵀ in one GEMM
-        out = y.clone()
-        for (first, end, blocks), scale, h, B in zip(columns, scales, factors[0::2], factors[1::2]):
-            if blocks == 1:
-                out[:, first:end].addmm_(h, B.t(), alpha=scale)  # (N, r) @ (r, d_part)
-            else:  # e.g. q of [q_h k_h v_h]: out.view(N, H, 3dh)[:, :, 0:dh] += (h Bᵀ).view(N, H, dh)
-                rows = part_rows(out, first, end, blocks)  # (N, blocks, d_part / blocks), a view of out
-                rows.add_((h @ B.t()).view(rows.shape), alpha=scale)  # (N, r) @ (r, d_part)
-        return out
-
-
-class LowRankAdd(torch.autograd.Function):
-    r"""out = y, plus s_p · h_p B_pᵀ added into the columns of each part p; the backward written out.
-
-    Forward, per part p with columns [first, end):   (N, r) @ (r, d_part) -> (N, d_part)
-        out[:, first:end] = y[:, first:end] + s_p · h_p B_pᵀ
-
-    Backward, with G = dL/dout (N, d_out) and G_p = G[:, first:end]:
-        dL/dy   = G                        the add is the identity on y: no copy, no zeros
-        dL/dh_p = s_p · G_p B_p            (N, d_part) @ (d_part, r) -> (N, r)
-        dL/dB_p = s_p · G_pᵀ h_p           (d_part, N) @ (N, r) -> (d_part, r)
-    and autograd carries dL/dh_p on through h_p = x A_pᵀ to A_p and x.
-
-    Written by hand because the generic route (in-place adds on column views of y) makes autograd
-    copy the whole of G once per part in the backward pass; here the only copy is one clone of y
-    in the forward pass, and none at all when a single part covers every column (one fused GEMM).
-    """
-
-    @staticmethod
-    def forward(ctx, y, columns, scales, *factors):  # y (N, d_out); factors: h_1, B_1, h_2, B_2, ...
-        out = low_rank_add(y, columns, scales, factors)
-        ctx.save_for_backward(*factors)
-        ctx.columns, ctx.scales = columns, scales
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):  # grad_out (N, d_out)
-        factors = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[3:]  # one flag per factor, after y, columns and scales
-        grads = []
-        for (first, end, blocks), scale, h, B, want_h, want_B in zip(
-            ctx.columns, ctx.scales, factors[0::2], factors[1::2], wanted[0::2], wanted[1::2]
-        ):
-            G = part_rows(grad_out, first, end, blocks).reshape(len(grad_out), -1)  # (N, d_part): the part's only
-            grads.append((G @ B).mul_(scale) if want_h else None)  # (N, r)
-            grads.append((G.t() @ h).mul_(scale) if want_B else None)  # (d_part, r)
-        return (grad_out, None, None, *grads)

@@ -17,15 +17,17 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .lora_variant import LoraVariant
+
 KEY = "lora_B.bias"  # its key after `<module path>.` in PEFT's files
 
 
-class LoraBias:
-    field = "lora_bias"
+class LoraBias(LoraVariant):
+    field = label = "lora_bias"  # an addition: it adds to whichever path runs
 
     def add(self, layer, name: str, init_lora_weights) -> None:
-        if name in layer.lora_magnitude_vector:
-            raise ValueError("lora_bias with DoRA (use_dora=True) is not supported; drop one of the two")
+        for path in (v for v in layer.variants_of(name) if v.replaces_path):  # PEFT's rule too
+            raise ValueError(f"lora_bias with {path.label} is not supported; drop one of the two")
         if layer.base_layer.bias is None:
             warnings.warn(f"lora_bias=True on a {type(layer.base_layer).__name__} without a bias: the adapter trains "
                           "its bias, but merging it will not be possible (as in PEFT)", stacklevel=5)
@@ -39,7 +41,7 @@ class LoraBias:
     def holds(self, layer, name: str) -> bool:
         return layer.pair(name, next(iter(layer.parts[name])))[1].bias is not None
 
-    def forward(self, layer, name: str, y: torch.Tensor, weight: float) -> torch.Tensor:
+    def forward(self, layer, name: str, y: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tensor:
         """y + weight · s · b_B in each part's rows: one add over y (..., d_out)."""
         return y + (weight * self._dense(layer, name)).to(y.dtype)
 

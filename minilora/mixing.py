@@ -26,7 +26,6 @@ from typing import Optional
 
 import torch
 
-from . import dora
 
 BASE = "__base__"  # the row runs the base model, no adapter
 
@@ -53,8 +52,6 @@ class Routing:
 
 def apply(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """y (the base layer's output) plus the low-rank paths that `routing` chooses, for one layer."""
-    if routing.weights is None and layer.lora_magnitude_vector:
-        dora.refuse_mixed_batch(layer, routing.rows or routing.mixture.adapters)
     if routing.rows is not None:
         return add_rows(layer, y, x, routing)
     if routing.mixture is not None:

@@ -37,21 +37,18 @@ from .adapter_layer import AdapterLayer, AdapterState
 from .merge_methods import MergeOptions
 from .params import count_parameters, format_trainable, parameter_breakdown
 from .quant import Linear4bit, NF4Config
-from .roles import walk
+from .roles import set_submodule, walk
 from .signature import bind_forward
 from .state_names import accept_earlier_names
 from .surgery import (
     TASK_HEADS,
+    AdapterPlan,
     ModulesToSave,
-    Plan,
+    apply_plan,
     has_module,
-    inject_adapter,
     peft_reads_targets_alike,
-    resolve_targets,
-    set_submodule,
+    plan_adapter,
     trained_biases,
-    wrap_modules_to_save,
-    wrap_trainable_tokens,
 )
 
 
@@ -275,21 +272,16 @@ class LoraModel(nn.Module):
             raise ValueError("LoraModel supports only 1 adapter with bias (as PEFT): when using several adapters, "
                              "set bias='none' for all of them")
         config = copy.deepcopy(config)
-        heads = [h for h in TASK_HEADS.get(config.task_type, ()) if has_module(self.model, h)]
-        if heads:  # as PEFT does: a task head trains along with the adapter
-            config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
-        plan = resolve_targets(self.model, config)
+        plan = plan_adapter(self.model, config)  # the one walk; adds PEFT's task heads to modules_to_save
         if config.target_modules is None and not config.target_parameters:  # as PEFT: the defaults, filled in
             config.target_modules = set(DEFAULT_TARGETS[self.model.config.model_type])
         self._register(adapter_name, config, plan)
 
-    def _register(self, name: str, config: LoraConfig, plan: Plan) -> None:
-        """The one way an adapter comes to exist (added, loaded or combined): LoRA on the modules
-        of `plan`, trainable copies of `config.modules_to_save`, and requires_grad set. Its cost
-        does not grow with the number of adapters already loaded."""
-        layers = inject_adapter(self.model, plan, name, config, self._state)
-        copies = wrap_modules_to_save(self.model, config.modules_to_save, name, self._state)
-        layers += wrap_trainable_tokens(self.model, config.trainable_token_indices, name, self._state)
+    def _register(self, name: str, config: LoraConfig, plan: AdapterPlan) -> None:
+        """The one way an adapter comes to exist (added, loaded or combined): `plan` carried out
+        (LoRA layers, trained copies, trainable tokens) and requires_grad set. Its cost does not
+        grow with the number of adapters already loaded."""
+        layers, copies = apply_plan(self.model, plan, name, config, self._state)
         if not self.peft_config:  # the first adapter freezes the base
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -409,10 +401,10 @@ class LoraModel(nn.Module):
                 energies.update({f"{path}:{part}": e for part, e in kept.items()})
         config = combine.combined_config(self.peft_config[adapters[0]], plan)
         config.modules_to_save = sorted({m for a in adapters for m in self.peft_config[a].modules_to_save or []}) or None
-        self._register(adapter_name, config, plan)
+        self._register(adapter_name, config, plan_adapter(self.model, config, targets=plan))
         for path, pairs in factors.items():
             for part, (A, B) in pairs.items():
-                self.model.get_submodule(path).set_part_weights(adapter_name, part, A, B)
+                self.model.get_submodule(path).set_factors(adapter_name, part, A, B)
         for wrapper in self._adapter_modules(adapter_name).values():
             if isinstance(wrapper, ModulesToSave):  # the one adapter that trains it gives its copy
                 owner = next(a for a in adapters if a in wrapper.modules_to_save)

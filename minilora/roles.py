@@ -176,6 +176,18 @@ def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]
         yield from walk(child, f"{prefix}.{name}" if prefix else name)
 
 
+def name_matches(name: str, key: str) -> bool:
+    """PEFT's rule for a name in a list (target_modules, modules_to_save): the exact path, or a
+    suffix after a dot."""
+    return name == key or name.endswith("." + key)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at path `name` in `model`, replacing what was there."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def rules_of(model: nn.Module) -> list[tuple[str, str, Optional[str]]]:
     """The role table of `model`'s family; for a family minilora does not know, the common names
     (LLaMA's and BERT's), nothing fused."""

@@ -1,9 +1,12 @@
-"""The walker: decide which modules get which adapter, swap them in place, freeze the rest.
+"""The walker: decide, in one walk, what an adapter changes in a model; then change it.
 
-    resolve_targets(model, config)  ->  Plan: {module path: {part name: LoraPart}}
-    inject_adapter(model, plan, name, config, state)     wraps targets in LoRALinear (or adds to existing ones)
-    wrap_modules_to_save(model, names, adapter, state)   trainable full copies (LM head, classifier)
-    trained_biases(model, bias)                          the biases an adapter with this `bias` trains
+    plan_adapter(model, config)  ->  AdapterPlan     one walk over the model, read into:
+        layers            {module path: LayerPlan(kind, parts)}: which layer kind wraps it, over
+                          which output parts, with which rank and alpha (resolve_targets)
+        modules_to_save   paths trained in full (the config's names and PEFT's task heads)
+        trainable_tokens  {embedding path: token ids}, and the heads tied to those embeddings
+    apply_plan(model, plan, name, config, state)    wraps and adds; no walk, one path lookup per change
+    trained_biases(model, bias)                     the biases an adapter with this `bias` trains
 
 Surgery changes modules; which parameters train, and which adapters are active, is the
 LoraModel's business alone.
@@ -14,13 +17,12 @@ nearest module names and the roles this model family has.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from .adapter_layer import AdapterLayer
@@ -30,9 +32,11 @@ from .embedding import EMBEDDING, LoRAEmbedding, embedding_sites
 from .families import DEFAULT_TARGETS
 from .lora import AdapterState, LoraPart, LoRALinear
 from .experts import LoRAExperts
-from .trainable_tokens import TrainableTokens
+from .modules_to_save import ModulesToSave, wrap_modules_to_save
+from .trainable_tokens import TrainableTokens, add_trainable_tokens
 from .variants import VARIANTS
-from .roles import FULL, Part, Site, classify, family_of, parameter_sites, parse_selector, supported_roles, walk
+from .roles import (FULL, Part, Site, classify, family_of, name_matches, parameter_sites, parse_selector,
+                    set_submodule, supported_roles, walk)
 
 
 # Heads that PEFT trains in full for these task types, whichever of them the model has.
@@ -42,18 +46,35 @@ TASK_HEADS = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 
-Plan = dict[str, dict[str, LoraPart]]  # module path -> {part name -> LoraPart}
+Plan = dict[str, dict[str, LoraPart]]  # module path -> {part name -> LoraPart}; "<owner>.<parameter>" for 3-D weights
 ADAPTER_LAYERS = (AdapterLayer,)  # the layers that hold LoRA factors (kept for code that imported it)
+Walked = list[tuple[str, nn.Module]]  # the (path, module) pairs of one walk(model)
 
 
-def _name_matches(name: str, key: str) -> bool:
-    """PEFT's list rule: the exact path, or a suffix after a dot."""
-    return name == key or name.endswith("." + key)
+@dataclass
+class LayerPlan:
+    """One module's LoRA: the layer kind that wraps it (or the adapter layer already there), the
+    options it is built with, and its parts ({part: LoraPart}; for 3-D expert weights
+    {parameter: {part: LoraPart}})."""
+
+    kind: type
+    parts: dict
+    options: dict = field(default_factory=dict)
 
 
-def has_module(model: nn.Module, key: str) -> bool:
+@dataclass
+class AdapterPlan:
+    """Everything one adapter changes in a model, read in one walk (see the module docstring)."""
+
+    layers: dict[str, LayerPlan]
+    modules_to_save: list[str] = field(default_factory=list)  # module paths
+    trainable_tokens: dict[str, list[int]] = field(default_factory=dict)  # embedding path -> token ids
+    tied_heads: dict[str, str] = field(default_factory=dict)  # embedding path -> path of the head sharing its rows
+
+
+def has_module(model: nn.Module, key: str, walked: Optional[Walked] = None) -> bool:
     """Whether any module's path is `key` or ends with "." + `key`."""
-    return any(_name_matches(n, key) for n, _ in walk(model))
+    return any(name_matches(n, key) for n, _ in (walk(model) if walked is None else walked))
 
 
 def _pattern_matches(name: str, key: str) -> bool:
@@ -67,7 +88,7 @@ def _matches(name: str, spec) -> bool:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(_name_matches(name, key) for key in spec)
+    return any(name_matches(name, key) for key in spec)
 
 
 def _output_layer_names(model: nn.Module, walked: list[tuple[str, nn.Module]]) -> set[str]:
@@ -103,9 +124,105 @@ def _unmatched_error(entry: str, model: nn.Module, sites: dict[str, Site], why: 
     )
 
 
-def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
-    """Which modules get LoRA, over which output columns, with which rank and alpha."""
-    walked = list(walk(model))  # the one walk every kind of site is read from
+def plan_adapter(model: nn.Module, config: LoraConfig, targets: Optional[Plan] = None) -> AdapterPlan:
+    """What adapter `config` changes in `model`, read in one walk. `targets`: LoRA's modules
+    already decided (a combination of adapters), instead of resolving config.target_modules.
+    PEFT's task heads for config.task_type are added to config.modules_to_save, as PEFT does."""
+    walked = list(walk(model))
+    heads = [h for h in TASK_HEADS.get(config.task_type, ()) if has_module(model, h, walked)]
+    if heads:  # as PEFT does: a task head trains along with the adapter
+        config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
+    if targets is None:
+        targets = resolve_targets(model, config, walked)
+    modules = dict(walked)
+    saved = _modules_to_save_paths(modules, config.modules_to_save)
+    tokens, tied = _token_paths(model, modules, config.trainable_token_indices)
+    for path in tokens:
+        if path in targets or path in saved or not isinstance(modules[path], (nn.Embedding, TrainableTokens)):
+            raise ValueError(f"trainable_token_indices names {path}, which is not a plain nn.Embedding (it is "
+                             f"adapted by LoRA, trained as a copy, or a {type(modules[path]).__name__}); leave it out "
+                             "of target_modules and modules_to_save, or name an embedding")
+    return AdapterPlan(_layer_plans(model, modules, targets), saved, tokens, tied)
+
+
+def apply_plan(model: nn.Module, plan: AdapterPlan, adapter_name: str, config: LoraConfig,
+               state: AdapterState) -> tuple[list, list[ModulesToSave]]:
+    """Carry out `plan` for adapter `adapter_name`: LoRA layers, trained copies, trainable tokens,
+    each reading `state`. (the adapter layers, the trained copies)."""
+    layers = inject_adapter(model, plan, adapter_name, config, state)
+    copies = wrap_modules_to_save(model, plan.modules_to_save, adapter_name, state)
+    layers += add_trainable_tokens(model, plan.trainable_tokens, plan.tied_heads, adapter_name, state)
+    return layers, copies
+
+
+def _modules_to_save_paths(modules: dict[str, nn.Module], names: Optional[list[str]]) -> list[str]:
+    """The paths modules_to_save names (PEFT's list rule); an entry matching nothing is an error."""
+    paths = []
+    for key in names or []:
+        hits = [n for n in modules if name_matches(n, key)]  # walk() never enters a wrapper
+        if not hits:
+            near = difflib.get_close_matches(key, sorted({n.rsplit(".", 1)[-1] for n in modules}), n=5)
+            raise ValueError(f"modules_to_save entry {key!r} matched no module; nearest names: {near}")
+        paths += [h for h in hits if h not in paths]
+    return paths
+
+
+def _token_paths(model: nn.Module, modules: dict[str, nn.Module], token_indices
+                 ) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """PEFT's rule for trainable_token_indices: a list means the input embeddings, a dict maps module
+    names to lists. ({embedding path: ids}, {embedding path: path of a head tied to it})."""
+    if token_indices is None:
+        return {}, {}
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(token_indices, dict):
+        path = next((n for n, m in modules.items() if m is embedding), None)
+        if path is None:
+            raise ValueError("trainable_token_indices as a list needs a model with input embeddings "
+                             "(get_input_embeddings); give a dict {embedding module name: token ids}")
+        token_indices = {path: token_indices}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_path = next((n for n, m in modules.items() if head is not None and m is head), None)
+    tokens, tied = {}, {}
+    for key, indices in token_indices.items():
+        paths = [n for n in modules if name_matches(n, key)]
+        if not paths:
+            raise ValueError(f"trainable_token_indices names {key!r}, which matches no module; name an embedding")
+        for path in paths:
+            tokens[path] = list(indices)
+            table = getattr(modules[path], "weight", None)
+            if head_path is not None and head_path != path and getattr(head, "weight", None) is table:
+                tied[path] = head_path
+    return tokens, tied
+
+
+def _layer_plans(model: nn.Module, modules: dict[str, nn.Module], targets: Plan) -> dict[str, LayerPlan]:
+    """The layer kind for each target: the adapter layer already there, LoRAExperts for a module
+    owning 3-D expert weights the plan names, LoRAEmbedding, LoRAConv or LoRALinear by base type."""
+    plans: dict[str, LayerPlan] = {}
+    for name, parts in targets.items():
+        owner, _, parameter = name.rpartition(".")
+        module = modules.get(owner)
+        value = getattr(getattr(module, "base_layer", module), parameter, None)
+        if name not in modules and isinstance(value, nn.Parameter) and value.dim() == 3:
+            kind = type(module) if isinstance(module, AdapterLayer) else LoRAExperts
+            plans.setdefault(owner, LayerPlan(kind, {})).parts[parameter] = parts
+            continue
+        module = modules[name]
+        if isinstance(module, AdapterLayer):
+            plans[name] = LayerPlan(type(module), parts)
+        elif isinstance(module, nn.Embedding):
+            plans[name] = LayerPlan(LoRAEmbedding, parts, {"tied_head": _is_tied_to_head(model, module)})
+        elif isinstance(module, CONV_TYPES):
+            plans[name] = LayerPlan(LoRAConv, parts)
+        else:
+            plans[name] = LayerPlan(LoRALinear, parts)
+    return plans
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig, walked: Optional[Walked] = None) -> Plan:
+    """Which modules get LoRA, over which output columns, with which rank and alpha. `walked`: the
+    pairs of a walk(model) the caller made already."""
+    walked = list(walk(model)) if walked is None else walked  # the one walk every kind of site is read from
     pattern = config.layers_pattern
     sites = {**classify(model, pattern, walked), **embedding_sites(model, walked),  # embeddings, convolutions:
              **conv_sites(model, pattern, walked),  # by name only
@@ -166,7 +283,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
                 )
 
     for key in config.target_parameters or []:
-        hits = [name for name, site in sites.items() if site.is_parameter and _name_matches(name, key)]
+        hits = [name for name, site in sites.items() if site.is_parameter and name_matches(name, key)]
         if not hits:
             found = sorted({".".join(n.split(".")[-2:]) for n, site in sites.items() if site.is_parameter})
             raise ValueError(f"target_parameters entry {key!r} matched no 3-D parameter of {type(model).__name__}; "
@@ -179,7 +296,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> Plan:
     excluded = 0
     for name, part_names in chosen.items():
         site = sites[name]
-        if any(_name_matches(name, key) for key in saved):  # trained in full: no LoRA on it, as in PEFT
+        if any(name_matches(name, key) for key in saved):  # trained in full: no LoRA on it, as in PEFT
             continue
         if _matches(name, config.exclude_modules):
             excluded += 1
@@ -203,7 +320,7 @@ def _select(entry: str, sites: dict[str, Site], known_family: bool) -> list[tupl
     """(path, part) pairs selected by one target_modules entry: a role selector or a module name."""
     selector = parse_selector(entry) if known_family else None
     if selector is None:
-        return [(name, FULL) for name, site in sites.items() if not site.is_parameter and _name_matches(name, entry)]
+        return [(name, FULL) for name, site in sites.items() if not site.is_parameter and name_matches(name, entry)]
     hits = []
     for name, site in sites.items():
         if site.layout_problem and any(selector.matches(site, role) for role in site.role.split("_")):
@@ -267,47 +384,22 @@ def _rank_alpha(config: LoraConfig, site: Site, band: Optional[Band]) -> tuple[i
     return r, alpha
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` at path `name` in `model`, replacing what was there."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: LoraConfig,
-                   state: AdapterState) -> list[LoRALinear]:
-    """Give every module in `plan` adapter `adapter_name`, wrapping it in a LoRALinear that reads
-    `state` unless it is one already (a LoRAExperts for the module owning 3-D expert weights the
-    plan names). `config` gives dropout and initialisation. The layers."""
+def inject_adapter(model: nn.Module, plan: AdapterPlan, adapter_name: str, config: LoraConfig,
+                   state: AdapterState) -> list[AdapterLayer]:
+    """Give every module in `plan.layers` adapter `adapter_name`, wrapping it in the layer kind the
+    plan chose (or adding to the adapter layer already there). `config` gives dropout,
+    initialisation and the variants. The layers."""
     layers = []
-    targets: dict[str, dict] = {}  # module path -> parts; for experts: {parameter -> parts}
-    experts = set()
-    for name, parts in plan.items():
-        owner, parameter = name.rpartition(".")[0], name.rpartition(".")[2]
-        if name not in targets and _is_expert_weight(model, owner, parameter):
-            targets.setdefault(owner, {})[parameter] = parts
-            experts.add(owner)
-        else:
-            targets[name] = parts
-    for name, parts in targets.items():
+    for name, target in plan.layers.items():
         module = model.get_submodule(name)
-        if isinstance(module, AdapterLayer):
-            layer = module
-        elif name in experts:
-            layer = LoRAExperts(module, state)
-        elif isinstance(module, nn.Embedding):
-            layer = LoRAEmbedding(module, state, tied_head=_is_tied_to_head(model, module))
-        elif isinstance(module, CONV_TYPES):
-            layer = LoRAConv(module, state)
-        else:
-            layer = LoRALinear(module, state)
+        layer = module if isinstance(module, AdapterLayer) else target.kind(module, state, **target.options)
         try:
             layer.add_adapter(
                 adapter_name,
-                parts,
+                target.parts,
                 lora_dropout=config.lora_dropout,
                 init_lora_weights=_layer_init(config),
                 use_rslora=config.use_rslora,
-                use_dora=config.use_dora,
                 **{variant.field: getattr(config, variant.field) for variant in VARIANTS},
             )
         except ValueError as err:
@@ -320,17 +412,6 @@ def inject_adapter(model: nn.Module, plan: Plan, adapter_name: str, config: Lora
     return layers
 
 
-def _is_expert_weight(model: nn.Module, owner: str, parameter: str) -> bool:
-    """Whether `owner`.`parameter` is a 3-D parameter (of the module there, or of the module a
-    LoRAExperts there wraps)."""
-    try:
-        module = model.get_submodule(owner)
-    except AttributeError:
-        return False
-    value = getattr(getattr(module, "base_layer", module), parameter, None)
-    return isinstance(value, nn.Parameter) and value.dim() == 3
-
-
 def _layer_init(config: LoraConfig):
     """init_lora_weights as a layer takes it: LoftQ's iteration count rides in the name (init.py)."""
     if config.init_lora_weights == "loftq":
@@ -341,95 +422,6 @@ def _layer_init(config: LoraConfig):
 def _is_tied_to_head(model: nn.Module, embedding: nn.Embedding) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head is not None and getattr(head, "weight", None) is embedding.weight
-
-
-class ModulesToSave(nn.Module):
-    """A module trained in full: the original stays frozen, each adapter trains its own copy."""
-
-    def __init__(self, module: nn.Module, state: AdapterState):
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = nn.ModuleDict()  # adapter -> trainable copy
-        self.state = state  # the first active adapter with a copy is used
-
-    def add(self, adapter_name: str) -> None:
-        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)  # own storage: untied
-
-    @property
-    def active_adapters(self) -> list[str]:
-        """The active adapters that have a copy here (at most one: LoraModel.set_adapter sees to it)."""
-        return [n for n in self.state.active if n in self.modules_to_save]
-
-    @property
-    def active_module(self) -> nn.Module:
-        active = next((n for n in self.state.active if n in self.modules_to_save), None)
-        if self.state.disabled or active is None:
-            return self.original_module
-        return self.modules_to_save[active]
-
-    @property
-    def weight(self):  # code that reads `lm_head.weight` sees the module in use
-        return self.active_module.weight
-
-    def forward(self, *args, **kwargs):
-        return self.active_module(*args, **kwargs)
-
-    def has_adapter(self, name: str) -> bool:
-        return name in self.modules_to_save
-
-    def delete_adapter(self, name: str) -> None:
-        del self.modules_to_save[name]
-
-    # what io.py asks of every module an adapter saves (see adapter_layer.AdapterLayer)
-    def file_tensors(self, name: str, use_rslora: bool) -> tuple[dict[str, torch.Tensor], dict]:
-        """The adapter's trained copy, under PEFT's `<path>.<parameter>` keys."""
-        return {param: value.detach() for param, value in self.modules_to_save[name].state_dict().items()}, {}
-
-    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], use_rslora: bool, where: str) -> None:
-        copy_ = self.modules_to_save[name]
-        copy_.load_state_dict({p: tensors[p] for p in copy_.state_dict()})
-
-    def sliced_parts(self, name: str) -> None:
-        return None
-
-    def target_parameters(self, name: str) -> list[str]:
-        return []
-
-    def accepts_saved_table(self, table: torch.Tensor, where: str) -> bool:
-        return False
-
-
-def wrap_modules_to_save(model: nn.Module, names: Optional[list[str]], adapter_name: str,
-                         state: AdapterState) -> list["ModulesToSave"]:
-    """Give `adapter_name` a trainable copy of each module named in `names`; the wrappers."""
-    wrappers = []
-    if not names:
-        return wrappers
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied_to = {id(p) for p in embedding.parameters()} if embedding is not None else set()
-    modules = dict(walk(model))
-    for key in names:
-        paths = [n for n in modules if _name_matches(n, key)]  # walk() never enters a wrapper
-        if not paths:
-            near = difflib.get_close_matches(key, sorted({n.rsplit(".", 1)[-1] for n in modules}), n=5)
-            raise ValueError(f"modules_to_save entry {key!r} matched no module; nearest names: {near}")
-        for path in paths:
-            module = modules[path]
-            if not isinstance(module, ModulesToSave):
-                if any(id(p) in tied_to for p in module.parameters()):
-                    warnings.warn(
-                        f"{path} shares its weight with the input embeddings; its trainable copy is "
-                        "untied so the embeddings stay frozen",
-                        stacklevel=3,
-                    )
-                wrapper = ModulesToSave(module, state)
-                set_submodule(model, path, wrapper)
-                module = wrapper
-            if adapter_name in module.modules_to_save:
-                raise ValueError(f"{path} already has a copy for adapter {adapter_name!r}")
-            module.add(adapter_name)
-            wrappers.append(module)
-    return wrappers
 
 
 def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
@@ -457,45 +449,3 @@ def peft_reads_targets_alike(model: nn.Module, config: LoraConfig) -> bool:
 def adapter_layers(model: nn.Module):
     """Every adapter layer and ModulesToSave in `model`."""
     return [m for _, m in walk(model) if isinstance(m, (AdapterLayer, ModulesToSave))]
-
-
-
-def wrap_trainable_tokens(model: nn.Module, token_indices, adapter_name: str,
-                          state: AdapterState) -> list[TrainableTokens]:
-    """Give `adapter_name` trainable rows of the embeddings `token_indices` names (PEFT's rule: a
-    list means the input embeddings; a dict maps module names to lists), and let a head tied to
-    such a table read them too. The wrappers."""
-    if token_indices is None:
-        return []
-    modules = dict(walk(model))
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(token_indices, dict):
-        path = next((n for n, m in modules.items() if m is embedding), None)
-        if path is None:
-            raise ValueError("trainable_token_indices as a list needs a model with input embeddings "
-                             "(get_input_embeddings); give a dict {embedding module name: token ids}")
-        token_indices = {path: token_indices}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    layers = []
-    for key, indices in token_indices.items():
-        paths = [n for n in modules if _name_matches(n, key)]
-        if not paths:
-            raise ValueError(f"trainable_token_indices names {key!r}, which matches no module; name an embedding")
-        for path in paths:
-            module = modules[path]
-            if not isinstance(module, TrainableTokens):
-                if isinstance(module, (AdapterLayer, ModulesToSave)) or not isinstance(module, nn.Embedding):
-                    raise ValueError(f"trainable_token_indices names {path}, which is not a plain nn.Embedding (it is "
-                                     f"a {type(module).__name__}: adapted by LoRA, a trained copy, or no embedding); "
-                                     "leave it out of target_modules and modules_to_save, or name an embedding")
-                module = TrainableTokens(module, state)
-                set_submodule(model, path, module)
-            module.add_adapter(adapter_name, list(indices))
-            layers.append(module)
-            if head is not None and head is not module and getattr(head, "weight", None) is module.weight:
-                head_path = next(n for n, m in modules.items() if m is head)
-                if not isinstance(head, TrainableTokens):
-                    head = TrainableTokens(head, state, tied=module)
-                    set_submodule(model, head_path, head)
-                layers.append(head)
-    return layers

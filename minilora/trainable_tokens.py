@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .adapter_layer import AdapterLayer, AdapterState
+from .roles import set_submodule
 
 KEY = "token_adapter.trainable_tokens_delta"  # its key after `<module path>.` in PEFT's files
 
@@ -167,3 +168,25 @@ class TrainableTokens(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"trainable tokens per adapter={self.token_adapter.token_indices}{', tied' if self.tied else ''}"
+
+
+def add_trainable_tokens(model: nn.Module, tokens: dict[str, list[int]], tied_heads: dict[str, str],
+                         adapter_name: str, state: AdapterState) -> list[TrainableTokens]:
+    """Give `adapter_name` the rows `tokens` names ({embedding path: token ids}, resolved by
+    surgery.plan_adapter) and let a head tied to such a table ({embedding path: head path}) read
+    them too. The wrappers."""
+    layers = []
+    for path, indices in tokens.items():
+        module = model.get_submodule(path)
+        if not isinstance(module, TrainableTokens):
+            module = TrainableTokens(module, state)
+            set_submodule(model, path, module)
+        module.add_adapter(adapter_name, list(indices))
+        layers.append(module)
+        if path in tied_heads:
+            head = model.get_submodule(tied_heads[path])
+            if not isinstance(head, TrainableTokens):
+                head = TrainableTokens(head, state, tied=module)
+                set_submodule(model, tied_heads[path], head)
+            layers.append(head)
+    return layers

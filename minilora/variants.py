@@ -1,23 +1,14 @@
-"""LoRA variants: what an adapter of a LoRALinear adds to plain LoRA, behind one protocol.
+"""The registered LoRA variants of LoRALinear, each once; the protocol they keep is lora_variant.py.
 
-A variant is switched on per adapter by a LoraConfig field of the same name (PEFT's), and owns,
-for the adapters it holds:
-
-    add(layer, name)                   its parameters, initialised (B = 0 keeps a fresh adapter a no-op)
-    holds(layer, name)                 whether adapter `name` uses it
-    forward(layer, name, y, weight)    y after the low-rank path -> y with the variant's part added
-    fold(layer, name, sign)            merge (+1) into the base layer, or take it back out (-1)
-    check_fold(layer, name)            ValueError, changing nothing, if folding would give NaN / inf
-    file_tensors(layer, name, ratio)   {key suffix: tensor} under PEFT's keys (`ratio`: each part's
-                                       scale over the scale of the one LoRA the file holds)
-    load_file_tensors(layer, name, tensors, ratio, where)    the inverse
-
-LoRALinear calls every registered variant at those points and knows none of them. Adding one is a
-file of its own plus one line in VARIANTS.
+Plain LoRA (plain_lora.py) is the path of every adapter no registered path claims. Adding a
+variant is a file of its own plus one entry here (and, for PEFT's config, its LoraConfig field).
 """
 
 from __future__ import annotations
 
+from .dora import Dora
 from .lora_bias import LoraBias
+from .plain_lora import PlainLora
 
-VARIANTS = (LoraBias(),)  # the registered variants, each once
+PLAIN = PlainLora()
+VARIANTS = (Dora(), LoraBias())

@@ -162,7 +162,7 @@ def test_properties_over_shapes(d_in, d_out, r, alpha, conv1d, rows):
 
 @pytest.mark.parametrize("spans", [((0, 6, 1),), ((0, 2, 1), (4, 6, 1)), ((0, 1, 3), (2, 3, 2))])
 def test_low_rank_add_backward_is_the_derivative(spans):  # spans: (first, end, blocks)
-    from minilora.lora import LowRankAdd
+    from minilora.plain_lora import LowRankAdd
 
     torch.manual_seed(0)
     y = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)

@@ -227,13 +227,24 @@ def test_unknown_family_uses_module_names_and_says_roles_are_unavailable():
         resolve_targets(model, LoraConfig(r=2))
 
 
-@pytest.mark.parametrize("family, targets", [("llama", ["q_proj", "v_proj"]), ("gpt2", ["q", "v"]), ("llama", "all-linear")])
-def test_wrapping_walks_the_model_twice(family, targets):
-    """Once to see whether an earlier LoraModel left adapter layers, once to read every target site
-    (linear layers, embeddings, convolutions, 3-D expert weights) into the plan."""
+@pytest.mark.parametrize("family, options", [
+    ("llama", dict(target_modules=["q_proj", "v_proj"])), ("gpt2", dict(target_modules=["q", "v"])),
+    ("llama", dict(target_modules="all-linear", modules_to_save=["lm_head"])),
+    ("gpt2", dict(target_modules=["c_attn"], trainable_token_indices=[3, 5])),  # GPT-2's head is tied: two wrappers
+    ("bert", dict(target_modules=["query"], task_type="SEQ_CLS", trainable_token_indices={"word_embeddings": [4]})),
+])
+def test_wrapping_walks_the_model_twice(family, options):
+    """Once to see whether an earlier LoraModel left adapter layers, once to read into the plan every
+    target site (linear layers, embeddings, convolutions, 3-D expert weights), the modules trained in
+    full (PEFT's task heads among them) and the embeddings with trainable tokens."""
     model = make(family)
     calls = []
     children = model.named_children
     model.named_children = lambda *a, **k: calls.append(1) or children(*a, **k)  # each walk starts here
-    get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+    pm = get_peft_model(model, LoraConfig(r=2, **options))
     assert len(calls) == 2
+    wrapped = {name.rsplit(".", 1)[-1] for name, m in pm.named_modules() if type(m).__name__ in ("ModulesToSave", "TrainableTokens")}
+    expected = {"lm_head"} if "modules_to_save" in options else set()
+    expected |= {"wte", "lm_head"} if family == "gpt2" and "trainable_token_indices" in options else set()
+    expected |= {"word_embeddings"} if family == "bert" else set()
+    assert wrapped == expected | ({"classifier"} if family == "bert" else set())
