@@ -242,8 +242,9 @@ class LoRALinear(AdapterLayer):
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
         """y (..., d_out) plus `weight` times adapter `name`'s change: its path's (plain LoRA's
         y[..., part] + s·(dropout(x) Aᵀ) Bᵀ, or DoRA's), then each addition's (lora_bias)."""
-        y = self.path_of(name).forward(self, name, y, x, weight)
-        for addition in (v for v in self.variants_of(name) if not v.replaces_path):
+        variants = self.variants_of(name)  # once per call: the path and the additions come from it
+        y = next((v for v in variants if v.replaces_path), PLAIN).forward(self, name, y, x, weight)
+        for addition in (v for v in variants if not v.replaces_path):
             y = addition.forward(self, name, y, x, weight)
         return y
 
