@@ -51,6 +51,7 @@ class LoRAConv(AdapterLayer):
         self.lora_A = nn.ModuleDict()  # adapter -> ConvNd(C_in, r, k)      weight (r, C_in, *k)
         self.lora_B = nn.ModuleDict()  # adapter -> ConvNd(r, C_out, 1…1)   weight (C_out, r, 1, …)
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # PEFT's DoRA table: empty, DoRA is not available here
         self.scaling: dict[str, float] = {}  # adapter -> alpha / r
         self.ranks: dict[str, tuple[int, float]] = {}  # adapter -> (r, alpha)
 

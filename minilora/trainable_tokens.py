@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import mixing
 from .adapter_layer import AdapterLayer, AdapterState
 from .roles import set_submodule
 
@@ -111,13 +112,30 @@ class TrainableTokens(AdapterLayer):
         state = self.state
         if state.disabled:
             return y
+        if state.routing is not None and state.routing.rows is not None:  # adapter_names=: one adapter per row
+            return self._per_row(y, x, state.routing.rows)
         if state.routing is not None:
-            raise ValueError("trainable tokens do not take part in mixed batches (adapter_names=) or mixtures; run "
-                             "each adapter's rows in a call of their own after set_adapter")
-        for name in state.active:  # the last active adapter's rows win, as in PEFT
+            raise ValueError("trainable tokens take no weights (adapter_weights=) and no router mixtures: their rows "
+                             "replace the table's, they do not add to it; use set_adapter or adapter_names=")
+        for name in state.active:  # the last active adapter's rows win
             if self.has_adapter(name) and name not in self.merged_adapters:
-                y = self._head(y, x, name) if self.tied is not None else self._lookup(y, x, name)
+                y = self._swap_in(y, x, name)
         return y
+
+    def _swap_in(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self._head(y, x, name) if self.tied is not None else self._lookup(y, x, name)
+
+    def _per_row(self, y: torch.Tensor, x: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
+        """y (B, ...) with batch row i given adapter rows[i]'s tokens (mixing.BASE: the table's own)."""
+        if len(rows) != len(y):
+            raise ValueError(f"adapter_names has {len(rows)} entries for a batch of {len(y)} rows; give one per row")
+        out = y.clone()
+        for name in dict.fromkeys(rows):
+            if name == mixing.BASE or not self.has_adapter(name) or name in self.merged_adapters:
+                continue
+            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=y.device)
+            out[index] = self._swap_in(out[index], x[index], name)
+        return out
 
     def _lookup(self, y: torch.Tensor, ids: torch.Tensor, name: str) -> torch.Tensor:
         """y (..., d) with the rows of trainable tokens swapped for Δ."""

@@ -15,11 +15,17 @@ Configurations (CUSTOM_CASES, HF_CASES):
 - the same MLP with use_rslora, with rank_pattern + alpha_pattern, with init_lora_weights="gaussian",
   and PEFT's DeepMLP (four blocks deep) with layers_to_transform + layers_pattern;
 - PEFT's decoder config (target_modules=None, r=8, alpha=32, dropout 0.05) on tiny GPT-2 and LLaMA,
-  "all-linear" on LLaMA, its seq2seq config on T5 and BART, and SEQ_CLS on BERT (built offline).
+  "all-linear" on LLaMA, its seq2seq config on T5 and BART, and SEQ_CLS on BERT (built offline);
+- PEFT's "LoRA + trainable tokens" (the decoder config with trainable_token_indices=[0, 1, 3]) on
+  GPT-2 (a tied head), LLaMA, T5 and BERT.
+
+Every case also compares the LoRA layers' attributes that code written against PEFT reads (r,
+lora_alpha, scaling, use_dora, lora_dropout, the flags, base_layer), fresh and merged.
 
 LoRA on nn.Linear, GPT-2's Conv1D and nn.Conv1d / nn.Conv2d (PEFT's "Conv1d LoRA", "Conv2d 1/2
-LoRA" on its ModelConv1D / ModelConv2D) is in scope: embeddings, MultiheadAttention, DoRA, LoftQ/PiSSA/OLoRA inits, trainable tokens and target_parameters are
-not ported, nor PEFT's other merge methods (ties, dare, magnitude_prune). Where minilora has no
+LoRA" on its ModelConv1D / ModelConv2D) is in scope: embeddings, MultiheadAttention, DoRA,
+LoftQ/PiSSA/OLoRA inits and target_parameters are not ported here (tests/test_dora.py,
+test_embedding_lora.py, test_init.py and test_moe.py hold them against PEFT), nor PEFT's other merge methods (ties, dare, magnitude_prune). Where minilora has no
 switch for a PEFT option (autocast_adapter_dtype=False, low_cpu_mem_usage, per-layer
 enable_adapters, push_to_hub) the case is not ported; see the README's "Moving from PEFT".
 """
@@ -235,7 +241,7 @@ def named_layers(model):
 
 
 def is_adapter_parameter(name):
-    return "lora_" in name or ".modules_to_save." in name
+    return "lora_" in name or ".modules_to_save." in name or ".trainable_tokens_delta." in name
 
 
 def rank(layer, adapter):
@@ -313,9 +319,18 @@ HF_CASES = [
     ("T5 seq2seq LoRA", "t5", {**DECODER, "task_type": "SEQ_2_SEQ_LM"}),
     ("BART seq2seq LoRA", "bart", {**DECODER, "task_type": "SEQ_2_SEQ_LM"}),
     ("BERT sequence classification LoRA", "bert", {"task_type": "SEQ_CLS", "r": 8, "lora_alpha": 32}),
+    # PEFT's "LoRA + trainable tokens" of its decoder, seq2seq and sequence-classification suites
+    ("GPT-2 decoder LoRA + trainable tokens", "gpt2", {**DECODER, "trainable_token_indices": [0, 1, 3]}),
+    ("LLaMA decoder LoRA + trainable tokens", "llama", {**DECODER, "trainable_token_indices": [0, 1, 3]}),
+    ("T5 seq2seq LoRA + trainable tokens", "t5",
+     {**DECODER, "task_type": "SEQ_2_SEQ_LM", "trainable_token_indices": [0, 1, 3]}),
+    ("BERT sequence classification LoRA + trainable tokens", "bert",
+     {**DECODER, "task_type": "SEQ_CLS", "trainable_token_indices": [0, 1, 3]}),
 ]
 ALL_CASES = CUSTOM_CASES + HF_CASES
-WITH_HEADS = {"Vanilla MLP 5 LoRA", "BERT sequence classification LoRA"}  # trained copies (modules_to_save)
+TOKEN_CASES = {c[0] for c in HF_CASES if "trainable_token_indices" in c[2]}
+WITH_HEADS = {"Vanilla MLP 5 LoRA", "BERT sequence classification LoRA",  # trained copies (modules_to_save)
+              "BERT sequence classification LoRA + trainable tokens"}
 
 
 def cases(table, without=()):
@@ -332,6 +347,32 @@ each_library = pytest.mark.parametrize("library", LIBRARIES)
 def test_attributes(library, name, model_id, kwargs):
     model = wrap(library, build(model_id), base_model_name_or_path=model_id, **kwargs)
     assert hasattr(model, "save_pretrained") and hasattr(model, "from_pretrained")
+
+
+LAYER_ATTRIBUTES = ("r", "lora_alpha", "scaling", "use_dora")  # PEFT's per-adapter tables of a LoRA layer
+LAYER_FLAGS = ("merged_adapters", "active_adapters", "disable_adapters", "merged")
+
+
+def layer_attributes(layer, adapter):
+    """What code written against PEFT reads on a LoRA layer: its per-adapter tables, its dropout,
+    its flags, its base layer and the keys of its factor tables."""
+    dropout = layer.lora_dropout[adapter]
+    return {**{a: getattr(layer, a)[adapter] for a in LAYER_ATTRIBUTES}, **{f: getattr(layer, f) for f in LAYER_FLAGS},
+            "lora_dropout": (type(dropout).__name__, getattr(dropout, "p", None)),
+            "base_layer": type(layer.base_layer).__name__, "in/out": (layer.in_features, layer.out_features),
+            "tables": (list(layer.lora_A), list(layer.lora_B), list(layer.lora_magnitude_vector))}
+
+
+@cases(ALL_CASES)
+def test_layer_attributes_equal_peft(name, model_id, kwargs):
+    """PEFT's layer attributes, read the same way on both libraries, before and after a merge."""
+    models = {library: wrap(library, build(model_id), **kwargs) for library in LIBRARIES}
+    for stage in ("fresh", "merged"):
+        seen = {library: {path: layer_attributes(layer, "default") for path, layer in named_layers(m).items()
+                          if hasattr(layer, "lora_A")} for library, m in models.items()}
+        assert seen["peft"] and seen["minilora"] == seen["peft"], stage
+        for m in models.values():
+            m.merge_adapter()
 
 
 @each_library
@@ -770,7 +811,9 @@ def test_unload_adapter(library, name, model_id, kwargs):
 
 # ---------------------------------------------------------------- several adapters
 @each_library
-@cases(ALL_CASES, without=WITH_HEADS)  # several active adapters with trained copies: not additive, refused
+# Several active adapters with trained copies: not additive, refused. With trainable tokens PEFT refuses
+# them too ("Only one adapter can be set at a time"); minilora applies the last one's rows (below).
+@cases(ALL_CASES, without=WITH_HEADS | TOKEN_CASES)
 def test_active_adapter(library, name, model_id, kwargs):
     model = wrap(library, build(model_id), **kwargs)
     assert model.active_adapters == ["default"] and model.active_adapter == "default"
@@ -905,8 +948,52 @@ def test_generate(library, name, model_id, kwargs):
 
 
 # A rank-20 adapter needs layers wider than 20 for PEFT's svd: not the MLPs, nor LLaMA's v_proj (16 outputs).
-# BERT's adapters share a trained copy of the classifier, which cannot be combined.
-WEIGHTED_CASES = [c for c in HF_CASES if c[1] in ("gpt2", "t5", "bart")]
+# BERT's adapters share a trained copy of the classifier, which cannot be combined; trainable tokens
+# have no weighted form either (test_weighted_combination_with_trainable_tokens_is_refused).
+WEIGHTED_CASES = [c for c in HF_CASES if c[1] in ("gpt2", "t5", "bart") and c[0] not in TOKEN_CASES]
+
+
+@each_library
+@cases([c for c in HF_CASES if c[0] in TOKEN_CASES and c[1] != "bert"])
+def test_weighted_combination_with_trainable_tokens_is_refused(library, name, model_id, kwargs):
+    """Rows trained in full replace the table's; they have no weighted sum. PEFT gives the combined
+    adapter fresh rows (the table's own), dropping what both adapters trained; minilora refuses."""
+    cfg = config(library, **init_false(kwargs))
+    model = lib(library).get_peft_model(build(model_id), copy.deepcopy(cfg), adapter_name="adapter1")
+    model.add_adapter("adapter_2", cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".trainable_tokens_delta." in n:
+                p.add_(1.0)  # both adapters trained their rows
+    if library == "minilora":
+        with pytest.raises(ValueError, match="cannot combine"):
+            model.add_weighted_adapter(["adapter1", "adapter_2"], [0.5, 0.5], "mix", combination_type="cat")
+        return
+    model.add_weighted_adapter(["adapter1", "adapter_2"], [0.5, 0.5], "mix", combination_type="cat")
+    table = model.get_input_embeddings().token_adapter.base_layer.weight
+    mixed = dict(model.named_parameters())[next(n for n, _ in model.named_parameters() if n.endswith("delta.mix"))]
+    assert torch.equal(mixed, table[[0, 1, 3]])
+
+
+@pytest.mark.parametrize("model_id", ["gpt2", "llama"])
+def test_several_active_adapters_with_trainable_tokens(model_id):
+    """PEFT refuses a second active adapter on a token wrapper; minilora applies the last active
+    adapter's rows, as a single active adapter would (its LoRA layers add both)."""
+    kwargs = {**DECODER, "trainable_token_indices": [0, 1, 3], "init_lora_weights": False}
+    models = {library: wrap(library, build(model_id), **kwargs) for library in LIBRARIES}
+    for library, model in models.items():
+        model.add_adapter("other", config(library, **kwargs))
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+        models["peft"].base_model.set_adapter(["default", "other"])
+    model = models["minilora"].eval()
+    model.base_model.set_adapter(["default", "other"])
+    inputs = inputs_for(model_id)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        embedded = model.get_input_embeddings()(ids)
+        model.set_adapter("other")
+        alone = model.get_input_embeddings()(ids)
+    assert torch.equal(embedded, alone)
 
 
 @each_library
