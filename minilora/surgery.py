@@ -138,7 +138,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, targets: Optional[Plan] =
     saved = _modules_to_save_paths(modules, config.modules_to_save)
     tokens, tied = _token_paths(model, modules, config.trainable_token_indices)
     for path in tokens:
-        if path in targets or path in saved or not isinstance(modules[path], (nn.Embedding, TrainableTokens)):
+        if path in targets or path in saved or not TrainableTokens.can_wrap(modules[path]):
             raise ValueError(f"trainable_token_indices names {path}, which is not a plain nn.Embedding (it is "
                              f"adapted by LoRA, trained as a copy, or a {type(modules[path]).__name__}); leave it out "
                              "of target_modules and modules_to_save, or name an embedding")

@@ -57,6 +57,11 @@ class TrainableTokens(AdapterLayer):
         self.__dict__["tied"] = tied  # not a submodule: the embedding's layer is registered where it lives
         self._originals: dict[str, torch.Tensor] = {}  # merged adapter -> the rows it replaced
 
+    @staticmethod
+    def can_wrap(module: nn.Module) -> bool:
+        """A plain nn.Embedding, or one whose tokens another adapter already trains."""
+        return isinstance(module, (nn.Embedding, TrainableTokens))
+
     @property
     def base_layer(self) -> nn.Module:
         return self.token_adapter.base_layer

@@ -62,3 +62,25 @@ def test_the_core_imports_only_what_comes_before_it():
                 imported |= {node.module} if node.module else {a.name for a in node.names}
         later = sorted(imported & set(FLOW[i + 1:]))
         assert later == [], f"minilora/{name}.py imports {later}, which come after it in {FLOW}"
+
+
+LAYER_FILES = {"adapter_layer.py", "lora.py", "embedding.py", "experts.py", "conv.py", "trainable_tokens.py"}
+
+
+def kind_checks(source: str, kinds: set[str]) -> list[str]:
+    """The isinstance calls in `source` that name one of `kinds`: code asking which kind a layer is."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+            names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+            found += [f"line {node.lineno}: {name}" for name in sorted(names & kinds)]
+    return found
+
+
+def test_no_module_outside_the_layer_files_asks_a_layer_kind():
+    """LoraModel, io.py and surgery.py call the AdapterLayer contract; only the layer files name kinds."""
+    kinds = {"LoRALinear", "LoRAEmbedding", "LoRAExperts", "LoRAConv", "TrainableTokens"}
+    found = [f"{path.relative_to(ROOT)} {item}" for path in SOURCES if path.name not in LAYER_FILES
+             for item in kind_checks(path.read_text(), kinds)]
+    assert found == []
+    assert kind_checks("isinstance(m, (nn.Linear, LoRAConv))", kinds) == ["line 1: LoRAConv"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import trl
 
-from ..lora import LoRALinear
+from ..adapter_layer import AdapterLayer
 from ..signature import bind_forward
 from .trainer import LoraTrainerMixin
 
@@ -44,9 +44,10 @@ class SFTTrainer(LoraTrainerMixin, trl.SFTTrainer):
         except ImportError:  # a TRL without the fused head computes the loss from the model's logits
             return
         hf_model = lora.get_base_model()
-        if isinstance(hf_model.get_output_embeddings(), LoRALinear):
-            raise ValueError("a LoRA adapter on the LM head is not supported by TRL's SFTTrainer: its loss reads "
-                             "lm_head.weight directly, so the adapter would never train. Remove the head from "
-                             "target_modules (or train it whole with modules_to_save=['lm_head'])")
+        if isinstance(hf_model.get_output_embeddings(), AdapterLayer):  # LoRA, or trainable tokens of a tied head
+            raise ValueError("a LoRA adapter (or trainable tokens of a tied table) on the LM head is not supported by "
+                             "TRL's SFTTrainer: its loss reads lm_head.weight directly, so the adapter would never "
+                             "train. Remove the head from target_modules (or train it whole with "
+                             "modules_to_save=['lm_head'])")
         bind_forward(lora, hf_model)  # the LoraModel's own forward again, in place of TRL's wrapper
         add_fused_lm_head(hf_model, outputs=FUSED_OUTPUTS)
