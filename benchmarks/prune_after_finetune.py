@@ -40,9 +40,9 @@ from _common import RESULTS, write_results  # noqa: E402
 
 import minilora as ml  # noqa: E402
 from minilora.files import atomic_write  # noqa: E402
-from minilora.train.corpus import DOMAIN, GENERAL, ByteTokenizer, generate  # noqa: E402
-from minilora.train.data import Tokens, text_windows  # noqa: E402
-from minilora.train.demo import DemoSettings, pretrained_base, strategy_model  # noqa: E402
+from minilora.experiments.corpus import DOMAIN, GENERAL, generate  # noqa: E402
+from minilora.train.data import ByteTokenizer, Tokens, text_windows  # noqa: E402
+from minilora.experiments.synthetic import DemoSettings, pretrained_base, strategy_model  # noqa: E402
 from minilora.train.loss import scored_tokens, summed_loss  # noqa: E402
 from minilora.train.trainer import Trainer, TrainConfig  # noqa: E402
 

@@ -22,7 +22,7 @@ from dataclasses import MISSING, asdict, fields
 
 from .train.data import DataError, read_utf8
 from .train.distributed import teardown
-from .train.demo import ALL_STRATEGIES, EXPERIMENT_DEFAULTS, DemoSettings, run
+from .experiments import ALL_STRATEGIES, EXPERIMENT_DEFAULTS, DemoSettings, run
 from .train.job import JobSettings, run_job
 from .train.trainer import Interrupted, NonFiniteLoss, TrainConfig
 

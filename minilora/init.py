@@ -41,15 +41,11 @@ Random draws use torch's global generator in PEFT's order, so a seed gives PEFT'
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import torch
 
 from .loftq import loftq
 from .roles import FULL
-
-if TYPE_CHECKING:
-    from .lora import LoRALinear
 
 NAMED = re.compile(r"pissa(_niter_\d+)?|olora|orthogonal|loftq(_iter_\d+)?")  # the values of init_lora_weights handled here
 
@@ -99,9 +95,9 @@ def orthogonal(d_in: int, d_out: int, r: int):
 
 
 @torch.no_grad()
-def initialise(layer: "LoRALinear", name: str, method: str) -> None:
-    """Set A and B of adapter `name` of `layer` by `method` (see the module docstring); PiSSA and
-    OLoRA also replace the base weight W by W_res."""
+def initialise(layer, name: str, method: str) -> None:
+    """Set A and B of adapter `name` of `layer` (a LoRALinear, which calls this) by `method` (see
+    the module docstring); PiSSA and OLoRA also replace the base weight W by W_res."""
     parts = layer.parts[name]
     if list(parts) != [FULL]:
         raise ValueError(

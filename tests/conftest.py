@@ -161,7 +161,7 @@ def instruction_files(folder):
     """An instruction data set (train.jsonl) and general text (general.txt) for `minilora finetune`."""
     import json
 
-    from minilora.train.corpus import GENERAL, generate
+    from minilora.experiments.corpus import GENERAL, generate
 
     words = ["cat", "dog", "owl", "fox", "hen"]
     rows = [{"instruction": "Shout the word", "input": w, "output": w.upper() + "!"} for w in words * 8]

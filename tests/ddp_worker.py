@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minilora import LoraConfig, get_peft_model
-from minilora.train.corpus import DOMAIN, GENERAL, generate
+from minilora.experiments.corpus import DOMAIN, GENERAL, generate
 from minilora.train.data import load_tokenizer, text_windows
 from minilora.train.distributed import teardown
 from minilora.train.trainer import Trainer, TrainConfig

@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minilora import LoraConfig, get_peft_model
 from minilora.quant import Linear4bit, NF4Config, quantize_model
 from minilora.train.checkpoint import RunDirectoryError
-from minilora.train.corpus import DOMAIN, GENERAL, generate
+from minilora.experiments.corpus import DOMAIN, GENERAL, generate
 from minilora.train.data import load_tokenizer, text_windows
 from minilora.train.distributed import teardown
 from minilora.train.fsdp import local, local_bytes

@@ -35,7 +35,7 @@ def test_finetune_writes_a_report_and_learns_the_domain(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp*"))  # atomic writes leave no temporaries
 
     from minilora.train.checkpoint import RunDirectoryError
-    from minilora.train.demo import DemoSettings, run
+    from minilora.experiments import DemoSettings, run
 
     settings = DemoSettings(out=str(tmp_path), strategies=("lora_article",), layers=2, width=64, seq_len=32,
                             batch_size=8, pretrain_steps=150, finetune_steps=80, eval_every=20, lr_full=3e-3,
@@ -107,7 +107,7 @@ def test_finetune_a_local_model_resume_and_refusals(tmp_path, capsys):
 
 def test_qlora_preset_and_paged_optimizer_from_the_command_line(tmp_path, capsys):
     model, (_, general) = gpt2_model_dir(tmp_path / "model"), instruction_files(tmp_path)
-    from minilora.train.corpus import DOMAIN, generate
+    from minilora.experiments.corpus import DOMAIN, generate
 
     (tmp_path / "finance.txt").write_text(generate(DOMAIN, 120, 0))
     out = tmp_path / "out"

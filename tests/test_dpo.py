@@ -381,8 +381,8 @@ def test_bad_pairs_and_settings_say_what_and_where(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- embedded default
 def test_the_generated_finance_pairs_fit_the_embedded_defaults_windows(tmp_path):
-    from minilora.train.corpus import preference_pairs
-    from minilora.train.dpo_demo import pairs as demo_pairs, sft_model
+    from minilora.experiments.corpus import preference_pairs
+    from minilora.experiments.dpo import pairs as demo_pairs, sft_model
 
     records = preference_pairs(200, 0)
     assert len({r["chosen"] for r in records}) > 150 and all(r["chosen"] != r["rejected"] for r in records)

@@ -10,7 +10,7 @@ from peft.optimizers import create_loraplus_optimizer as peft_loraplus
 import minilora
 from conftest import make
 from minilora.optim import PagedAdamW, create_loraplus_optimizer
-from minilora.train.corpus import DOMAIN, generate
+from minilora.experiments.corpus import DOMAIN, generate
 from minilora.train.data import load_tokenizer, text_windows
 from minilora.train.trainer import Trainer, TrainConfig
 

@@ -18,7 +18,7 @@ from conftest import tiny_bert
 from minilora import LoraConfig, get_peft_model
 from minilora.cli import main
 from minilora.train.data import IGNORE, Examples
-from minilora.train.docstrings import (FAMILIES, MIN_CHARS, MissingSource, family_docstrings, load_docstrings,
+from minilora.experiments.docstrings import (FAMILIES, MIN_CHARS, MissingSource, family_docstrings, load_docstrings,
                                        reference_sentences)
 from minilora.train.loss import summed_loss
 from minilora.train.retention import (REPLAY_WEIGHT, TEACHER, RetentionProbe, embed_all, nearest_neighbours,
@@ -53,7 +53,7 @@ def test_extraction_is_deterministic_across_processes_and_hash_seeds():
     d = docstrings()
     blob = json.dumps([d.train_texts, d.train_labels, d.val_texts, d.val_labels, d.families, reference_sentences()])
     here = hashlib.sha256(blob.encode()).hexdigest()
-    there = subprocess.run([sys.executable, "-c", FINGERPRINT, str(ROOT / "minilora" / "train" / "docstrings.py")],
+    there = subprocess.run([sys.executable, "-c", FINGERPRINT, str(ROOT / "minilora" / "experiments" / "docstrings.py")],
                            capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()
     assert here == there  # a fresh process with another hash seed draws the same examples and split
@@ -194,8 +194,8 @@ def test_replay_rows_are_pulled_back_to_their_original_embedding():
 
 # ---------------------------------------------------------------------------------------------- end to end
 def test_the_minilm_experiment_runs_end_to_end_on_a_reduced_setting(tmp_path):
-    from minilora.train import minilm_demo
-    from minilora.train.demo import DemoSettings, run
+    from minilora.experiments import minilm as minilm_demo
+    from minilora.experiments import DemoSettings, run
 
     sizes = minilm_demo.MiniLMData(per_family=6, n_val=2, probe=12, replay=8, k=3)  # the CLI's run uses more
     settings = DemoSettings(out=str(tmp_path), experiment="minilm", strategies=("lora_article", "lora_article_replay"),

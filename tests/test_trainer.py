@@ -13,7 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
     T5ForConditionalGeneration
 
 from minilora import LoraConfig, LoraModel, get_peft_model
-from minilora.train.corpus import DOMAIN, GENERAL, generate
+from minilora.experiments.corpus import DOMAIN, GENERAL, generate
 from minilora.train.data import IGNORE, DataError, Examples, instruction_prompt, load_examples, load_tokenizer, \
     text_windows
 from minilora.train.batches import replay_count

@@ -119,7 +119,7 @@ def test_the_kept_adapter_is_the_step_the_result_names_even_when_no_step_is_bett
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from minilora import LoraConfig, get_peft_model
-    from minilora.train.corpus import DOMAIN, generate
+    from minilora.experiments.corpus import DOMAIN, generate
     from minilora.train.data import IGNORE, Examples, load_tokenizer, text_windows
     from minilora.train.trainer import TrainConfig, Trainer
 

@@ -33,7 +33,6 @@ from typing import Optional, Union
 
 import torch
 
-from .corpus import ByteTokenizer
 
 IGNORE = -100  # label value that the loss skips
 TASKS = ("domain", "instruction", "classification", "seq2seq", "preference")
@@ -48,6 +47,24 @@ FIELDS = {  # required JSON fields per task, and optional ones
 LM_TASKS = CAUSAL_TASKS + ("preference",)  # the tasks of a causal LM: their retain set is plain text
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model")
+
+
+class ByteTokenizer:
+    """Text ↔ bytes. Vocabulary: 256 byte values. Works for any text, needs no files. It answers
+    the few calls minilora makes of a Hugging Face tokenizer, so both go through one code path."""
+
+    vocab_size = 256
+    eos_token_id = None  # no markers: a byte stream has no special tokens
+    pad_token_id = 0
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 class DataError(ValueError):

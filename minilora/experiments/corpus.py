@@ -1,6 +1,6 @@
 """The embedded default data: a "general" corpus (the old capabilities to keep) and a "domain"
 corpus (finance reports, the new skill), both generated from templates so nothing is downloaded,
-and a byte-level tokenizer for models built from a config.
+and finance preference pairs. Read with the byte-level tokenizer (train/data.py: ByteTokenizer).
 
 General text plays the part of a pretrained model's knowledge; the retain set is held-out general
 text. A fine-tune that forgets shows it as a rising retain loss.
@@ -47,24 +47,6 @@ def generate(templates: list[str], n_sentences: int, seed: int) -> str:
         values["amount"] = str(rng.randint(12, 990))
         out.append(rng.choice(templates).format(**values))
     return " ".join(out)
-
-
-class ByteTokenizer:
-    """Text ↔ bytes. Vocabulary: 256 byte values. Works for any text, needs no files. It answers
-    the few calls minilora makes of a Hugging Face tokenizer, so both go through one code path."""
-
-    vocab_size = 256
-    eos_token_id = None  # no markers: a byte stream has no special tokens
-    pad_token_id = 0
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": list(text.encode("utf-8"))}
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 # Preference pairs in the finance domain: the preferred answer states the figures, the rejected one

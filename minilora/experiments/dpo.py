@@ -24,11 +24,11 @@ import torch
 from ..config import LoraConfig
 from ..model import LoraModel, get_peft_model
 from ..params import count_parameters
-from . import checkpoint
-from .corpus import ByteTokenizer, preference_pairs
-from .data import Examples, Tokens
-from .preference import preference_rows
-from .trainer import Interrupted, Trainer, TrainConfig
+from ..train import checkpoint
+from ..train.data import ByteTokenizer, Examples, Tokens
+from .corpus import preference_pairs
+from ..train.preference import preference_rows
+from ..train.trainer import Interrupted, Trainer, TrainConfig
 
 NAME = "lora_article_dpo"
 AFTER = "lora_article"  # the strategy whose adapter DPO starts from
