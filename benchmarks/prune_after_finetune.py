@@ -43,7 +43,7 @@ from minilora.files import atomic_write  # noqa: E402
 from minilora.experiments.corpus import DOMAIN, GENERAL, generate  # noqa: E402
 from minilora.train.data import ByteTokenizer, Tokens, text_windows  # noqa: E402
 from minilora.experiments.synthetic import DemoSettings, pretrained_base, strategy_model  # noqa: E402
-from minilora.train.loss import scored_tokens, summed_loss  # noqa: E402
+from minilora.train.tasks import scored_tokens, summed_loss  # noqa: E402
 from minilora.train.trainer import Trainer, TrainConfig  # noqa: E402
 
 VARIANTS = [("unstructured", "magnitude"), ("unstructured", "wanda"), ("2:4", "magnitude"), ("2:4", "wanda")]

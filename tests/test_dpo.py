@@ -18,7 +18,8 @@ from conftest import first_step_gradients, interrupt_after
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from minilora import LoraConfig, LoraModel, NF4Config, get_peft_model, quantize_model
-from minilora.train.data import IGNORE, DataError, Tokens, load_examples, load_tokenizer, text_windows
+from minilora.train.data import IGNORE, DataError, Tokens, load_tokenizer, text_windows
+from minilora.train.tasks import load_examples
 from minilora.train.distributed import Processes
 from minilora.train.loss import dpo_loss, ipo_loss, simpo_loss
 from minilora.train.preference import PreferenceObjective, preference_rows, reference_logps, sequence_logps

@@ -20,7 +20,7 @@ from minilora.cli import main
 from minilora.train.data import IGNORE, Examples
 from minilora.experiments.docstrings import (FAMILIES, MIN_CHARS, MissingSource, family_docstrings, load_docstrings,
                                        reference_sentences)
-from minilora.train.loss import summed_loss
+from minilora.train.tasks import summed_loss
 from minilora.train.retention import (REPLAY_WEIGHT, TEACHER, RetentionProbe, embed_all, nearest_neighbours,
                                       recall_at_k, replay_summed_loss)
 from minilora.train.trainer import Trainer, TrainConfig

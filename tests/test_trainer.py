@@ -14,10 +14,9 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 from minilora import LoraConfig, LoraModel, get_peft_model
 from minilora.experiments.corpus import DOMAIN, GENERAL, generate
-from minilora.train.data import IGNORE, DataError, Examples, instruction_prompt, load_examples, load_tokenizer, \
-    text_windows
+from minilora.train.data import IGNORE, DataError, Examples, instruction_prompt, load_tokenizer, text_windows
 from minilora.train.batches import replay_count
-from minilora.train.loss import summed_loss
+from minilora.train.tasks import load_examples, summed_loss
 from minilora.train.trainer import NonFiniteLoss, Trainer, TrainConfig
 
 BYTES = load_tokenizer(None, "bytes")

@@ -167,7 +167,8 @@ def test_the_trainer_refuses_a_batch_larger_than_its_training_set():
 
 
 def test_integer_labels_must_be_in_proportion_with_the_examples(tmp_path):
-    from minilora.train.data import DataError, load_examples, load_tokenizer
+    from minilora.train.data import DataError, load_tokenizer
+    from minilora.train.tasks import load_examples
 
     tokens = load_tokenizer(None, "bytes")
 
@@ -306,7 +307,8 @@ def test_invalid_utf8_names_the_file_and_the_line(files, tmp_path, capsys):
 
 
 def test_utf8_files_with_a_byte_order_mark_and_windows_line_ends_still_load(tmp_path):
-    from minilora.train.data import load_examples, load_tokenizer, read_jsonl, read_text
+    from minilora.train.data import load_tokenizer, read_jsonl, read_text
+    from minilora.train.tasks import load_examples
 
     rows = tmp_path / "rows.jsonl"
     rows.write_bytes(b"\xef\xbb\xbf" + b'{"instruction": "caf\xc3\xa9", "output": "b"}\r\n\r\n'

@@ -168,14 +168,14 @@ def build_data(s: DemoSettings, sizes: MiniLMData, log: Callable[[str], None]):
     replay_rows = tokenize(tokenizer, replay_text, s.seq_len)  # the length of a training row, to share batches
     teacher = embed_all(base, replay_rows["input_ids"], replay_rows["attention_mask"])  # (R, d)
     replay = Examples({**replay_rows, "labels": torch.full((len(replay_text),), IGNORE), TEACHER: teacher},
-                      "classification")
+                      "encoder_replay")
     return base, train, val, probe, replay
 
 
 def with_teacher_column(train: Examples, width: int) -> Examples:
     """The training rows with an unused teacher column, so that replayed rows fit in their batches
     (the loss reads a teacher only on rows labelled −100)."""
-    return Examples({**train.tensors, TEACHER: torch.zeros(len(train), width)}, train.task, train.label_names)
+    return Examples({**train.tensors, TEACHER: torch.zeros(len(train), width)}, "encoder_replay", train.label_names)
 
 
 def run(s: DemoSettings, log: Callable[[str], None] = print, sizes: MiniLMData = MiniLMData()) -> dict:

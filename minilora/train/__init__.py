@@ -1,8 +1,9 @@
-"""Training: the schedule, the data, the trainer with its forgetting monitor, and the embedded
-fine-tuning comparison behind `minilora finetune`."""
+"""The training library: the schedule, the data and its tasks, the trainer with its forgetting
+monitor, checkpoints and distribution. The embedded experiments are minilora.experiments."""
 
-from .data import Examples, load_examples, load_tokenizer
+from .data import Examples, load_tokenizer
 from .schedule import warmup_cosine
+from .tasks import load_examples
 from .trainer import Trainer, TrainConfig, TrainResult
 
 __all__ = ["warmup_cosine", "Trainer", "TrainConfig", "TrainResult", "Examples", "load_examples", "load_tokenizer"]

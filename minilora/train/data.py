@@ -1,19 +1,11 @@
-"""Training data: text and JSON-lines files turned into equal-length rows of token ids.
+"""Training data: text and JSON-lines files, tokenizers, and the row layout every task shares.
 
-Four tasks, one row layout (N examples, T = seq_len tokens; labels of -100 are not scored):
-
-    domain          plain text, cut into windows     input_ids (N, T), labels (N, T) = input_ids
-    instruction     {"instruction", "input"?, "output"} in the template below; labels only on the
-                    output tokens, the prompt masked with -100
-
-The causal tasks begin a text with the tokenizer's start token when it has one (LLaMA's <s>).
-    classification  {"text", "label"}                input_ids (N, T), labels (N,) class indices
-    seq2seq         {"source", "target"}             input_ids (N, T), labels (N, T) target ids
-    preference      {"prompt", "chosen", "rejected"} input_ids (N, 2, T): row 0 prompt + chosen,
-                    row 1 prompt + rejected (each response ends with <eos>); labels only on the
-                    response tokens, as for instruction
-
-The instruction template (the "Input:" line only when the example has an input):
+Rows of equal length (N examples, T = seq_len tokens; labels of -100 are not scored): `Examples`
+holds them as tensors with the name of their task. How each task builds its rows from a file is
+the task's (task.py, preference.py); this module reads the files, tokenizes, cuts plain text into
+causal-LM windows and pads. The causal tasks begin a text with the tokenizer's start token when it
+has one (LLaMA's <s>). The instruction template (the "Input:" line only when the example has an
+input):
 
     Instruction: {instruction}
     Input: {input}
@@ -35,16 +27,6 @@ import torch
 
 
 IGNORE = -100  # label value that the loss skips
-TASKS = ("domain", "instruction", "classification", "seq2seq", "preference")
-CAUSAL_TASKS = ("domain", "instruction")  # the tasks a causal LM trains on; retain text and replay fit them
-FIELDS = {  # required JSON fields per task, and optional ones
-    "domain": (("text",), ()),
-    "instruction": (("instruction", "output"), ("input",)),
-    "classification": (("text", "label"), ()),
-    "seq2seq": (("source", "target"), ()),
-    "preference": (("prompt", "chosen", "rejected"), ()),
-}
-LM_TASKS = CAUSAL_TASKS + ("preference",)  # the tasks of a causal LM: their retain set is plain text
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model")
 
@@ -144,7 +126,7 @@ class Examples:
 
 def read_text(path: Union[str, Path]) -> str:
     """A .txt file's text, or the "text" fields of a .jsonl file joined by blank lines."""
-    path = _existing(path)
+    path = existing(path)
     if path.suffix == ".jsonl":
         return "\n\n".join(record["text"] for _, record in read_jsonl(path, ("text",)))
     text = read_utf8(path)
@@ -155,7 +137,7 @@ def read_text(path: Union[str, Path]) -> str:
 
 def read_jsonl(path: Union[str, Path], required: tuple[str, ...] = (), optional: tuple[str, ...] = ()):
     """(line number, record) for every non-blank line; a clear error for the first bad one."""
-    path = _existing(path)
+    path = existing(path)
     records = []
     for number, line in enumerate(io.StringIO(read_utf8(path), newline=None), 1):  # lines as open() splits them
         if not line.strip():
@@ -192,7 +174,7 @@ def read_utf8(path: Union[str, Path]) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _existing(path: Union[str, Path]) -> Path:
+def existing(path: Union[str, Path]) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such data file: {path}")
@@ -222,102 +204,6 @@ def instruction_prompt(instruction: str, input_text: str = "") -> str:
     return prompt + "Output: "
 
 
-def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+    """Rows of ids, each filled with `value` to `length`: (N, length)."""
     return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)
-
-
-def load_examples(path: Union[str, Path], task: str, tokens: Tokens, seq_len: int,
-                  label_names: Optional[list[str]] = None) -> Examples:
-    """A data file as rows for `task` (see the module docstring for the formats)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    path = _existing(path)
-    if task == "domain":
-        return text_windows(read_text(path), tokens, seq_len, str(path))
-    if path.suffix != ".jsonl":
-        raise DataError(f"{path}: {task} data must be .jsonl with the fields "
-                        f"{', '.join(FIELDS[task][0])} on every line")
-    records = read_jsonl(path, *FIELDS[task])
-    if task == "instruction":
-        return _instruction_rows(path, records, tokens, seq_len)
-    if task == "classification":
-        return _classification_rows(path, records, tokens, seq_len, label_names)
-    if task == "preference":
-        from .preference import preference_rows  # the pairs' own module
-
-        return preference_rows(path, records, tokens, seq_len)
-    return _seq2seq_rows(records, tokens, seq_len)
-
-
-def _instruction_rows(path: Path, records, tokens: Tokens, seq_len: int) -> Examples:
-    ids, labels = [], []
-    for number, r in records:
-        prompt = tokens.start() + tokens.encode(instruction_prompt(r["instruction"], r.get("input", "")))
-        answer = tokens.encode(r["output"]) + ([tokens.eos_id] if tokens.eos_id is not None else [])
-        if len(prompt) >= seq_len:
-            raise DataError(f"{path} line {number}: the prompt alone is {len(prompt)} tokens, leaving no room for "
-                            f"the output in a sequence of {seq_len}; raise --seq-len or shorten the example")
-        row = (prompt + answer)[:seq_len]
-        ids.append(row)
-        labels.append(([IGNORE] * len(prompt) + answer)[:seq_len])
-    mask = [[1] * len(row) for row in ids]
-    return Examples({"input_ids": _pad(ids, seq_len, tokens.pad_id), "attention_mask": _pad(mask, seq_len, 0),
-                     "labels": _pad(labels, seq_len, IGNORE)}, "instruction")
-
-
-def class_names(path: Path, records) -> list[str]:
-    """The name of each class index, from a training file's labels. Integer labels are class indices:
-    the classifier gets one output for each of 0 … the largest. Names (strings) are sorted into indices.
-
-    The largest index must be below the number of examples: K classes among N < K examples leave at
-    least K − N of them with nothing to learn from, so such a label is a typo or a data mix-up, and
-    taking it at its word would size the head (and the list of names) by the label, not by the data."""
-    raw = [(number, r["label"]) for number, r in records]
-    if not all(isinstance(x, int) and not isinstance(x, bool) for _, x in raw):
-        return sorted({str(x) for _, x in raw})
-    number, lowest = min(raw, key=lambda item: item[1])
-    if lowest < 0:
-        raise DataError(f"{path} line {number}: label {lowest} is negative; integer labels are class indices "
-                        "0, 1, 2, …: renumber the classes from 0, or give the labels as names (strings)")
-    number, largest = max(raw, key=lambda item: item[1])
-    if largest >= len(raw):
-        raise DataError(f"{path} line {number}: label {largest} would make {largest + 1} classes (integer labels "
-                        f"are class indices 0 … the largest), but the file has only {len(raw)} example(s), so at "
-                        f"least {largest + 1 - len(raw)} class(es) would have none; number the classes 0 … K−1 "
-                        f"with K at most {len(raw)}, or give the labels as names (strings)")
-    return [str(i) for i in range(largest + 1)]
-
-
-def _classification_rows(path: Path, records, tokens: Tokens, seq_len: int,
-                         label_names: Optional[list[str]]) -> Examples:
-    raw = [r["label"] for _, r in records]
-    if label_names is None:  # a training file: its labels decide the classes
-        label_names = class_names(path, records)
-    index = {name: i for i, name in enumerate(label_names)}
-    unknown = next(((number, r["label"]) for number, r in records if str(r["label"]) not in index), None)
-    if unknown is not None:
-        shown = ", ".join(label_names[:20]) + (f", … ({len(label_names)} in all)" if len(label_names) > 20 else "")
-        raise DataError(f"{path} line {unknown[0]}: label {str(unknown[1])!r} is not one of the training labels "
-                        f"({shown}); use the training file's labels")
-    ids = [tokens.encode(r["text"], special=True)[:seq_len] for _, r in records]
-    mask = [[1] * len(row) for row in ids]
-    return Examples({"input_ids": _pad(ids, seq_len, tokens.pad_id), "attention_mask": _pad(mask, seq_len, 0),
-                     "labels": torch.tensor([index[str(x)] for x in raw])}, "classification", label_names)
-
-
-def _seq2seq_rows(records, tokens: Tokens, seq_len: int) -> Examples:
-    sources = [tokens.encode(r["source"], special=True)[:seq_len] for _, r in records]
-    targets = [tokens.encode(r["target"], special=True)[:seq_len] for _, r in records]
-    mask = [[1] * len(row) for row in sources]
-    return Examples({"input_ids": _pad(sources, seq_len, tokens.pad_id), "attention_mask": _pad(mask, seq_len, 0),
-                     "labels": _pad(targets, seq_len, IGNORE)}, "seq2seq")
-
-
-def retain_examples(path: Union[str, Path], task: str, tokens: Tokens, seq_len: int,
-                    label_names: Optional[list[str]] = None) -> Examples:
-    """The retain set (or replay set): plain text as causal-LM windows for the causal tasks, else the
-    task's own format (the old task's held-out examples)."""
-    path = _existing(path)
-    if task in LM_TASKS:
-        return text_windows(read_text(path), tokens, seq_len, str(path))
-    return load_examples(path, task, tokens, seq_len, label_names)

@@ -28,15 +28,14 @@ from ..surgery import TASK_HEADS
 from ..quant import NF4Config, load_quantized, quantize_model
 from . import checkpoint
 from .distributed import barrier, setup
-from .data import CAUSAL_TASKS, LM_TASKS, DataError, load_examples, load_tokenizer, retain_examples
+from .data import DataError, load_tokenizer
+from .tasks import load_examples, retain_examples, task_named
 from .trainer import Trainer, TrainConfig, TrainResult, check_batch
 
 PRESETS = ("article",)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 POSITION_KEYS = ("n_positions", "max_position_embeddings")  # config.json's longest sequence, by family
-TASK_TYPES = {"domain": "CAUSAL_LM", "instruction": "CAUSAL_LM", "classification": "SEQ_CLS",
-              "seq2seq": "SEQ_2_SEQ_LM", "preference": "CAUSAL_LM"}
 
 
 @dataclass
@@ -74,7 +73,7 @@ def check(s: JobSettings, t: TrainConfig) -> None:
         raise ValueError(f"unknown preset {s.preset!r}; choose from {', '.join(PRESETS)} (or pass --config)")
     if s.preset and s.config:
         raise ValueError("--preset and --config both choose the adapters: pass one of them")
-    if s.preset == "article" and t.task not in LM_TASKS:
+    if s.preset == "article" and not task_named(t.task).causal_lm:
         raise ValueError(f"--preset article trains an LM head: it fits domain and instruction tuning, not "
                          f"{t.task}; pass --config instead")
     if t.forgetting_budget is not None and s.retain is None:
@@ -83,7 +82,7 @@ def check(s: JobSettings, t: TrainConfig) -> None:
         raise ValueError("--replay-ratio needs text to replay: pass --replay FILE (or --retain FILE)")
     if s.replay is not None and t.replay_ratio == 0:
         raise ValueError("--replay is used only with --replay-ratio > 0 (the fraction of each batch to replay)")
-    if t.replay_ratio > 0 and t.task not in CAUSAL_TASKS:
+    if t.replay_ratio > 0 and not task_named(t.task).replays_text:
         raise ValueError(f"replay mixes text into causal-LM batches; it does not fit {t.task}")
     if not 0 < s.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {s.val_fraction}")
@@ -111,26 +110,26 @@ def lora_config(s: JobSettings, task: str) -> LoraConfig:
     if s.preset == "article":
         return LoraConfig.article()
     if s.config is None:
-        return LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"], task_type=TASK_TYPES[task])
+        return LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"], task_type=task_named(task).task_type)
     config = read_config_file(s.config)
     if config.task_type is None:
-        config.task_type = TASK_TYPES[task]
+        config.task_type = task_named(task).task_type
     return config
 
 
 def load_model(s: JobSettings, task: str, n_labels: Optional[int], log: Callable[[str], None]):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    import transformers
 
     directory = Path(s.model)
-    cls = {"classification": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM}.get(
-        task, AutoModelForCausalLM)
+    cls = getattr(transformers, task_named(task).model_class)
+    labelled = task_named(task).has_labels
     nf4 = NF4Config(compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     safetensors = any((directory / f).is_file() for f in WEIGHT_FILES[:2])
-    if s.qlora and safetensors and task != "classification":  # a new classifier has no weights to stream
+    if s.qlora and safetensors and not labelled:  # a new classifier has no weights to stream
         model = load_quantized(directory, nf4, model_class=cls)
         log(f"loaded {directory} with its linear layers quantized to NF4 while reading")
         return model
-    model = cls.from_pretrained(directory, **({"num_labels": n_labels} if task == "classification" else {}))
+    model = cls.from_pretrained(directory, **({"num_labels": n_labels} if labelled else {}))
     if s.qlora:
         report = quantize_model(model, nf4, skip_modules=list(TASK_HEADS["SEQ_CLS"]))  # the new head trains
         log(f"quantized {report.modules} layers to NF4: {report.bits_per_weight:.3f} bits per weight")

@@ -41,8 +41,31 @@ from torch import nn
 from .data import IGNORE, DataError, Examples, Tokens
 from .distributed import Processes, all_reduce_sum
 from .loss import dpo_loss, ipo_loss, simpo_loss
+from .task import Task
 
 REFERENCE_FREE = ("simpo",)  # losses that need no reference policy
+
+
+class Preference(Task):
+    """Pairs of answers to one prompt, the preferred one first; the loss is the objective's below."""
+
+    name = "preference"
+    fields = (("prompt", "chosen", "rejected"), ())
+    replays_text = False  # a batch holds pairs (N, 2, T); plain text has no place in it
+    runs_under_fsdp = False  # its evaluation gives processes unequal work (see TrainConfig.check)
+
+    def records_to_rows(self, path, records, tokens, seq_len, label_names) -> Examples:
+        return preference_rows(path, records, tokens, seq_len)
+
+    def scored_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(labels.shape[0])  # one loss per pair
+
+    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise TypeError("preference pairs are scored by their objective (PreferenceObjective, which needs the "
+                        "training config for its loss and β): use Preference.objective(model, config, procs)")
+
+    def objective(self, model: nn.Module, config, procs: Processes) -> "PreferenceObjective":
+        return PreferenceObjective(model, config, procs)
 
 
 # ---------------------------------------------------------------------------------------------- data

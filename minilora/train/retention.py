@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE
+from .task import Classification
 
 REPLAY_WEIGHT = 10.0  # one unit of drift (1 − cos) on a replayed sentence counts as 10 nats of domain loss
 TEACHER = "teacher"  # the row field holding a replayed sentence's original embedding
@@ -133,3 +134,14 @@ def replay_summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     embedding = pooled(out.hidden_states[-1][replayed], batch["attention_mask"][replayed])  # (R, d)
     drift = 1.0 - (embedding * batch[TEACHER][replayed]).sum(-1)  # (R,)
     return ce + REPLAY_WEIGHT * drift.sum()
+
+
+class EncoderReplay(Classification):
+    """Classification rows with replayed sentences among them (rows with a TEACHER embedding): the
+    labelled rows' cross-entropy plus REPLAY_WEIGHT times the replayed rows' drift (see above)."""
+
+    name = "encoder_replay"
+    from_files = False  # its rows are built by code (a teacher column), never read from a file
+
+    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return replay_summed_loss(model, batch)

@@ -38,14 +38,14 @@ from ..model import LoraModel
 from ..optim import PagedAdamW, create_loraplus_optimizer
 from . import checkpoint, fsdp
 from .batches import Sampler, replay_count
-from .data import TASKS, Examples
+from .data import Examples
 from .distributed import Processes, all_reduce_gradients, all_reduce_sum, setup
-from .loss import PREFERENCE_LOSSES, scored_tokens, summed_loss
+from .loss import PREFERENCE_LOSSES
 from .monitor import Monitor
 from .retention import RetentionProbe
-from .preference import PreferenceObjective
 from .plots import plot_curves
 from .schedule import warmup_cosine
+from .tasks import FILE_TASKS, task_named
 
 OPTIMIZERS = ("adamw", "paged_adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -93,16 +93,16 @@ class TrainConfig:
     def check(self) -> None:
         """Refuse a setting that is unknown, out of its range (see RANGES and COUNTS) or not finite, with
         the setting, its flag, the value and what is accepted. The CLI and `Trainer` both call it."""
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.task not in FILE_TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(FILE_TASKS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"unknown parallel {self.parallel!r}; choose from {', '.join(PARALLEL)}")
-        if self.parallel == "fsdp" and self.task == "preference":
-            raise ValueError("--task preference runs under DDP, not FSDP: its evaluation gives processes unequal "
+        if self.parallel == "fsdp" and not task_named(self.task).runs_under_fsdp:
+            raise ValueError(f"--task {self.task} runs under DDP, not FSDP: its evaluation gives processes unequal "
                              "numbers of forward passes, which FSDP's per-layer gathers cannot wait out; "
                              "pass --parallel ddp")
         if self.parallel == "fsdp":
@@ -252,9 +252,10 @@ class Trainer:
             raise ValueError("the model has no trainable parameters: add an adapter (get_peft_model) or unfreeze "
                              "some parameters")
         self.params = [p for _, p in self.named]
-        self.preference = PreferenceObjective(model, config, self.procs) if config.task == "preference" else None
-        if self.preference is not None:
-            train = self.train_set = self.preference.prepare(train)
+        self.task = task_named(train.task)  # the training rows' loss (task.py); evaluation asks each set's own
+        self.objective = task_named(config.task).objective(model, config, self.procs)  # preference: the pairs' loss
+        if self.objective is not None:
+            train = self.train_set = self.objective.prepare(train)
         self.global_batch = config.batch_size * config.grad_accum * self.procs.world
         self.samplers = {"train": Sampler(len(train), config.seed)}
         if replay is not None and config.replay_ratio > 0:
@@ -302,14 +303,14 @@ class Trainer:
 
     def _train_step(self) -> tuple[float, float]:
         """One optimizer step (or a skipped one); (loss, gradient norm)."""
-        task = self.config.task
+        task = self.task
         micro = list(self._micro_batches(self._global_batch(self.step + 1)))
-        n_tokens = all_reduce_sum(sum(scored_tokens(m["labels"], task) for m in micro).to(self.procs.device),
+        n_tokens = all_reduce_sum(sum(task.scored_tokens(m["labels"]) for m in micro).to(self.procs.device),
                                   self.procs)
         total = torch.zeros((), device=self.procs.device)
         for m in micro:
             with self._autocast():
-                loss = (self.preference.summed(m) if self.preference else summed_loss(self.model, m, task)) / n_tokens
+                loss = (self.objective.summed(m) if self.objective else task.summed_loss(self.model, m)) / n_tokens
             loss.backward()
             total += loss.detach()
         loss = all_reduce_sum(total, self.procs).item()
@@ -339,17 +340,17 @@ class Trainer:
         self.model.eval()
         rows = torch.arange(self.procs.rank, len(examples), self.procs.world)
         sums = torch.zeros(2, dtype=torch.float64, device=self.procs.device)  # [Σ loss, Σ tokens]
-        task = examples.task if self.preference is not None else self.config.task  # preference: its retain text
+        task = task_named(examples.task)  # preference: its retain set is text
         for i in range(0, len(rows), self.config.eval_batch_size):
             batch = {k: v.to(self.procs.device) for k, v in examples.rows(rows[i:i + self.config.eval_batch_size]).items()}
             with self._autocast():
-                sums[0] += summed_loss(self.model, batch, task).double()
-            sums[1] += scored_tokens(batch["labels"], task)
+                sums[0] += task.summed_loss(self.model, batch).double()
+            sums[1] += task.scored_tokens(batch["labels"])
         if self.sharded:  # every process runs as many forward passes (each all-gathers the layers)
             spare = {k: v.to(self.procs.device) for k, v in examples.rows(torch.arange(1)).items()}
             busiest = -(-len(examples) // self.procs.world)  # rank 0's rows
             for _ in range(-(-busiest // self.config.eval_batch_size) - -(-len(rows) // self.config.eval_batch_size)):
-                summed_loss(self.model, spare, task)
+                task.summed_loss(self.model, spare)
         self.model.train(was_training)
         total = all_reduce_sum(sums, self.procs)
         return (total[0] / total[1]).item()
@@ -363,8 +364,13 @@ class Trainer:
             return {"retain_loss": self.evaluate(self.retain_set)}
         return self.retain_set.measure(self.model)
 
+    @property
+    def preference(self):
+        """The preference task's objective (PreferenceObjective), under the name it had first."""
+        return self.objective
+
     def _eval(self, train_loss: Optional[float]) -> dict:
-        scores = (self.preference.evaluate(self.val_set, self._autocast) if self.preference is not None
+        scores = (self.objective.evaluate(self.val_set, self._autocast) if self.objective is not None
                   else {"val_loss": self.evaluate(self.val_set)})  # preference: its metrics too (preference.py)
         val = scores["val_loss"]
         retain_scores = self._retain_scores()
