@@ -21,6 +21,7 @@ Nothing here reads global or context-local state, so a compiled model traces str
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -159,3 +160,31 @@ def add_mixture(layer, y: torch.Tensor, x: torch.Tensor, mixture: Mixture) -> to
             out = out + torch.nn.functional.pad(blocked, pad).flatten(-2).to(out.dtype)
     return out.view(y.shape)
 
+
+def routing_for(adapter_names, adapter_weights, known: set[str], training: bool, rows: Optional[int],
+                method: str) -> Routing:
+    """The Routing of one call's `adapter_names` (one adapter, or BASE, per batch row) or
+    `adapter_weights` ({adapter: weight}), every value checked against the `known` adapters and
+    the batch's `rows` (None: unknown)."""
+    if adapter_names is not None and adapter_weights is not None:
+        raise ValueError("give adapter_names (one adapter per row) or adapter_weights (a mix), not both")
+    if isinstance(adapter_names, str):
+        raise ValueError(f"adapter_names takes one adapter name per batch row, got the string {adapter_names!r}; "
+                         f"pass [{adapter_names!r}] * batch_size, or set_adapter({adapter_names!r}) for every row")
+    if adapter_weights is not None and not isinstance(adapter_weights, dict):
+        raise ValueError(f"adapter_weights maps adapter names to weights, got {adapter_weights!r}")
+    chosen = list(adapter_names) if adapter_names is not None else list(adapter_weights)
+    unknown = sorted({n for n in chosen if n != BASE and n not in known})
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(known)} (and '__base__')")
+    if adapter_weights is not None:
+        bad = {n: w for n, w in adapter_weights.items()
+               if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w)}
+        if bad:
+            raise ValueError(f"adapter_weights must map adapter names to finite numbers, got {bad}")
+        return Routing(weights={n: float(w) for n, w in adapter_weights.items() if n != BASE})
+    if training:
+        raise ValueError("mixed batches (adapter_names) run in eval mode: call model.eval() first")
+    if rows is not None and rows != len(chosen):
+        raise ValueError(f"adapter_names has {len(chosen)} entries but the batch has {rows} rows: give one per row")
+    return Routing(rows=tuple(chosen), method=method)

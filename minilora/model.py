@@ -19,67 +19,33 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import re
 import warnings
-from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from . import combine, io, mixing
-from . import convert
-from . import init as named_init
+from . import combine, mixing
 from .config import LoraConfig
 from .families import DEFAULT_TARGETS
 from .adapter_layer import AdapterLayer, AdapterState
+from .model_files import AdapterFiles
+from .unload import MergeAndUnload
 from .merge_methods import MergeOptions
 from .params import count_parameters, format_trainable, parameter_breakdown
-from .quant import Linear4bit, NF4Config
-from .roles import set_submodule, walk
+from .roles import walk
 from .signature import bind_forward
-from .state_names import accept_earlier_names
+from .state_names import accept_earlier_names, check_adapter_name, fill_tied_parameters
+from .state_names import get_base_model_state_dict, set_base_model_state_dict  # noqa: F401  (importable from here too)
 from .surgery import (
-    TASK_HEADS,
     AdapterPlan,
     ModulesToSave,
     apply_plan,
-    has_module,
-    peft_reads_targets_alike,
     plan_adapter,
     trained_biases,
 )
 
 
-class LoadResult(NamedTuple):
-    """What `load_adapter` returns, as PEFT (and torch's load_state_dict) do."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-
-
-def _tied_names(module: nn.Module) -> dict[str, str]:
-    """{later name: first name} for each parameter registered under more than one name (GPT-2's
-    `lm_head.weight` is `transformer.wte.weight`)."""
-    first: dict[int, str] = {}
-    later = {}
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        later.update({name: first[id(parameter)]} if id(parameter) in first else {})
-        first.setdefault(id(parameter), name)
-    return later
-
-
-def _fill_tied_parameters(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """`load_state_dict` takes a state dict with or without the later names of tied parameters
-    (`state_dict()` lists every name, as PEFT's and torch's do; safetensors' `save_model` and
-    earlier minilora releases write a tied parameter once)."""
-    for name, source in _tied_names(module).items():
-        if prefix + name not in state_dict and prefix + source in state_dict:
-            state_dict[prefix + name] = state_dict[prefix + source]
-
-
-MAX_NAME_BYTES = 128  # an adapter's name is a folder name when saved: well under a file system's 255
 
 def _name_the_default_loss(model: nn.Module) -> None:
     """transformers (5.25 and later) logs a warning each time a model whose `loss_type` is None (GPT-2,
@@ -112,7 +78,7 @@ class LoraTuner(nn.Module):
             return getattr(self.__dict__["_owner"], name)
 
 
-class LoraModel(nn.Module):
+class LoraModel(AdapterFiles, MergeAndUnload, nn.Module):
     """A HF model whose target layers carry LoRA adapters. `self.model` (PEFT's
     `self.base_model.model`) is the HF model."""
 
@@ -127,7 +93,7 @@ class LoraModel(nn.Module):
         _name_the_default_loss(model)
         self._take_over_earlier_adapters(adapter_name if config is not None else None)
         self.register_load_state_dict_pre_hook(accept_earlier_names)  # first: the next hook reads today's names
-        self.register_load_state_dict_pre_hook(_fill_tied_parameters)
+        self.register_load_state_dict_pre_hook(fill_tied_parameters)
         if config is not None:  # None: adapters come later, from files (`from_pretrained`)
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -182,31 +148,12 @@ class LoraModel(nn.Module):
         """The Routing for one call's `adapter_names` / `adapter_weights`, checked; None if neither."""
         if adapter_names is None and adapter_weights is None:
             return None
-        if adapter_names is not None and adapter_weights is not None:
-            raise ValueError("give adapter_names (one adapter per row) or adapter_weights (a mix), not both")
         if any(layer.merged for layer in self._lora_layers().values()):
             raise ValueError("adapters are merged into the weights; call unmerge_adapter() before choosing adapters per call")
-        if isinstance(adapter_names, str):
-            raise ValueError(f"adapter_names takes one adapter name per batch row, got the string {adapter_names!r}; "
-                             f"pass [{adapter_names!r}] * batch_size, or set_adapter({adapter_names!r}) for every row")
-        if adapter_weights is not None and not isinstance(adapter_weights, dict):
-            raise ValueError(f"adapter_weights maps adapter names to weights, got {adapter_weights!r}")
-        chosen = list(adapter_names) if adapter_names is not None else list(adapter_weights)
-        unknown = sorted({n for n in chosen if n != mixing.BASE and n not in self.peft_config})
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)} (and '__base__')")
-        if adapter_weights is not None:
-            bad = {n: w for n, w in adapter_weights.items()
-                   if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w)}
-            if bad:
-                raise ValueError(f"adapter_weights must map adapter names to finite numbers, got {bad}")
-            return mixing.Routing(weights={n: float(w) for n, w in adapter_weights.items() if n != mixing.BASE})
-        if self.training:
-            raise ValueError("mixed batches (adapter_names) run in eval mode: call model.eval() first")
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if isinstance(ids, torch.Tensor) and ids.shape[0] != len(chosen):
-            raise ValueError(f"adapter_names has {len(chosen)} entries but the batch has {ids.shape[0]} rows: give one per row")
-        return mixing.Routing(rows=tuple(chosen), method=self.mixed_batch_method)
+        rows = ids.shape[0] if isinstance(ids, torch.Tensor) else None
+        return mixing.routing_for(adapter_names, adapter_weights, set(self.peft_config), self.training, rows,
+                                  self.mixed_batch_method)
 
     def __getattr__(self, name: str):
         try:
@@ -305,17 +252,7 @@ class LoraModel(nn.Module):
             p.requires_grad_(path in chosen)
 
     def _check_new(self, adapter_name: str) -> None:
-        """An adapter's name is a module key and, saved, a folder name: one path component."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
-        if any(c in adapter_name for c in "/\\") or not adapter_name.isprintable():
-            raise ValueError(f"adapter name {adapter_name!r} holds a path separator or a control character; it names "
-                             "a folder when saved: use letters, digits, '-' and '_'")
-        if len(adapter_name.encode()) > MAX_NAME_BYTES:
-            raise ValueError(f"adapter name of {len(adapter_name.encode())} bytes; a saved adapter's folder name "
-                             f"allows {MAX_NAME_BYTES}: pick a shorter name")
-        if adapter_name == mixing.BASE:
-            raise ValueError(f"{mixing.BASE!r} is reserved: in adapter_names it means 'no adapter for this row'")
+        check_adapter_name(adapter_name, reserved=mixing.BASE)
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first or pick "
@@ -449,149 +386,6 @@ class LoraModel(nn.Module):
         """Module path -> adapter layer."""
         return {path: m for path, m in walk(self.model) if isinstance(m, AdapterLayer)}
 
-    # ------------------------------------------------------------------ files
-    def save_pretrained(self, save_directory, selected_adapters: Optional[list[str]] = None,
-                        safe_serialization: bool = True, path_initial_model_for_weight_conversion=None,
-                        **_ignored) -> None:
-        """PEFT's layout: adapter_config.json + adapter_model.safetensors (adapter_model.bin, a dict of
-        tensors, with `safe_serialization=False`) and a model card; non-default adapters in
-        subdirectories. `path_initial_model_for_weight_conversion`: the directory of this PiSSA / OLoRA
-        adapter saved at initialisation; the adapter is then saved as a plain LoRA of twice the rank
-        over the original base (convert.py). PEFT's other keyword arguments are accepted and ignored."""
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        self._check_exists(names)
-        base_name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
-        for name in names:
-            config, modules = self.peft_config[name], self._adapter_modules(name)
-            tensors, ranks = io.adapter_tensors(modules, name, config.use_rslora, trained_biases(self.model, config.bias))
-            alike = peft_reads_targets_alike(self.model, config)
-            written = io.peft_config_dict(config, modules, name, ranks, alike, base_name)
-            if path_initial_model_for_weight_conversion is not None:
-                initial = io.read_tensors(path_initial_model_for_weight_conversion)
-                tensors, written, config = convert.to_plain_lora(tensors, initial, written, config)
-            io.write_adapter(io.adapter_directory(save_directory, name), tensors, written, config, safe_serialization,
-                             base_model=base_name or None)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[LoraConfig] = None, **_ignored) -> "LoraModel":
-        """Wrap `model` with the adapter saved in `model_id` (by minilora or by PEFT), active.
-        Frozen and in eval mode unless `is_trainable`. `config`: use this LoraConfig instead of
-        the directory's adapter_config.json (as PEFT's `config=`)."""
-        wrapped = cls(model, None)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable, config=config)
-        wrapped.set_adapter(adapter_name)
-        return wrapped if is_trainable else wrapped.eval()
-
-    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
-                     config: Optional[LoraConfig] = None, **_ignored) -> "LoadResult":
-        """Add the adapter saved in `model_id` under `adapter_name`; active adapters don't change.
-        All or nothing: a file that does not fit leaves the model as it was, so the result PEFT
-        returns (missing and unexpected keys) is always empty here."""
-        self._check_new(adapter_name)
-        stored, tensors = io.read_adapter(model_id, with_config=config is None)
-        config = copy.deepcopy(config) if config is not None else stored
-        io.check_ranks(config, tensors, model_id)  # before a single layer is allocated
-        config.inference_mode = not is_trainable
-        if config.modules_to_save:  # PEFT lists every task head it might add, "score" on BERT included
-            heads = {h for names in TASK_HEADS.values() for h in names}
-            config.modules_to_save = [m for m in config.modules_to_save if m not in heads or has_module(self.model, m)]
-        init = config.init_lora_weights
-        if named_init.changes_base(init):  # PiSSA / OLoRA: the base given is already W_res; don't factorise it again
-            config.init_lora_weights = True
-        self.add_adapter(adapter_name, config)
-        config = self.peft_config[adapter_name]
-        config.init_lora_weights = init
-        try:
-            io.fill_adapter(self._adapter_modules(adapter_name), adapter_name, config.use_rslora,
-                            trained_biases(self.model, config.bias), tensors, Path(model_id))
-        except BaseException:
-            self.delete_adapter(adapter_name)
-            raise
-        return LoadResult(missing_keys=[], unexpected_keys=[])
-
-    # ------------------------------------------------------------------ merging
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
-                      progressbar: bool = False) -> None:
-        """Fold the (active, or named) adapters into the base weights. Idempotent: merging an adapter
-        already merged warns and does nothing. `safe_merge`: check the merged weights are finite
-        before writing them, and raise ValueError (nothing changed) if not. `progressbar`: a bar
-        over the layers."""
-        names = adapter_names or self.active_adapters
-        self._check_exists(names)
-        layers = self._lora_layers().values()
-        already = sorted({n for layer in layers for n in layer.merged_adapters if n in names})
-        if already:
-            warnings.warn(f"adapters {already} are already merged; merging them again does nothing", stacklevel=2)
-        if safe_merge:  # every layer checked before any changes: all or nothing
-            self._check_merge(names)
-        if progressbar:
-            from tqdm.auto import tqdm
-            layers = tqdm(layers, desc="merging", unit="layer", leave=False)
-        for layer in layers:
-            layer.merge([n for n in names if layer.has_adapter(n)])
-
-    def _check_merge(self, names: list[str]) -> None:
-        for layer in self._lora_layers().values():
-            layer.check_merge([n for n in names if layer.has_adapter(n)])
-
-    def unmerge_adapter(self) -> None:
-        """Take every merged adapter back out of the base weights. Idempotent."""
-        for layer in self._lora_layers().values():
-            layer.unmerge()
-
-    def _unload(self, merge: bool, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
-                progressbar: bool = False) -> nn.Module:
-        if merge:
-            self.merge_adapter(adapter_names, safe_merge=safe_merge, progressbar=progressbar)
-        else:
-            self.unmerge_adapter()
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, AdapterLayer):
-                set_submodule(self.model, name, module.base_layer)
-            elif isinstance(module, ModulesToSave):
-                set_submodule(self.model, name, module.active_module if merge else module.original_module)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        return self.model
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[list[str]] = None,
-                         requantize: Union[bool, NF4Config] = False) -> nn.Module:
-        """The plain HF model with the adapters folded in (and the trained head copies in place).
-
-        A 4-bit (QLoRA) base is dequantized first, so the result is W_hat + (α/r)·B·A in full
-        precision, exact with respect to the dequantized base. With `requantize` (True, or an
-        NF4Config) those layers are quantized again and `self.merge_report` says what that cost:
-        the relative error ‖Q(W') − W'‖ / ‖W'‖ per layer."""
-        if safe_merge:  # before a 4-bit base is unpacked: a refusal leaves the model as it was
-            names = adapter_names or self.active_adapters
-            self._check_exists(names)
-            self._check_merge(names)
-        quantized = {}
-        for name, module in self._lora_layers().items():
-            if isinstance(module.base_layer, Linear4bit):
-                quantized[name] = module.base_layer.config
-                module.base_layer = module.base_layer.to_float()
-        merged = self._unload(merge=True, adapter_names=adapter_names, progressbar=progressbar)  # checked above
-        if requantize and quantized:
-            errors = {}
-            for name, config in quantized.items():
-                dense = merged.get_submodule(name)
-                layer = Linear4bit.from_float(dense, requantize if isinstance(requantize, NF4Config) else config)
-                W = dense.weight.detach().float()
-                W = W.t() if layer.from_conv1d else W  # (out, in)
-                errors[name] = ((layer.dequantized_weight(torch.float32) - W).norm() / W.norm()).item()
-                set_submodule(merged, name, layer)
-            self.merge_report = {"requantized_layers": len(errors), "relative_error": errors,
-                                 "max_relative_error": max(errors.values()),
-                                 "mean_relative_error": sum(errors.values()) / len(errors)}
-        return merged
-
-    def unload(self) -> nn.Module:
-        """The plain HF model as it was before any adapter: LoRA removed, nothing merged."""
-        return self._unload(merge=False)
-
     # ------------------------------------------------------------------ counting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameters; 4-bit weights count as their number of values, as in PEFT."""
@@ -610,32 +404,3 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if not isinstance(peft_config, LoraConfig):
         raise TypeError(f"peft_config must be a minilora LoraConfig, got {type(peft_config).__name__}")
     return LoraModel(model, peft_config, adapter_name)
-
-
-_WRAPPED = re.compile(r"(^|\.)(?:token_adapter\.base_layer|base_layer|original_module)\.")  # what a wrapper inserts into a base key
-_ADAPTER_WEIGHT = re.compile(r"(^|\.)(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save|trainable_tokens_delta)\.")  # weights that belong to an adapter
-
-
-def _base_keys(model: LoraModel) -> dict[str, str]:
-    """Key in the wrapped HF model's state dict -> the key it had before any adapter, for the base's own weights."""
-    return {key: _WRAPPED.sub(r"\1", key) for key in model.model.state_dict() if not _ADAPTER_WEIGHT.search(key)}
-
-
-def get_base_model_state_dict(model: LoraModel) -> dict[str, torch.Tensor]:
-    """The base model's weights under the keys it had before LoRA (no `base_layer.`, no adapter
-    weights), as PEFT's function of that name. Merged adapters stay folded in."""
-    state = model.model.state_dict()
-    return {original: state[key] for key, original in _base_keys(model).items()}
-
-
-def set_base_model_state_dict(model: LoraModel, state_dict: dict[str, torch.Tensor], strict: bool = True) -> LoadResult:
-    """Load base weights given under the base model's own keys into a wrapped model; adapters are
-    untouched. With `strict`, a missing or unknown key raises RuntimeError, as torch's load_state_dict."""
-    wrapped = {original: key for key, original in _base_keys(model).items()}
-    missing = [k for k in wrapped if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in wrapped]
-    if strict and (missing or unexpected):
-        raise RuntimeError(f"base model state dict does not fit: missing keys {missing[:5]}, unexpected keys "
-                           f"{unexpected[:5]}; pass strict=False to load the keys that fit")
-    model.model.load_state_dict({wrapped[k]: v for k, v in state_dict.items() if k in wrapped}, strict=False)
-    return LoadResult(missing_keys=missing, unexpected_keys=unexpected)

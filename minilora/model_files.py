@@ -1,0 +1,83 @@
+"""LoraModel's adapter files, PEFT's calls: save_pretrained, from_pretrained, load_adapter.
+
+A mixin of LoraModel (model.py), which gives it `peft_config`, `model`, `add_adapter`,
+`delete_adapter`, `set_adapter`, `_check_new`, `_check_exists` and `_adapter_modules`. The file
+layout and the keys are io.py's; each adapter layer names its own tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch.nn as nn
+
+from . import convert, io
+from . import init as named_init
+from .config import LoraConfig
+from .state_names import LoadResult
+from .surgery import TASK_HEADS, has_module, peft_reads_targets_alike, trained_biases
+
+
+class AdapterFiles:
+    def save_pretrained(self, save_directory, selected_adapters: Optional[list[str]] = None,
+                        safe_serialization: bool = True, path_initial_model_for_weight_conversion=None,
+                        **_ignored) -> None:
+        """PEFT's layout: adapter_config.json + adapter_model.safetensors (adapter_model.bin, a dict of
+        tensors, with `safe_serialization=False`) and a model card; non-default adapters in
+        subdirectories. `path_initial_model_for_weight_conversion`: the directory of this PiSSA / OLoRA
+        adapter saved at initialisation; the adapter is then saved as a plain LoRA of twice the rank
+        over the original base (convert.py). PEFT's other keyword arguments are accepted and ignored."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self._check_exists(names)
+        base_name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        for name in names:
+            config, modules = self.peft_config[name], self._adapter_modules(name)
+            tensors, ranks = io.adapter_tensors(modules, name, config.use_rslora, trained_biases(self.model, config.bias))
+            alike = peft_reads_targets_alike(self.model, config)
+            written = io.peft_config_dict(config, modules, name, ranks, alike, base_name)
+            if path_initial_model_for_weight_conversion is not None:
+                initial = io.read_tensors(path_initial_model_for_weight_conversion)
+                tensors, written, config = convert.to_plain_lora(tensors, initial, written, config)
+            io.write_adapter(io.adapter_directory(save_directory, name), tensors, written, config, safe_serialization,
+                             base_model=base_name or None)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None, **_ignored) -> "AdapterFiles":
+        """Wrap `model` with the adapter saved in `model_id` (by minilora or by PEFT), active.
+        Frozen and in eval mode unless `is_trainable`. `config`: use this LoraConfig instead of
+        the directory's adapter_config.json (as PEFT's `config=`)."""
+        wrapped = cls(model, None)
+        wrapped.load_adapter(model_id, adapter_name, is_trainable, config=config)
+        wrapped.set_adapter(adapter_name)
+        return wrapped if is_trainable else wrapped.eval()
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
+                     config: Optional[LoraConfig] = None, **_ignored) -> "LoadResult":
+        """Add the adapter saved in `model_id` under `adapter_name`; active adapters don't change.
+        All or nothing: a file that does not fit leaves the model as it was, so the result PEFT
+        returns (missing and unexpected keys) is always empty here."""
+        self._check_new(adapter_name)
+        stored, tensors = io.read_adapter(model_id, with_config=config is None)
+        config = copy.deepcopy(config) if config is not None else stored
+        io.check_ranks(config, tensors, model_id)  # before a single layer is allocated
+        config.inference_mode = not is_trainable
+        if config.modules_to_save:  # PEFT lists every task head it might add, "score" on BERT included
+            heads = {h for names in TASK_HEADS.values() for h in names}
+            config.modules_to_save = [m for m in config.modules_to_save if m not in heads or has_module(self.model, m)]
+        init = config.init_lora_weights
+        if named_init.changes_base(init):  # PiSSA / OLoRA: the base given is already W_res; don't factorise it again
+            config.init_lora_weights = True
+        self.add_adapter(adapter_name, config)
+        config = self.peft_config[adapter_name]
+        config.init_lora_weights = init
+        try:
+            io.fill_adapter(self._adapter_modules(adapter_name), adapter_name, config.use_rslora,
+                            trained_biases(self.model, config.bias), tensors, Path(model_id))
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        return LoadResult(missing_keys=[], unexpected_keys=[])
+
