@@ -51,7 +51,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import re
 import uuid
 import warnings
 from dataclasses import fields
@@ -63,6 +62,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import model_card
 from .config import LoraConfig
 from .dora import MAGNITUDE
 from .files import read_optional, read_stable, replace_files
@@ -155,7 +155,8 @@ def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], peft_config
     generation = uuid.uuid4().hex
     text = json.dumps(peft_config, indent=2, sort_keys=True)
     card_path = directory / MODEL_CARD_NAME
-    card = _with_metadata(card_path.read_text(), base_model) if card_path.exists() else _model_card(base_model, peft_config)
+    card = model_card.updated(card_path.read_text(), base_model) if card_path.exists() else \
+        model_card.new(base_model, peft_config)
 
     def write_weights(path: str) -> None:
         if safe_serialization:
@@ -176,84 +177,6 @@ def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], peft_config
     }, remove=(stale,))  # a reader prefers safetensors: no stale file may shadow
 
 
-def _with_metadata(card: str, base_model: Union[str, None]) -> str:
-    """A model card already in the directory, its text kept, with PEFT's metadata (base_model,
-    library_name, tags) added to its front matter where it lacks them, as PEFT updates a card."""
-    match = re.match(r"---\n(.*?)^---\n", card, re.DOTALL | re.MULTILINE)
-    front, body = (match.group(1), card[match.end():]) if match else ("", card)
-    keys = {line.split(":", 1)[0] for line in front.splitlines() if ":" in line and not line.startswith((" ", "-"))}
-    wanted = {"base_model": f"base_model: {base_model}\n" if base_model else "", "library_name": "library_name: peft\n",
-              "tags": "tags:\n- lora\n- minilora\n"}
-    added = "".join(text for key, text in wanted.items() if key not in keys)
-    return f"---\n{front}{added}---\n{body}"
-
-
-_CARD = """---
-{front}library_name: peft
-tags:
-- lora
-- minilora
----
-
-# LoRA adapter
-
-A LoRA adapter saved by minilora in PEFT's format: `adapter_config.json` and the adapter's
-weights, not the base model's. It adds (alpha / r) * B * A to each adapted layer of the base model.
-
-## Adapter
-
-- **Base model:** {base}
-- **Task type:** {task_type}
-- **Adapted modules:** {targets}
-- **Rank r / lora_alpha:** {r} / {alpha}{patterns}
-- **rsLoRA scaling (alpha / sqrt(r)):** {rslora}
-- **LoRA dropout:** {dropout}
-- **Trained in full (modules_to_save):** {saved}
-- **Biases trained:** {bias}
-
-## How to load
-
-With PEFT:
-
-```python
-from peft import PeftModel
-model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")
-```
-
-With minilora:
-
-```python
-from minilora import LoraModel
-model = LoraModel.from_pretrained(base_model, "path/to/this/adapter")
-model = model.merge_and_unload()  # optional: fold the adapter into the base weights
-```
-
-## Training details
-
-The training data, objective, hyperparameters and evaluation are not recorded in this card: add
-them here, together with what the adapter was checked for (the tasks it improves, and the base
-model's abilities it was checked not to lose).
-
-## Intended use and limitations
-
-The adapter inherits the base model's limitations and biases; describe here what it is meant for
-and where it should not be used.
-"""
-
-
-def _model_card(base_model: Union[str, None], peft_config: dict) -> str:
-    """The README.md written beside a new adapter: PEFT's metadata, the adapter's settings, how to load it."""
-    patterns = "".join(f"; {key}: `{peft_config[key]}`" for key in ("rank_pattern", "alpha_pattern") if peft_config.get(key))
-    return _CARD.format(
-        front=f"base_model: {base_model}\n" if base_model else "", base=base_model or "not recorded",
-        task_type=peft_config.get("task_type") or "none", targets=f"`{peft_config.get('target_modules')}`",
-        r=peft_config.get("r"), alpha=peft_config.get("lora_alpha"), patterns=patterns,
-        rslora="yes" if peft_config.get("use_rslora") else "no", dropout=peft_config.get("lora_dropout"),
-        saved=f"`{peft_config['modules_to_save']}`" if peft_config.get("modules_to_save") else "none",
-        bias=peft_config.get("bias", "none"))
-
-
-# ---------------------------------------------------------------------------- files -> model
 def read_adapter(directory: Union[str, Path], with_config: bool = True
                  ) -> tuple[Union[LoraConfig, None], dict[str, torch.Tensor]]:
     """The LoraConfig (None without `with_config`) and the tensors of the adapter saved in `directory`

@@ -16,7 +16,7 @@ from typing import Optional
 from ..files import atomic_write
 from ..train import checkpoint
 from ..train.plots import plot_curves
-from ..train.trainer import check_count, check_number
+from ..train.train_config import check_count, check_number
 
 
 STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")  # the default comparison

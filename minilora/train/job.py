@@ -30,7 +30,8 @@ from . import checkpoint
 from .distributed import barrier, setup
 from .data import DataError, load_tokenizer
 from .tasks import load_examples, retain_examples, task_named
-from .trainer import Trainer, TrainConfig, TrainResult, check_batch
+from .train_config import TrainConfig, check_batch
+from .trainer import Trainer, TrainResult
 
 PRESETS = ("article",)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
