@@ -1,9 +1,10 @@
 """minilora: LoRA and QLoRA from scratch on PyTorch. The public API, and nothing else."""
 
+from . import renamed
 from .config import ARTICLE_BANDS, Band, LoraConfig
 from .export import export
 from .kbit import prepare_model_for_kbit_training
-from .lora import LoRALinear
+from .lora import LoraLinear
 from .model import LoraModel, get_base_model_state_dict, get_peft_model, set_base_model_state_dict
 from .params import format_breakdown
 from .prune import prune
@@ -12,7 +13,7 @@ from .quant import NF4Config, load_quantized, memory_report, quantize_model
 __all__ = [
     "ARTICLE_BANDS",
     "Band",
-    "LoRALinear",
+    "LoraLinear",
     "LoraConfig",
     "LoraModel",
     "NF4Config",
@@ -28,3 +29,7 @@ __all__ = [
     "set_base_model_state_dict",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # earlier names, kept for one release (renamed.py)
+    return renamed.earlier_name(__name__, name, {'LoRALinear': 'LoraLinear'}, globals())

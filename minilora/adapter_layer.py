@@ -3,9 +3,9 @@ ask which kind a layer is.
 
 A kind wraps one frozen base module (`base_layer`) and holds any number of named adapters:
 
-    lora.LoRALinear          nn.Linear, GPT-2's Conv1D, 4-bit linears (minilora's, bitsandbytes')
-    embedding.LoRAEmbedding  nn.Embedding
-    experts.LoRAExperts      mixture-of-experts weights stored as 3-D parameters
+    lora.LoraLinear          nn.Linear, GPT-2's Conv1D, 4-bit linears (minilora's, bitsandbytes')
+    embedding.LoraEmbedding  nn.Embedding
+    experts.LoraExperts      mixture-of-experts weights stored as 3-D parameters
 
 Each kind owns, for itself:
 

@@ -153,7 +153,7 @@ def _export(given: dict) -> int:
     report = export(given["model"], adapter=given["adapter"], out=given["out"], prune=given["prune"],
                     pattern=given["pattern"], prune_method=given["prune_method"], prune_scope=given["scope"],
                     fmt="nf4" if given["nf4"] else "bf16" if given["bf16"] else "fp32", overwrite=given["overwrite"],
-                    calibration=calibration, progress=given["progress"])
+                    calibration=calibration, progressbar=given["progress"])
     print(f"model: {report.out}   report: {report.out}/export_report.json")
     return 0
 

@@ -28,7 +28,7 @@ import torch
 
 from . import merge_methods
 from .config import LoraConfig
-from .lora import LoraPart, LoRALinear
+from .lora import LoraPart, LoraLinear
 from .merge_methods import MergeOptions
 
 COMBINATIONS = ("cat", "linear", "svd", *merge_methods.FACTOR_METHODS, *merge_methods.SVD_METHODS)
@@ -55,7 +55,7 @@ def check_request(configs: list[LoraConfig], weights: list[float], combination_t
     merge_methods.check_options(effective_type(combination_type, len(configs)), options or MergeOptions())
 
 
-def _factors(layer: LoRALinear, names: list[str], weights: list[float], columns: tuple[int, int, int]):
+def _factors(layer: LoraLinear, names: list[str], weights: list[float], columns: tuple[int, int, int]):
     """(w, s, A (r, d_in), B (d_part, r)) of each adapter that has a part over these columns."""
     out = []
     for name, w in zip(names, weights):
@@ -97,7 +97,7 @@ def _combine(factors, combination: str, svd_rank: Optional[int], where: str, opt
     return A, B, energy
 
 
-def combine_layer(layer: LoRALinear, adapters: list[str], weights: list[float], combination_type: str,
+def combine_layer(layer: LoraLinear, adapters: list[str], weights: list[float], combination_type: str,
                   svd_rank: Optional[int], where: str, options: Optional[MergeOptions] = None,
                   ) -> tuple[dict[str, LoraPart], dict[str, tuple], dict[str, float]]:
     """On one layer: the combined adapter's parts (scale 1: alpha = r), its (A, B) per part, and

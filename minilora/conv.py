@@ -1,4 +1,4 @@
-r"""LoRAConv: a frozen nn.Conv1d / nn.Conv2d / nn.Conv3d plus low-rank adapters (PEFT's Conv layers).
+r"""LoraConv: a frozen nn.Conv1d / nn.Conv2d / nn.Conv3d plus low-rank adapters (PEFT's Conv layers).
 
 A convolution's weight W is (C_out, C_in, *k). LoRA factors it through r channels, as PEFT does:
 
@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import renamed
 from .adapter_layer import AdapterLayer, AdapterState
 from .roles import FULL, Site, layer_index, walk
 
@@ -31,13 +32,13 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def conv_sites(model: nn.Module, layers_pattern=None, modules=None) -> dict[str, Site]:
-    """A Site for every convolution (or LoRAConv) in `model`, keyed by module path. `modules`: the
+    """A Site for every convolution (or LoraConv) in `model`, keyed by module path. `modules`: the
     pairs of one `walk(model)`, when the caller has walked it already."""
     return {name: Site(name, CONV, None, m.out_channels, layer_index(name, layers_pattern), None, None)
-            for name, m in (walk(model) if modules is None else modules) if isinstance(m, (*CONV_TYPES, LoRAConv))}
+            for name, m in (walk(model) if modules is None else modules) if isinstance(m, (*CONV_TYPES, LoraConv))}
 
 
-class LoRAConv(AdapterLayer):
+class LoraConv(AdapterLayer):
     """A frozen convolution plus any number of named adapters, one (A, B) pair each."""
 
     adapter_layer_names = ("lora_A", "lora_B")  # PEFT's: the tables of trained modules
@@ -166,3 +167,7 @@ class LoRAConv(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, adapters(rank, alpha)={self.ranks}"
+
+
+def __getattr__(name: str):  # earlier names, kept for one release (renamed.py)
+    return renamed.earlier_name(__name__, name, {'LoRAConv': 'LoraConv'}, globals())

@@ -40,8 +40,8 @@ Merging writes W' = g ⊙ (W + s·B·A) into the rows of each part and keeps the
 (and as written), so unmerging restores W exactly. Mixed batches (adapter_names=) are refused:
 they stack every adapter's (A, B) into one batched product, which has no place for g.
 
-DoRA is a path of LoRALinear (lora_variant.py): class `Dora` below calls these functions at the
-protocol's points, and LoRALinear knows nothing else of it.
+DoRA is a path of LoraLinear (lora_variant.py): class `Dora` below calls these functions at the
+protocol's points, and LoraLinear knows nothing else of it.
 
 Quantized bases (Linear4bit): the norm is taken over the dequantized weight, in fp32.
 
@@ -59,11 +59,11 @@ from .lora_variant import LoraVariant
 from .quant import bnb_layers
 from .roles import by_part
 
-MAGNITUDE = "lora_magnitude_vector"  # the attribute of LoRALinear, and PEFT's name in files
+MAGNITUDE = "lora_magnitude_vector"  # the attribute of LoraLinear, and PEFT's name in files
 
 
 class Dora(LoraVariant):
-    """DoRA as a path of LoRALinear (lora_variant.py): the functions below, at the protocol's points."""
+    """DoRA as a path of LoraLinear (lora_variant.py): the functions below, at the protocol's points."""
 
     field = "use_dora"
     label = "DoRA (use_dora=True)"

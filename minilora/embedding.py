@@ -1,4 +1,4 @@
-r"""LoRAEmbedding: a frozen nn.Embedding plus low-rank adapters on its lookup table.
+r"""LoraEmbedding: a frozen nn.Embedding plus low-rank adapters on its lookup table.
 
 The table E (num_embeddings × d) maps a token id t to its row E[t]. LoRA adds a low-rank table:
 
@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import renamed
 from .adapter_layer import AdapterLayer
 from .roles import FULL, Site, walk
 
@@ -34,13 +35,13 @@ EMBEDDING = "embedding"  # the role of an embedding site: never picked by "all-l
 
 
 def embedding_sites(model: nn.Module, modules=None) -> dict[str, Site]:
-    """A Site for every nn.Embedding (or LoRAEmbedding) in `model`, keyed by module path.
+    """A Site for every nn.Embedding (or LoraEmbedding) in `model`, keyed by module path.
     `modules`: the pairs of one `walk(model)`, when the caller has walked it already."""
     return {name: Site(name, EMBEDDING, None, m.embedding_dim, None, None, None)
-            for name, m in (walk(model) if modules is None else modules) if isinstance(m, (nn.Embedding, LoRAEmbedding))}
+            for name, m in (walk(model) if modules is None else modules) if isinstance(m, (nn.Embedding, LoraEmbedding))}
 
 
-class LoRAEmbedding(AdapterLayer):
+class LoraEmbedding(AdapterLayer):
     """A frozen nn.Embedding plus any number of named adapters (one (A, B) pair each)."""
 
     def __init__(self, base_layer: nn.Embedding, state, tied_head: bool = False):
@@ -187,3 +188,7 @@ class LoRAEmbedding(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, adapters(rank)={self.ranks}"
+
+
+def __getattr__(name: str):  # earlier names, kept for one release (renamed.py)
+    return renamed.earlier_name(__name__, name, {'LoRAEmbedding': 'LoraEmbedding'}, globals())

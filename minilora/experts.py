@@ -1,4 +1,4 @@
-r"""LoRAExperts: LoRA per expert on mixture-of-experts weights stored as 3-D parameters.
+r"""LoraExperts: LoRA per expert on mixture-of-experts weights stored as 3-D parameters.
 
 transformers keeps a sparse layer's experts in one module with one parameter per projection,
 stacked over experts: Mixtral's `experts.gate_up_proj` is (E, 2·d_ff, d) and `experts.down_proj`
@@ -30,12 +30,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import renamed
 from .adapter_layer import AdapterLayer, AdapterState
 from .lora import LoraPart
 from .roles import FULL
 
 
-class LoRAExperts(AdapterLayer):
+class LoraExperts(AdapterLayer):
     """A frozen experts module plus, per adapter and per targeted 3-D parameter, one (A, B) pair
     per part, each holding every expert's factors."""
 
@@ -235,3 +236,7 @@ class LoRAExperts(AdapterLayer):
     def extra_repr(self) -> str:
         ranks = {n: {p: {k: v.r for k, v in parts.items()} for p, parts in params.items()} for n, params in self.parts.items()}
         return f"experts, adapters(rank per parameter part)={ranks}"
+
+
+def __getattr__(name: str):  # earlier names, kept for one release (renamed.py)
+    return renamed.earlier_name(__name__, name, {'LoRAExperts': 'LoraExperts'}, globals())

@@ -32,6 +32,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from . import hf_dir, renamed
 from .files import give_default_mode, sync_directory
 from .model import LoraModel
 from .prune import PruneReport, prune as prune_model
@@ -40,9 +41,6 @@ from .quant import bnb_format
 from .roles import features, is_linear
 
 FORMATS = ("fp32", "bf16", "nf4")
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "generation_config.json")
 
 
 @dataclass
@@ -73,18 +71,14 @@ class ExportReport:
 
 
 # ---------------------------------------------------------------------------- checks
-def looks_like_model_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in MODEL_FILES)
-
-
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse to write over a model directory (unless `overwrite`) or into a non-empty other one."""
-    if looks_like_model_dir(out) and not overwrite:
+    if hf_dir.looks_like_model_dir(out) and not overwrite:
         raise FileExistsError(f"{out} already holds a model; pass --overwrite (overwrite=True) to replace it, "
                               "or choose another output directory")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; choose another output directory")
-    if out.is_dir() and any(out.iterdir()) and not looks_like_model_dir(out):
+    if out.is_dir() and any(out.iterdir()) and not hf_dir.looks_like_model_dir(out):
         raise FileExistsError(f"{out} is a non-empty directory that holds no model; export writes a whole model "
                               "directory: choose an empty or new one")
 
@@ -126,10 +120,11 @@ def load_base(model_dir: Union[str, Path], model_class=None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir / 'config.json'} is missing: --model needs a Hugging Face model directory")
+    if not hf_dir.has_config(model_dir):
+        raise FileNotFoundError(f"{model_dir / hf_dir.CONFIG_FILE} is missing: --model needs a Hugging Face model "
+                                "directory")
     model_class = model_class or AutoModelForCausalLM
-    if bnb_format.is_prequantized(json.loads((model_dir / "config.json").read_text())):
+    if bnb_format.is_prequantized(json.loads((model_dir / hf_dir.CONFIG_FILE).read_text())):
         return load_quantized(model_dir, model_class=model_class)
     return model_class.from_pretrained(model_dir).eval()
 
@@ -165,14 +160,14 @@ def dequantize_all(model: nn.Module) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, model.get_submodule(name).to_float())
 
 
-def quantize_for_export(model: nn.Module, config: NF4Config, progress: bool) -> None:
+def quantize_for_export(model: nn.Module, config: NF4Config, progressbar: bool) -> None:
     """NF4 + double quant on every linear layer but the output head (and the modules the model class
     keeps in fp32), in place, one layer at a time under a progress bar."""
     head = model.get_output_embeddings()
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     names = [name for name, m in model.named_modules()
              if is_linear(m) and m is not head and not any(name == k or name.endswith("." + k) for k in keep)]
-    if progress:
+    if progressbar:
         from tqdm.auto import tqdm
         names = tqdm(names, desc="nf4", unit="layer", leave=False, disable=None)
     for name in names:
@@ -211,9 +206,9 @@ def write_model(model: nn.Module, directory: Path, fmt: str, source_dir: Optiona
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     else:
         model.save_pretrained(directory, safe_serialization=True)
-    for name in TOKENIZER_FILES if source_dir else ():
-        if (source_dir / name).is_file() and not (directory / name).exists():
-            shutil.copy2(source_dir / name, directory / name)
+    for path in hf_dir.companion_files(source_dir) if source_dir else ():
+        if not (directory / path.name).exists():
+            shutil.copy2(path, directory / path.name)
 
 
 def publish(partial: Path, out: Path) -> None:
@@ -233,12 +228,13 @@ def export(model: Union[str, Path, nn.Module], adapter: Union[str, Path, None] =
            prune: Optional[float] = None, pattern: str = "unstructured", prune_method: str = "magnitude",
            prune_scope: str = "layer", fmt: str = "fp32", overwrite: bool = False,
            calibration: Optional[Iterable] = None, evaluation: Optional[Iterable] = None,
-           progress: bool = True, print_report: bool = True) -> ExportReport:
+           progressbar: bool = True, print_report: bool = True, progress: Optional[bool] = None) -> ExportReport:
     """Merge, optionally prune, write a Hugging Face model directory at `out` (see the module docstring).
 
     model: a base model directory, a base nn.Module, or a LoraModel (then `adapter` may be None).
     calibration: batches for Wanda and the pruning report; evaluation: batches whose mean loss the
     report gives after each step (the calibration batches when not given)."""
+    progressbar = renamed.earlier_keyword("export", "progress", "progressbar", progress, progressbar)
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if not out:
@@ -258,7 +254,7 @@ def export(model: Union[str, Path, nn.Module], adapter: Union[str, Path, None] =
     if isinstance(base, LoraModel):
         base.eval()
         losses["adapter"] = mean_loss(base, evaluation)
-        merged = base.merge_and_unload(progressbar=progress)
+        merged = base.merge_and_unload(progressbar=progressbar)
     else:
         merged = base
     dequantize_all(merged)  # the 4-bit layers without LoRA: pruning and writing start from full precision
@@ -269,14 +265,14 @@ def export(model: Union[str, Path, nn.Module], adapter: Union[str, Path, None] =
     pruned: Optional[PruneReport] = None
     if prune is not None:
         pruned = prune_model(merged, sparsity=prune, method=prune_method, pattern=pattern, scope=prune_scope,
-                             calibration=calibration, progress=progress)
+                             calibration=calibration, progressbar=progressbar)
         losses["pruned"] = mean_loss(merged, evaluation)
     linear = [m for m in merged.modules() if is_linear(m) and m is not merged.get_output_embeddings()]
     n_linear = sum(m.weight.numel() for m in linear)
     if fmt == "bf16":
         merged = merged.to(torch.bfloat16)
     elif fmt == "nf4":
-        quantize_for_export(merged, NF4Config(blocksize=64, double_quant=True), progress)
+        quantize_for_export(merged, NF4Config(blocksize=64, double_quant=True), progressbar)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     give_default_mode(partial)  # 0755 under umask 022, not mkdtemp's 0700: others may serve the model

@@ -96,7 +96,7 @@ def orthogonal(d_in: int, d_out: int, r: int):
 
 @torch.no_grad()
 def initialise(layer, name: str, method: str) -> None:
-    """Set A and B of adapter `name` of `layer` (a LoRALinear, which calls this) by `method` (see
+    """Set A and B of adapter `name` of `layer` (a LoraLinear, which calls this) by `method` (see
     the module docstring); PiSSA and OLoRA also replace the base weight W by W_res."""
     parts = layer.parts[name]
     if list(parts) != [FULL]:

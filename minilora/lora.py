@@ -1,4 +1,4 @@
-r"""LoRALinear: a frozen Linear (or GPT-2 Conv1D) plus low-rank adapters.
+r"""LoraLinear: a frozen Linear (or GPT-2 Conv1D) plus low-rank adapters.
 
 The math (Hu et al., 2021, "LoRA", section 4.1), one convention for the whole project:
 
@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import renamed
 from . import mixing
 from . import init as named_init
 from .quant import bnb_layers
@@ -78,7 +79,7 @@ class LoraPart(Rows):
         return self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
 
 
-class LoRALinear(AdapterLayer):
+class LoraLinear(AdapterLayer):
     """A frozen base layer plus any number of named adapters, each over one or more output parts."""
 
     def __init__(self, base_layer: nn.Module, state: Optional[AdapterState] = None):
@@ -413,3 +414,7 @@ class LoRALinear(AdapterLayer):
 def _per_part(values: dict):
     """One value for a whole-layer adapter (PEFT's shape), the dict of parts otherwise."""
     return values[FULL] if list(values) == [FULL] else values
+
+
+def __getattr__(name: str):  # earlier names, kept for one release (renamed.py)
+    return renamed.earlier_name(__name__, name, {'LoRALinear': 'LoraLinear'}, globals())

@@ -1,4 +1,4 @@
-r"""lora_bias: a trained bias on the LoRA path (PEFT's `lora_bias=True`), a variant of LoRALinear.
+r"""lora_bias: a trained bias on the LoRA path (PEFT's `lora_bias=True`), a variant of LoraLinear.
 
     y = x Wᵀ + b + s · ((dropout(x) Aᵀ) Bᵀ + b_B)          b_B ∈ R^{d_part}, one per part, starts at 0
 
@@ -66,7 +66,7 @@ class LoraBias(LoraVariant):
 
     @torch.no_grad()
     def fold(self, layer, name: str, sign: float) -> None:
-        """b ← b + sign · s·b_B; LoRALinear.merge ran check_fold for every adapter before any fold."""
+        """b ← b + sign · s·b_B; LoraLinear.merge ran check_fold for every adapter before any fold."""
         bias = layer.base_layer.bias
         bias.copy_((bias.float() + sign * self._dense(layer, name)).to(bias.dtype))
 

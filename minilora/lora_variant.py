@@ -1,6 +1,6 @@
-r"""The protocol every LoRA variant of a LoRALinear keeps: what one adapter's low-rank path is.
+r"""The protocol every LoRA variant of a LoraLinear keeps: what one adapter's low-rank path is.
 
-An adapter of a LoRALinear is plain LoRA (plain_lora.py) unless a variant says otherwise. A
+An adapter of a LoraLinear is plain LoRA (plain_lora.py) unless a variant says otherwise. A
 variant is switched on per adapter by the LoraConfig field of the same name (PEFT's: `use_dora`,
 `lora_bias`) and is one of two sorts:
 
@@ -21,7 +21,7 @@ Each owns, for the adapters it holds:
                                           file holds; A and B themselves are the layer's, common to all)
     load_file_tensors(layer, name, tensors, ratio, where)    the inverse, every value checked
 
-LoRALinear calls these at each point and knows no variant by name; registering one is a line in
+LoraLinear calls these at each point and knows no variant by name; registering one is a line in
 variants.py. Mixed batches (adapter_names=) and learned routers stack plain (A, B) pairs, so an
 adapter that uses any variant is refused there by name (`label`).
 """

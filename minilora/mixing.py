@@ -15,7 +15,7 @@ way, "segments", runs each adapter's rows through their own matmuls; the benchma
 Weighted mixing: y = x Wᵀ + Σ_a w_a · s_a · (x A_aᵀ) B_aᵀ, each adapter's low-rank path weighted.
 
 `LoraModel.forward(..., adapter_names=[...])` / `(..., adapter_weights={...})` put a `Routing` in
-the model's AdapterState for that one call; each LoRALinear then hands its work to `apply`.
+the model's AdapterState for that one call; each LoraLinear then hands its work to `apply`.
 Nothing here reads global or context-local state, so a compiled model traces straight through.
 """
 
@@ -71,7 +71,7 @@ def forget_stacks(layer) -> None:
 def _stacks(layer, entries: tuple, d_part: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A (n+1, r_max, d_in) and B·s (n+1, d_part, r_max) of the (adapter, part) entries, index 0 all
     zeros. Cached on the layer and rebuilt when a weight changes (its version counter moves), when
-    the layer moves, or when adapters are added or deleted (LoRALinear drops the cache then)."""
+    the layer moves, or when adapters are added or deleted (LoraLinear drops the cache then)."""
     weights = [tuple(module.weight for module in layer.pair(n, p)) for n, p in entries]
     if torch.compiler.is_compiling():  # a compiled graph builds the stacks itself: nothing to cache
         return _build_stacks(layer, entries, weights, d_part, dtype)

@@ -1,4 +1,4 @@
-r"""Plain LoRA: the path an adapter of a LoRALinear takes unless a variant replaces it (lora_variant.py).
+r"""Plain LoRA: the path an adapter of a LoraLinear takes unless a variant replaces it (lora_variant.py).
 
 For each part p of the adapter (its output rows, roles.Part), with s_p = alpha_p / r_p:
 
@@ -27,7 +27,7 @@ class PlainLora(LoraVariant):
     replaces_path = True
 
     def add(self, layer, name: str, init_lora_weights) -> None:
-        """A and B are every adapter's (LoRALinear.add_adapter): nothing more to add."""
+        """A and B are every adapter's (LoraLinear.add_adapter): nothing more to add."""
 
     def holds(self, layer, name: str) -> bool:
         return not any(v.replaces_path for v in layer.variants_of(name))

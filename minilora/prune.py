@@ -33,6 +33,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
+from . import renamed
 from .roles import is_linear
 
 # Legend: d_out, d_in = a layer's output and input features; N = calibration tokens kept for the report.
@@ -182,10 +183,12 @@ def keep_mask(S: torch.Tensor, sparsity: float, pattern: str, per_row: bool,
 
 def prune(model: nn.Module, sparsity: float = 0.5, method: str = "magnitude", pattern: str = "unstructured",
           scope: str = "layer", calibration=None, skip_modules: Optional[list[str]] = None,
-          report_tokens: int = 512, progress: bool = False) -> PruneReport:
+          report_tokens: int = 512, progressbar: bool = False, progress: Optional[bool] = None) -> PruneReport:
     """Zero the lowest-scoring `sparsity` of each linear weight of a merged model, in place (see the
     module docstring). `calibration`: batches (dicts of model inputs or input_ids tensors), needed by
-    wanda and by the report's output change. Returns the per-layer report."""
+    wanda and by the report's output change. `progressbar`: a bar over the layers (`progress=`, the
+    earlier name, still works for one release). Returns the per-layer report."""
+    progressbar = renamed.earlier_keyword("prune", "progress", "progressbar", progress, progressbar)
     check_request(sparsity, method, pattern, scope)
     layers = prunable_layers(model, skip_modules or [])
     if not layers:
@@ -210,7 +213,7 @@ def prune(model: nn.Module, sparsity: float = 0.5, method: str = "magnitude", pa
     report = PruneReport(method, pattern, scope, float(sparsity), 0.0)
     zeros = total = 0
     names = list(layers)
-    if progress:
+    if progressbar:
         from tqdm.auto import tqdm
         names = tqdm(names, desc="prune", unit="layer", leave=False, disable=None)
     for name in names:

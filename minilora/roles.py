@@ -218,7 +218,7 @@ def classify(model: nn.Module, layers_pattern=None, modules=None) -> dict[str, S
             continue
         if not hasattr(module, "base_layer") and not is_linear(module):  # a LoRA wrapper is a site
             continue
-        if getattr(module, "HOLDS_EXPERT_WEIGHTS", False):  # experts.LoRAExperts: its sites are parameters
+        if getattr(module, "HOLDS_EXPERT_WEIGHTS", False):  # experts.LoraExperts: its sites are parameters
             continue
         role, layout = role_of(name, rules)
         sites[name] = make_site(name, role, layout, features(module)[1], config, layers_pattern)

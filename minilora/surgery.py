@@ -24,10 +24,10 @@ import torch.nn as nn
 
 from .adapter_layer import AdapterLayer
 from .config import LoraConfig
-from .conv import CONV_TYPES, LoRAConv
-from .embedding import LoRAEmbedding
-from .lora import AdapterState, LoRALinear
-from .experts import LoRAExperts
+from .conv import CONV_TYPES, LoraConv
+from .embedding import LoraEmbedding
+from .lora import AdapterState, LoraLinear
+from .experts import LoraExperts
 from .modules_to_save import ModulesToSave, wrap_modules_to_save
 from .targets import Plan, Walked, resolve_targets
 from .trainable_tokens import TrainableTokens, add_trainable_tokens
@@ -143,26 +143,26 @@ def _token_paths(model: nn.Module, modules: dict[str, nn.Module], token_indices
 
 
 def _layer_plans(model: nn.Module, modules: dict[str, nn.Module], targets: Plan) -> dict[str, LayerPlan]:
-    """The layer kind for each target: the adapter layer already there, LoRAExperts for a module
-    owning 3-D expert weights the plan names, LoRAEmbedding, LoRAConv or LoRALinear by base type."""
+    """The layer kind for each target: the adapter layer already there, LoraExperts for a module
+    owning 3-D expert weights the plan names, LoraEmbedding, LoraConv or LoraLinear by base type."""
     plans: dict[str, LayerPlan] = {}
     for name, parts in targets.items():
         owner, _, parameter = name.rpartition(".")
         module = modules.get(owner)
         value = getattr(getattr(module, "base_layer", module), parameter, None)
         if name not in modules and isinstance(value, nn.Parameter) and value.dim() == 3:
-            kind = type(module) if isinstance(module, AdapterLayer) else LoRAExperts
+            kind = type(module) if isinstance(module, AdapterLayer) else LoraExperts
             plans.setdefault(owner, LayerPlan(kind, {})).parts[parameter] = parts
             continue
         module = modules[name]
         if isinstance(module, AdapterLayer):
             plans[name] = LayerPlan(type(module), parts)
         elif isinstance(module, nn.Embedding):
-            plans[name] = LayerPlan(LoRAEmbedding, parts, {"tied_head": _is_tied_to_head(model, module)})
+            plans[name] = LayerPlan(LoraEmbedding, parts, {"tied_head": _is_tied_to_head(model, module)})
         elif isinstance(module, CONV_TYPES):
-            plans[name] = LayerPlan(LoRAConv, parts)
+            plans[name] = LayerPlan(LoraConv, parts)
         else:
-            plans[name] = LayerPlan(LoRALinear, parts)
+            plans[name] = LayerPlan(LoraLinear, parts)
     return plans
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import batch, logits, make
 from minilora import LoraConfig, LoraModel, get_peft_model, quantize_model
-from minilora.lora import LoRALinear
+from minilora.lora import LoraLinear
 
 CASES = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
@@ -27,7 +27,7 @@ def based(family):
 
 
 def layers(model):
-    return {path: m for path, m in model.model.named_modules() if isinstance(m, LoRALinear)}
+    return {path: m for path, m in model.model.named_modules() if isinstance(m, LoraLinear)}
 
 
 def both(family, seed=0):

@@ -1,4 +1,4 @@
-"""LoRA on nn.Embedding (LoRAEmbedding): PEFT's math, file layout and adapter switching; PEFT is the oracle."""
+"""LoRA on nn.Embedding (LoraEmbedding): PEFT's math, file layout and adapter switching; PEFT is the oracle."""
 
 import warnings
 
@@ -10,7 +10,7 @@ from conftest import batch, make
 from safetensors.torch import load_file
 
 import minilora as ml
-from minilora.embedding import LoRAEmbedding
+from minilora.embedding import LoraEmbedding
 
 EMBEDDINGS = {"gpt2": ("wte", "transformer.wte"), "llama": ("embed_tokens", "model.embed_tokens")}
 
@@ -21,7 +21,7 @@ def minilora_model(family, init=True, r=4, seed=0):
     return ml.get_peft_model(model, ml.LoraConfig(r=r, lora_alpha=8, target_modules=[target], init_lora_weights=init))
 
 
-def layer_of(model, family) -> LoRAEmbedding:
+def layer_of(model, family) -> LoraEmbedding:
     return model.model.get_submodule(EMBEDDINGS[family][1])
 
 
@@ -29,7 +29,7 @@ def test_fresh_adapter_is_bit_identical_to_the_base():
     base_logits = make("gpt2")(**batch("gpt2")).logits
     model = minilora_model("gpt2")
     layer = layer_of(model, "gpt2")
-    assert isinstance(layer, LoRAEmbedding)
+    assert isinstance(layer, LoraEmbedding)
     assert torch.count_nonzero(layer.lora_embedding_A["default"]) == 0  # A = 0, as PEFT
     assert torch.count_nonzero(layer.lora_embedding_B["default"]) > 0  # B ~ N(0, 1), as PEFT
     assert torch.equal(model(**batch("gpt2")).logits, base_logits)
@@ -138,10 +138,10 @@ def test_tied_head_reads_the_base_weight_until_merged():
 def test_all_linear_and_role_names_do_not_pick_embeddings():
     for family in ("gpt2", "llama"):
         model = ml.get_peft_model(make(family), ml.LoraConfig(r=2, target_modules="all-linear"))
-        assert not any(isinstance(m, LoRAEmbedding) for m in model.modules())
+        assert not any(isinstance(m, LoraEmbedding) for m in model.modules())
         assert model.targeted_module_names  # linear layers were picked
     model = ml.get_peft_model(make("llama"), ml.LoraConfig(r=2, target_modules=["q", "embed_tokens"]))
-    assert isinstance(model.model.model.embed_tokens, LoRAEmbedding)
+    assert isinstance(model.model.model.embed_tokens, LoraEmbedding)
 
 
 @pytest.mark.parametrize("r", [33, 129])
@@ -154,7 +154,7 @@ def test_rank_above_the_number_of_embeddings_is_refused():
     from minilora.lora import AdapterState, LoraPart
     from minilora.roles import FULL
 
-    layer = LoRAEmbedding(nn.Embedding(8, 32), AdapterState())
+    layer = LoraEmbedding(nn.Embedding(8, 32), AdapterState())
     layer.add_adapter("ok", {FULL: LoraPart(0, 32, 8, 16.0)})
     with pytest.raises(ValueError, match="8 rows × 32 dims: r must be between 1 and 8"):
         layer.add_adapter("too_big", {FULL: LoraPart(0, 32, 9, 16.0)})

@@ -9,14 +9,14 @@ import torch
 import minilora
 from conftest import batch, logits, make
 from minilora import NF4Config, quantize_model
-from minilora.lora import LoRALinear
+from minilora.lora import LoraLinear
 
 INITS = ["pissa", "pissa_niter_4", "olora", "orthogonal"]
 CASES = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}  # Conv1D / Linear
 
 
 def _layers(model):
-    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
 def _wrap(family, init, **kw):

@@ -17,7 +17,7 @@ from transformers import Trainer as HFTrainer
 
 import minilora
 from minilora import LoraConfig, LoraModel, get_peft_model, prepare_model_for_kbit_training, quantize_model
-from minilora.integrations import Trainer, restore_adapters
+from minilora.integrations import LoraTrainer as Trainer, restore_adapters
 from minilora.integrations.trl import SFTTrainer
 from minilora.quant import Linear4bit
 

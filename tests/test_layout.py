@@ -79,8 +79,8 @@ def kind_checks(source: str, kinds: set[str]) -> list[str]:
 
 def test_no_module_outside_the_layer_files_asks_a_layer_kind():
     """LoraModel, io.py and surgery.py call the AdapterLayer contract; only the layer files name kinds."""
-    kinds = {"LoRALinear", "LoRAEmbedding", "LoRAExperts", "LoRAConv", "TrainableTokens"}
+    kinds = {"LoraLinear", "LoraEmbedding", "LoraExperts", "LoraConv", "TrainableTokens"}
     found = [f"{path.relative_to(ROOT)} {item}" for path in SOURCES if path.name not in LAYER_FILES
              for item in kind_checks(path.read_text(), kinds)]
     assert found == []
-    assert kind_checks("isinstance(m, (nn.Linear, LoRAConv))", kinds) == ["line 1: LoRAConv"]
+    assert kind_checks("isinstance(m, (nn.Linear, LoraConv))", kinds) == ["line 1: LoraConv"]

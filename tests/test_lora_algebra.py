@@ -1,4 +1,4 @@
-"""Tier 1, algebra: what LoRALinear must satisfy for any weights."""
+"""Tier 1, algebra: what LoraLinear must satisfy for any weights."""
 
 import math
 
@@ -7,12 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from conftest import linear
-from minilora import LoRALinear
+from minilora import LoraLinear
 from minilora.lora import FULL, LoraPart
 
 
 def lora(base, parts=None, r=4, alpha=8.0, init=False, **kw):
-    layer = LoRALinear(base)
+    layer = LoraLinear(base)
     parts = parts or {FULL: (0, layer.out_features)}
     layer.add_adapter("a", {p: LoraPart(first, end, r, alpha) for p, (first, end) in parts.items()},
                       init_lora_weights=init, **kw)

@@ -45,7 +45,7 @@ def layer_pairs(pm, mm, name):
     """(path, PEFT's (A, B), minilora's (A, B)) of adapter `name` on each layer that has it."""
     out = []
     for path, module in mm.model.named_modules():
-        if isinstance(module, minilora.LoRALinear) and name in module.lora_A:
+        if isinstance(module, minilora.LoraLinear) and name in module.lora_A:
             theirs = pm.base_model.model.get_submodule(path)
             out.append((path, (theirs.lora_A[name].weight, theirs.lora_B[name].weight),
                         (module.lora_A[name].weight, module.lora_B[name].weight)))
@@ -93,7 +93,7 @@ def test_dare_on_adapter_factors_keeps_density_and_rescales(pair):
     torch.testing.assert_close(A[kept], (c ** 0.5) * A1[kept] / 0.4)
     total = kept.numel() * 4 * 2  # all q_proj/v_proj layers' A, checked together below
     survivors = sum((m.lora_A["mix"].weight != 0).sum().item() for m in mm.model.modules()
-                    if isinstance(m, minilora.LoRALinear) and "mix" in m.lora_A and "second" in m.lora_A)
+                    if isinstance(m, minilora.LoraLinear) and "mix" in m.lora_A and "second" in m.lora_A)
     assert abs(survivors / total - 0.4) < 4 * (0.4 * 0.6 / total) ** 0.5
 
 
@@ -102,7 +102,7 @@ def test_one_adapter_is_linear_as_in_peft(pair):
     mm.add_weighted_adapter(["first"], [0.5], "ties_one", combination_type="ties", density=0.1)
     mm.add_weighted_adapter(["first"], [0.5], "linear_one", combination_type="linear")
     for module in mm.model.modules():
-        if isinstance(module, minilora.LoRALinear) and "ties_one" in module.lora_A:
+        if isinstance(module, minilora.LoraLinear) and "ties_one" in module.lora_A:
             assert torch.equal(module.delta_weight("ties_one", FULL), module.delta_weight("linear_one", FULL))
 
 

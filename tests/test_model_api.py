@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import batch, logits, make, train_losses
-from minilora import LoraConfig, LoraModel, LoRALinear, format_breakdown, get_peft_model
+from minilora import LoraConfig, LoraModel, LoraLinear, format_breakdown, get_peft_model
 
 QV = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)
 
@@ -42,7 +42,7 @@ def test_merge_unmerge_and_merge_and_unload(family):
     with pm.disable_adapter():
         torch.testing.assert_close(logits(pm, inputs), expected, atol=1e-5, rtol=1e-5)  # W restored
     merged = pm.merge_and_unload()
-    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(logits(merged, inputs), adapted, atol=1e-5, rtol=1e-5)
 

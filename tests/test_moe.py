@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from zoo import MOE, build, ids, output
 
 from minilora import LoraConfig, LoraModel, get_peft_model
-from minilora.experts import LoRAExperts
+from minilora.experts import LoraExperts
 from minilora.roles import parameter_sites, supported_roles
 
 EXPERTS = "model.layers.0.mlp.experts"
@@ -26,7 +26,7 @@ def adapted(case, targets, r=2, seed=0, **config):
                                                   **config))
 
 
-def experts_of(pm) -> LoRAExperts:
+def experts_of(pm) -> LoraExperts:
     return pm.get_base_model().get_submodule(EXPERTS)
 
 
@@ -222,7 +222,7 @@ def test_an_experts_lora_gets_gradient_only_from_the_tokens_routed_to_it(case):
 def test_all_linear_says_it_leaves_the_experts_out():
     with pytest.warns(UserWarning, match="'all-linear' adapts Linear layers only; the experts' 3-D weights"):
         pm = get_peft_model(build("mixtral"), LoraConfig(r=2, target_modules="all-linear"))
-    assert not any(isinstance(m, LoRAExperts) for m in pm.modules())
+    assert not any(isinstance(m, LoraExperts) for m in pm.modules())
 
 
 def test_bad_expert_targets_are_refused_with_the_reason():

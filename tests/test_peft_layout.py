@@ -10,7 +10,7 @@ import torch
 
 import minilora
 from conftest import batch, logits, make
-from minilora.lora import LoRALinear
+from minilora.lora import LoraLinear
 
 CASES = {  # family -> LoraConfig keywords, as the PEFT users write them
     "gpt2": dict(target_modules=["c_attn"], task_type="CAUSAL_LM"),
@@ -41,7 +41,7 @@ def test_same_names_shapes_and_module_tree_as_peft(case):
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert type(ours.base_model.model) is type(theirs.base_model.model)
     assert ours.base_model.model is ours.get_base_model()
-    assert [n for n, m in ours.named_modules() if isinstance(m, LoRALinear)] == \
+    assert [n for n, m in ours.named_modules() if isinstance(m, LoraLinear)] == \
         [n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
          and not isinstance(m, peft.tuners.lora.layer.Embedding)]
 
@@ -67,7 +67,7 @@ def test_layer_attributes_are_peft_s():
     _, theirs, ours = both("llama", lora_dropout=0.1, use_rslora=True, rank_pattern={"down_proj": 2})
     their_layers = {n: m for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     checked = 0
-    for path, layer in ((n, m) for n, m in ours.named_modules() if isinstance(m, LoRALinear)):
+    for path, layer in ((n, m) for n, m in ours.named_modules() if isinstance(m, LoraLinear)):
         peer = their_layers[path]
         assert type(layer.base_layer) is type(peer.base_layer)
         assert layer.r == peer.r and layer.lora_alpha == peer.lora_alpha and layer.use_dora == peer.use_dora
@@ -83,7 +83,7 @@ def test_layer_attributes_are_peft_s():
     assert checked == len(their_layers) > 0
     for model in (ours, theirs):
         model.merge_adapter()
-    for path, layer in ((n, m) for n, m in ours.named_modules() if isinstance(m, LoRALinear)):
+    for path, layer in ((n, m) for n, m in ours.named_modules() if isinstance(m, LoraLinear)):
         assert layer.merged and layer.merged_adapters == their_layers[path].merged_adapters == ["default"]
 
 

@@ -8,7 +8,7 @@ import torch
 
 import minilora
 from conftest import batch, logits, make
-from minilora.lora import LoRALinear
+from minilora.lora import LoraLinear
 
 CASES = {  # family -> (target_modules, task_type, extra config)
     "gpt2": (["c_attn"], "CAUSAL_LM", {"layers_to_transform": [2, 3]}),
@@ -36,7 +36,7 @@ def copy_peft_weights(theirs, ours):
     their_params = dict(theirs.named_parameters())
     copied = 0
     for path, module in ours.model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoraLinear):
             for side in ("lora_A", "lora_B"):
                 src = their_params[f"base_model.model.{path}.{side}.default.weight"]
                 getattr(module, side)["default"].weight.data.copy_(src)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import batch, logits, make
-from minilora import ARTICLE_BANDS, Band, LoraConfig, LoRALinear, get_peft_model
+from minilora import ARTICLE_BANDS, Band, LoraConfig, LoraLinear, get_peft_model
 from minilora.lora import FULL
 from minilora.roles import classify, parse_selector
 from minilora.surgery import resolve_targets
@@ -117,7 +117,7 @@ def test_classify_sees_wrapped_layers_as_sites():
     assert "transformer.h.0.attn.c_attn" in sites and not any("lora_" in n or "base_layer" in n for n in sites)
     pm.add_adapter("second", LoraConfig(target_modules=["k"]))
     layer = pm.model.transformer.h[0].attn.c_attn
-    assert isinstance(layer, LoRALinear) and set(layer.parts) == {"default", "second"}
+    assert isinstance(layer, LoraLinear) and set(layer.parts) == {"default", "second"}
 
 
 # ---------------------------------------------------------------- bad input, clear errors

@@ -1,7 +1,7 @@
 """transformers' Trainer with PEFT's treatment of a minilora LoraModel: adapter checkpoints.
 
-    from minilora.integrations import Trainer      # instead of: from transformers import Trainer
-    trainer = Trainer(model=lora_model, args=TrainingArguments(...), ...)
+    from minilora.integrations import LoraTrainer  # instead of: from transformers import Trainer
+    trainer = LoraTrainer(model=lora_model, args=TrainingArguments(...), ...)
 
 A plain `transformers.Trainer` already trains and evaluates a LoraModel: the model's forward shows
 the HF model's inputs and names `labels` (see minilora/signature.py). What it cannot do is save the
@@ -37,6 +37,7 @@ import transformers
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
+from .. import renamed
 from ..io import adapter_directory
 from ..model import LoraModel
 
@@ -93,7 +94,7 @@ class LoraTrainerMixin:
         return None
 
 
-class Trainer(LoraTrainerMixin, transformers.Trainer):
+class LoraTrainer(LoraTrainerMixin, transformers.Trainer):
     """transformers.Trainer that checkpoints a LoraModel as its adapters (PEFT's format)."""
 
 
@@ -136,3 +137,7 @@ def copy_adapter(model: LoraModel, source: str, target: str, where: Path) -> Non
                          "(rank, targets): load it with LoraModel.from_pretrained instead of resuming into this adapter")
     for key, dest in pairs.items():
         state[dest].copy_(state[key])
+
+
+def __getattr__(name: str):  # earlier names, kept for one release (renamed.py)
+    return renamed.earlier_name(__name__, name, {"Trainer": "LoraTrainer"}, globals())

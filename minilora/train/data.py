@@ -25,10 +25,10 @@ from typing import Optional, Union
 
 import torch
 
+from ..hf_dir import TOKENIZER_FILES, has_tokenizer
+
 
 IGNORE = -100  # label value that the loss skips
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "tokenizer.model")
 
 
 class ByteTokenizer:
@@ -85,7 +85,7 @@ def load_tokenizer(model_dir: Union[str, Path, None], kind: str = "auto") -> Tok
     if kind != "auto":
         raise ValueError(f"unknown tokenizer kind {kind!r}; use 'auto' (the model's own) or 'bytes'")
     model_dir = Path(model_dir)
-    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+    if not has_tokenizer(model_dir):
         raise DataError(
             f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer with the "
             "model, or pass --tokenizer bytes to use byte-level tokens (the model needs vocab_size >= 256)"

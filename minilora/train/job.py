@@ -22,6 +22,7 @@ import torch
 from ..config import LoraConfig
 from ..files import atomic_write, read_json_object
 from ..io import read_config_file
+from .. import hf_dir
 from ..model import get_peft_model
 from ..params import format_trainable
 from ..surgery import TASK_HEADS
@@ -34,8 +35,6 @@ from .train_config import TrainConfig, check_batch
 from .trainer import Trainer, TrainResult
 
 PRESETS = ("article",)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 POSITION_KEYS = ("n_positions", "max_position_embeddings")  # config.json's longest sequence, by family
 
 
@@ -65,10 +64,10 @@ def check(s: JobSettings, t: TrainConfig) -> None:
     directory = Path(s.model)
     if not directory.is_dir():
         raise DataError(f"--model {s.model}: no such directory; pass a local Hugging Face model directory")
-    if not (directory / "config.json").is_file():
+    if not hf_dir.has_config(directory):
         raise DataError(f"{directory} has no config.json: it is not a Hugging Face model directory")
-    if not any((directory / f).is_file() for f in WEIGHT_FILES):
-        raise DataError(f"{directory} has no weights (none of {', '.join(WEIGHT_FILES)}); save the model with "
+    if not hf_dir.has_weights(directory):
+        raise DataError(f"{directory} has no weights (none of {', '.join(hf_dir.WEIGHT_FILES)}); save the model with "
                         "save_pretrained")
     if s.preset is not None and s.preset not in PRESETS:
         raise ValueError(f"unknown preset {s.preset!r}; choose from {', '.join(PRESETS)} (or pass --config)")
@@ -125,7 +124,7 @@ def load_model(s: JobSettings, task: str, n_labels: Optional[int], log: Callable
     cls = getattr(transformers, task_named(task).model_class)
     labelled = task_named(task).has_labels
     nf4 = NF4Config(compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    safetensors = any((directory / f).is_file() for f in WEIGHT_FILES[:2])
+    safetensors = hf_dir.has_safetensors(directory)
     if s.qlora and safetensors and not labelled:  # a new classifier has no weights to stream
         model = load_quantized(directory, nf4, model_class=cls)
         log(f"loaded {directory} with its linear layers quantized to NF4 while reading")
