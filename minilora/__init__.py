@@ -2,12 +2,12 @@
 
 from . import renamed
 from .config import ARTICLE_BANDS, Band, LoraConfig
-from .export import export
+from .exporting import export
 from .kbit import prepare_model_for_kbit_training
 from .lora import LoraLinear
 from .model import LoraModel, get_base_model_state_dict, get_peft_model, set_base_model_state_dict
 from .params import format_breakdown
-from .prune import prune
+from .pruning import prune
 from .quant import NF4Config, load_quantized, memory_report, quantize_model
 
 __all__ = [

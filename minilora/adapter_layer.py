@@ -1,4 +1,4 @@
-"""AdapterLayer: the contract every kind of adapter layer keeps, so that LoraModel and io.py never
+"""AdapterLayer: the contract every kind of adapter layer keeps, so that LoraModel and adapter_files.py never
 ask which kind a layer is.
 
 A kind wraps one frozen base module (`base_layer`) and holds any number of named adapters:

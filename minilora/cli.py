@@ -146,7 +146,7 @@ def _calibration(model_dir: str, text_file: str, n_batches: int, seq_len: int) -
 
 
 def _export(given: dict) -> int:
-    from .export import export
+    from .exporting import export
 
     calibration = (_calibration(given["model"], given["calibration"], given["calibration_batches"], given["seq_len"])
                    if given["calibration"] else None)

@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Union
 
-from . import init as named_init
+from . import named_init
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class LoraConfig:
     # full: token ids of the input embeddings, or {embedding module name: token ids} (see trainable_tokens.py)
     modules_to_save: Union[list[str], None] = None  # modules trained in full, one copy per adapter
     init_lora_weights: Union[bool, str] = True  # True: kaiming-uniform A; "gaussian": N(0, 1/r); False: B random too;
-    # "pissa", "pissa_niter_K", "olora", "loftq" (these rewrite the base weight), "orthogonal": see init.py
+    # "pissa", "pissa_niter_K", "olora", "loftq" (these rewrite the base weight), "orthogonal": see named_init.py
     loftq_config: dict = field(default_factory=dict)  # with "loftq": {"loftq_bits": 4, "loftq_iter": T}
     layers_to_transform: Union[list[int], int, None] = None  # only these layer indices
     layers_pattern: Union[list[str], str, None] = None  # name of the layer list ("h", "layers", "block")

@@ -1,6 +1,6 @@
 r"""A trained PiSSA / OLoRA adapter as a plain LoRA over the original base (PEFT's conversion).
 
-PiSSA and OLoRA move s·B₀A₀ out of the base at initialisation (init.py): the model trains on
+PiSSA and OLoRA move s·B₀A₀ out of the base at initialisation (named_init.py): the model trains on
 W_res = W − s·B₀A₀ and ends at W_res + s·B·A. Relative to the original W the change is
 
     ΔW = W_res + s·B·A − W = s·(B·A − B₀·A₀) = s · [B | −B₀] · [A ; A₀]

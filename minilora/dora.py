@@ -31,7 +31,7 @@ through W; with lora_dropout = 0 or in eval mode the two agree.)
 Slices of a fused layer. On GPT-2's `c_attn` an adapter on the q and v parts has one m per part,
 over that part's rows only: each slice's rows are normalised on their own and K's columns are
 untouched. PEFT has no slices, but every norm here is one output row's, so rows never mix: the
-whole-layer file (io.py) carries m for the parts' rows and ‖W_row‖ for the others (K's), where
+whole-layer file (adapter_files.py) carries m for the parts' rows and ‖W_row‖ for the others (K's), where
 B's rows are zero, so PEFT computes g = ‖W_row‖ / ‖W_row‖ = 1 there and the same function as the
 slices (`whole_magnitude`, `set_whole_magnitude`). The key is PEFT's,
 `base_model.model.<path>.lora_magnitude_vector`, both ways.

@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from . import renamed
 from . import mixing
-from . import init as named_init
+from . import named_init
 from .quant import bnb_layers
 from .adapter_layer import AdapterLayer, AdapterState
 from .roles import FULL, Rows, by_part, features, part_of
@@ -193,7 +193,7 @@ class LoraLinear(AdapterLayer):
     @torch.no_grad()
     def reset_adapter(self, name: str, init_lora_weights=True) -> None:
         """A ~ kaiming-uniform(a=√5) (PEFT's default) or N(0, 1/r); B = 0 unless init is False.
-        "pissa", "pissa_niter_K", "olora" and "orthogonal" are one call into init.py."""
+        "pissa", "pissa_niter_K", "olora" and "orthogonal" are one call into named_init.py."""
         if named_init.is_named(init_lora_weights):
             return named_init.initialise(self, name, init_lora_weights)
         for part in self.parts[name]:

@@ -11,7 +11,7 @@ Attributes the wrapper doesn't have are looked up on the HF model (`model.config
 
 LoraModel is the only owner of adapter state: `peft_config`, which adapters are active, which
 parameters train. Every adapter comes to exist through one path, `_register` (from a config,
-from files, or combined from others); io.py and combine.py are functions over plain data that
+from files, or combined from others); adapter_files.py and combine.py are functions over plain data that
 it calls. Every adapter layer reads one shared `AdapterState` in its forward pass.
 """
 

@@ -2,7 +2,7 @@
 
 A mixin of LoraModel (model.py), which gives it `peft_config`, `model`, `add_adapter`,
 `delete_adapter`, `set_adapter`, `_check_new`, `_check_exists` and `_adapter_modules`. The file
-layout and the keys are io.py's; each adapter layer names its own tensors.
+layout and the keys are adapter_files.py's; each adapter layer names its own tensors.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch.nn as nn
 
-from . import convert, io
-from . import init as named_init
+from . import adapter_files, convert
+from . import named_init
 from .config import LoraConfig
 from .state_names import LoadResult
 from .surgery import TASK_HEADS, has_module, peft_reads_targets_alike, trained_biases
@@ -34,13 +34,13 @@ class AdapterFiles:
         base_name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
         for name in names:
             config, modules = self.peft_config[name], self._adapter_modules(name)
-            tensors, ranks = io.adapter_tensors(modules, name, config.use_rslora, trained_biases(self.model, config.bias))
+            tensors, ranks = adapter_files.adapter_tensors(modules, name, config.use_rslora, trained_biases(self.model, config.bias))
             alike = peft_reads_targets_alike(self.model, config)
-            written = io.peft_config_dict(config, modules, name, ranks, alike, base_name)
+            written = adapter_files.peft_config_dict(config, modules, name, ranks, alike, base_name)
             if path_initial_model_for_weight_conversion is not None:
-                initial = io.read_tensors(path_initial_model_for_weight_conversion)
+                initial = adapter_files.read_tensors(path_initial_model_for_weight_conversion)
                 tensors, written, config = convert.to_plain_lora(tensors, initial, written, config)
-            io.write_adapter(io.adapter_directory(save_directory, name), tensors, written, config, safe_serialization,
+            adapter_files.write_adapter(adapter_files.adapter_directory(save_directory, name), tensors, written, config, safe_serialization,
                              base_model=base_name or None)
 
     @classmethod
@@ -60,9 +60,9 @@ class AdapterFiles:
         All or nothing: a file that does not fit leaves the model as it was, so the result PEFT
         returns (missing and unexpected keys) is always empty here."""
         self._check_new(adapter_name)
-        stored, tensors = io.read_adapter(model_id, with_config=config is None)
+        stored, tensors = adapter_files.read_adapter(model_id, with_config=config is None)
         config = copy.deepcopy(config) if config is not None else stored
-        io.check_ranks(config, tensors, model_id)  # before a single layer is allocated
+        adapter_files.check_ranks(config, tensors, model_id)  # before a single layer is allocated
         config.inference_mode = not is_trainable
         if config.modules_to_save:  # PEFT lists every task head it might add, "score" on BERT included
             heads = {h for names in TASK_HEADS.values() for h in names}
@@ -74,7 +74,7 @@ class AdapterFiles:
         config = self.peft_config[adapter_name]
         config.init_lora_weights = init
         try:
-            io.fill_adapter(self._adapter_modules(adapter_name), adapter_name, config.use_rslora,
+            adapter_files.fill_adapter(self._adapter_modules(adapter_name), adapter_name, config.use_rslora,
                             trained_biases(self.model, config.bias), tensors, Path(model_id))
         except BaseException:
             self.delete_adapter(adapter_name)

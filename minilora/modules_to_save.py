@@ -58,7 +58,7 @@ class ModulesToSave(nn.Module):
     def delete_adapter(self, name: str) -> None:
         del self.modules_to_save[name]
 
-    # what io.py asks of every module an adapter saves (see adapter_layer.AdapterLayer)
+    # what adapter_files.py asks of every module an adapter saves (see adapter_layer.AdapterLayer)
     def file_tensors(self, name: str, use_rslora: bool) -> tuple[dict[str, torch.Tensor], dict]:
         """The adapter's trained copy, under PEFT's `<path>.<parameter>` keys."""
         return {param: value.detach() for param, value in self.modules_to_save[name].state_dict().items()}, {}

@@ -195,7 +195,7 @@ def inject_adapter(model: nn.Module, plan: AdapterPlan, adapter_name: str, confi
 
 
 def _layer_init(config: LoraConfig):
-    """init_lora_weights as a layer takes it: LoftQ's iteration count rides in the name (init.py)."""
+    """init_lora_weights as a layer takes it: LoftQ's iteration count rides in the name (named_init.py)."""
     if config.init_lora_weights == "loftq":
         return f"loftq_iter_{config.loftq_config.get('loftq_iter', 1)}"
     return config.init_lora_weights

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make
 from minilora import LoraConfig, LoraModel, NF4Config, get_peft_model, quantize_model
 from minilora.files import PENDING, STAGING_PREFIX
-from minilora.io import CONFIG_NAME, MINILORA_CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from minilora.adapter_files import CONFIG_NAME, MINILORA_CONFIG_NAME, WEIGHTS_NAME, read_adapter
 
 
 def adapter(rank: int, seed: int) -> LoraModel:
@@ -280,7 +280,7 @@ def test_files_get_the_usual_modes(tmp_path):
         adapter(2, 0).save_pretrained(tmp_path / "a")
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a").iterdir()}
         assert modes == {name: 0o644 for name in modes} and len(modes) == 4
-        from minilora.export import export
+        from minilora.exporting import export
 
         model = adapter(2, 0)
         model.save_pretrained(tmp_path / "adapter")

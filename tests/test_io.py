@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import batch, logits, make
 from minilora import LoraConfig, LoraModel, get_peft_model
-from minilora.io import CONFIG_NAME, WEIGHTS_NAME
+from minilora.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 
 CASES = {
     "gpt2_fused": ("gpt2", LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False)),

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "minilora").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py"))
 # The core's order: a module may import only modules before it (or outside this list).
-FLOW = ["config", "state_names", "roles", "mixing", "adapter_layer", "lora", "targets", "surgery", "io", "combine", "model"]
+FLOW = ["config", "state_names", "roles", "mixing", "adapter_layer", "lora", "targets", "surgery", "adapter_files", "combine", "model"]
 
 
 def private(name: str) -> bool:

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from conftest import make
 import minilora
-from minilora.prune import is_two_four, keep_mask, prunable_layers, weight_view
+from minilora.pruning import is_two_four, keep_mask, prunable_layers, weight_view
 
 
 def calibration_batches(n=3, seed=4):

@@ -8,7 +8,7 @@ Steps:
     1. load the base (a 4-bit bitsandbytes checkpoint is read as it is), check that the adapter fits it
     2. merge: W' = Ŵ + (α/r)·B·A, with Ŵ the dequantized weight of a 4-bit base (what the adapter
        was trained against)
-    3. prune (prune.py), if asked
+    3. prune (pruning.py), if asked
     4. write: fp32 / bf16 weights, or ("nf4") the merged linear layers in NF4 + double quant as a
        pre-quantized bitsandbytes 4-bit checkpoint (bnb_format.py), the output head kept as it is
     5. the report: sizes before / after, bits per linear weight, sparsity, quality (mean loss on the
@@ -35,7 +35,7 @@ import torch.nn as nn
 from . import hf_dir, renamed
 from .files import give_default_mode, sync_directory
 from .model import LoraModel
-from .prune import PruneReport, prune as prune_model
+from .pruning import PruneReport, prune as prune_model
 from .quant import Linear4bit, NF4Config, load_quantized
 from .quant import bnb_format
 from .roles import features, is_linear
@@ -55,7 +55,7 @@ class ExportReport:
     bits_per_linear_weight: float  # bits each stores in the written file (codes and scales, or dtype)
     sparsity: Optional[float]  # zeros among the pruned layers' weights; None when not pruned
     loss: dict = field(default_factory=dict)  # step ("adapter", "merged", "pruned", "exported") -> mean loss
-    prune: Optional[dict] = None  # the pruning report (prune.py), per layer
+    prune: Optional[dict] = None  # the pruning report (pruning.py), per layer
 
     def to_dict(self) -> dict:
         return asdict(self)
