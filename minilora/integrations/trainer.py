@@ -38,7 +38,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
 from .. import renamed
-from ..io import adapter_directory
+from ..adapter_files import adapter_directory
 from ..model import LoraModel
 
 CONFIG_FILE = "adapter_config.json"

@@ -21,7 +21,7 @@ import torch
 
 from ..config import LoraConfig
 from ..files import atomic_write, read_json_object
-from ..io import read_config_file
+from ..adapter_files import read_config_file
 from .. import hf_dir
 from ..model import get_peft_model
 from ..params import format_trainable
