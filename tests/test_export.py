@@ -166,7 +166,7 @@ def test_a_killed_export_leaves_no_model_directory(tmp_path, monkeypatch):
     """Killed after the weights are written, before the rename (no cleanup runs: rmtree does nothing):
     `out` does not exist, and what is left is a hidden partial directory. Interrupted, it cleans up."""
     base_and_adapter(tmp_path, "llama")
-    module = importlib.import_module("minilora.export")  # the module; minilora.export is the function
+    module = importlib.import_module("minilora.exporting")
 
     def killed(partial, out):
         raise KeyboardInterrupt
