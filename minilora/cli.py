@@ -43,10 +43,12 @@ DEMO_DEFAULTS = asdict(DemoSettings())  # the synthetic experiment's values
 def _add_fields(group, cls, seen: set) -> None:
     """One flag per dataclass field not added yet; its type from the annotation."""
     hints = typing.get_type_hints(cls)
+    earlier = {f.metadata["renamed_to"]: f.name for f in fields(cls) if "renamed_to" in f.metadata}
     for f in fields(cls):
-        if f.name in seen:
+        if f.name in seen or "renamed_to" in f.metadata:  # an earlier name: an alias of the new flag below
             continue
         seen.add(f.name)
+        aliases = [_flag(earlier[f.name])] if f.name in earlier else []
         default = f.default if f.default is not MISSING else None
         shown = f"default: {default}"
         per_experiment = ", ".join(f"{values[f.name]} ({name})" for name, values in EXPERIMENT_DEFAULTS.items()
@@ -58,7 +60,7 @@ def _add_fields(group, cls, seen: set) -> None:
         kind = hints[f.name]
         args = typing.get_args(kind)
         if kind is bool:
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            group.add_argument(_flag(f.name), *aliases, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=shown)
         elif f.name == "strategies":
             group.add_argument(_flag(f.name), default=argparse.SUPPRESS,
@@ -129,7 +131,7 @@ def _export_parser(sub) -> argparse.ArgumentParser:
     kind.add_argument("--nf4", action="store_true", help="write NF4 + double quant (bitsandbytes' 4-bit checkpoint)")
     kind.add_argument("--bf16", action="store_true", help="write bfloat16 weights (default: float32)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progressbar", "--no-progress", dest="progressbar", action="store_false", help="no progress bars")
     return p
 
 
@@ -153,7 +155,7 @@ def _export(given: dict) -> int:
     report = export(given["model"], adapter=given["adapter"], out=given["out"], prune=given["prune"],
                     pattern=given["pattern"], prune_method=given["prune_method"], prune_scope=given["scope"],
                     fmt="nf4" if given["nf4"] else "bf16" if given["bf16"] else "fp32", overwrite=given["overwrite"],
-                    calibration=calibration, progressbar=given["progress"])
+                    calibration=calibration, progressbar=given["progressbar"])
     print(f"model: {report.out}   report: {report.out}/export_report.json")
     return 0
 

@@ -21,10 +21,11 @@ def earlier_name(module: str, name: str, renames: dict[str, str], namespace: dic
     return namespace[new]
 
 
-def earlier_keyword(function: str, old: str, new: str, old_value, new_value):
-    """`new_value`, or `old_value` (with a FutureWarning) when the caller still passed `old=`."""
+def earlier_keyword(function: str, old: str, new: str, old_value, new_value, stacklevel: int = 3):
+    """`new_value`, or `old_value` (with a FutureWarning) when the caller still passed `old=`.
+    `stacklevel`: 3 points at the caller of a function; 4 at the caller of a dataclass's __init__."""
     if old_value is None:
         return new_value
     warnings.warn(f"{function}({old}=...) is now {function}({new}=...) (PEFT's spelling); the old keyword goes in "
-                  "the next release", FutureWarning, stacklevel=3)
+                  "the next release", FutureWarning, stacklevel=stacklevel)
     return old_value

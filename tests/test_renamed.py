@@ -33,3 +33,14 @@ def test_progress_is_now_progressbar(tmp_path):
     with pytest.warns(FutureWarning, match=r"prune\(progress=...\) is now prune\(progressbar=...\)"):
         report = minilora.prune(model, 0.5, progress=False)
     assert report.sparsity_requested == 0.5 and report.sparsity_reached == pytest.approx(0.5, abs=0.02)
+
+
+def test_progress_settings_are_now_progressbar():
+    from minilora.experiments import DemoSettings
+    from minilora.train import TrainConfig
+
+    for settings in (TrainConfig, DemoSettings):
+        with pytest.warns(FutureWarning, match=r"\(progress=...\) is now .*\(progressbar=...\)"):
+            made = settings(progress=False)
+        assert made.progressbar is False and made.progress is None
+    assert "progressbar" not in TrainConfig().settings() and "progress" not in TrainConfig().settings()

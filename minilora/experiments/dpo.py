@@ -67,7 +67,7 @@ def run_dpo(s, base, domain_val: Examples, retain: Examples, log: Callable[[str]
     train, held_out = pairs(PAIRS, s.seed + 10, s.seq_len), pairs(HELD_OUT, s.seed + 11, s.seq_len)
     config = TrainConfig(task="preference", loss="dpo", beta=BETA, steps=s.finetune_steps, batch_size=s.batch_size,
                          lr=s.lr_lora * LR_FRACTION, eval_every=s.eval_every, save_every=s.eval_every,
-                         forgetting_budget=FORGETTING_BUDGET, progress=s.progress, seed=s.seed)
+                         forgetting_budget=FORGETTING_BUDGET, progressbar=s.progressbar, seed=s.seed)
     resume = (run_dir / "checkpoint.pt").is_file() and not s.overwrite
     checkpoint.prepare(run_dir, {"strategy": NAME, **config.settings()}, resume, overwrite=not resume)
     trainer = Trainer(model, config, train, held_out, retain, out=run_dir, log=lambda line: None)

@@ -209,7 +209,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print, sizes: MiniLMData =
                              lr=s.lr_full if name.startswith("full") else s.lr_lora, eval_every=s.eval_every,
                              save_every=s.eval_every, optimizer="paged_adamw" if name.startswith("qlora") else "adamw",
                              forgetting_budget=s.forgetting_budget, replay_ratio=REPLAY_RATIO if replaying else 0.0,
-                             progress=s.progress, seed=s.seed)
+                             progressbar=s.progressbar, seed=s.seed)
         resume = (run_dir / "checkpoint.pt").is_file() and not s.overwrite
         checkpoint.prepare(run_dir, {"strategy": name, **config.settings()}, resume, overwrite=not resume)
         accuracy_before = accuracy(model, val)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import resource
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .. import renamed
 from ..files import atomic_write
 from ..train import checkpoint
 from ..train.plots import plot_curves
@@ -55,9 +56,13 @@ class DemoSettings:
     forgetting_budget: Optional[float] = None  # stop a strategy when its retain loss rises more; None: never
     seed: int = 0
     overwrite: bool = False  # start again when <out> holds a run with other settings
-    progress: bool = True  # progress bars
+    progressbar: bool = True  # progress bars
+    progress: Optional[bool] = field(default=None, metadata={"renamed_to": "progressbar"})  # the earlier name
 
     def __post_init__(self):
+        self.progressbar = renamed.earlier_keyword("DemoSettings", "progress", "progressbar", self.progress,
+                                                   self.progressbar, stacklevel=4)
+        self.progress = None
         for name, value in EXPERIMENT_DEFAULTS.get(self.experiment, EXPERIMENT_DEFAULTS["synthetic"]).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -87,7 +92,7 @@ class DemoSettings:
 
 
 # Settings that do not change the numbers: a run with other values of these is the same run.
-NOT_RUN_DEFINING = ("out", "strategies", "overwrite", "progress")
+NOT_RUN_DEFINING = ("out", "strategies", "overwrite", "progressbar", "progress")
 
 
 def reset_peak_rss() -> None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from .. import renamed
 from . import fsdp
 from .loss import PREFERENCE_LOSSES
 from .tasks import FILE_TASKS, task_named
@@ -45,17 +46,23 @@ class TrainConfig:
     replay_ratio: float = 0.0  # fraction of each batch drawn from the replay set
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
     log_every: int = 10  # steps between "train" records in metrics.jsonl
-    progress: bool = True  # a tqdm progress bar
+    progressbar: bool = True  # a tqdm progress bar (PEFT's word; `progress=` still works for one release)
     seed: int = 0
     loss: str = "dpo"  # preference: dpo | ipo | simpo (reference-free)
     beta: float = 0.1  # preference: β, how far the policy may move from the reference (SimPO: reward scale)
     label_smoothing: float = 0.0  # preference, dpo: probability ε that a pair's label is flipped (conservative DPO)
     simpo_gamma: float = 0.5  # preference, simpo: γ, the target reward margin
     precompute_ref: bool = False  # preference: reference log-probs computed once before training, not every step
+    progress: Optional[bool] = field(default=None, metadata={"renamed_to": "progressbar"})  # the earlier name
+
+    def __post_init__(self):
+        self.progressbar = renamed.earlier_keyword("TrainConfig", "progress", "progressbar", self.progress,
+                                                   self.progressbar, stacklevel=4)
+        self.progress = None
 
     def settings(self) -> dict:
-        """The fields that decide what a run computes (all but `progress`): what a resumed run must match."""
-        return {k: v for k, v in asdict(self).items() if k != "progress"}
+        """The fields that decide what a run computes (all but the progress bar): what a resumed run must match."""
+        return {k: v for k, v in asdict(self).items() if k not in ("progressbar", "progress")}
 
     def check(self) -> None:
         """Refuse a setting that is unknown, out of its range (see RANGES and COUNTS) or not finite, with

@@ -339,7 +339,7 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg = self.config
-        bar = _progress(cfg.steps, self.step, cfg.progress and self.procs.is_main)
+        bar = _progress(cfg.steps, self.step, cfg.progressbar and self.procs.is_main)
         done = self.monitor.stop_reason is not None
         since_eval = self.since_eval
         while not done and self.step < cfg.steps and not self._interrupted:
