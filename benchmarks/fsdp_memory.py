@@ -133,7 +133,7 @@ def build(parallel: str, seq: int, batch: int):
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"]))
     ids = torch.randint(0, SMALL["vocab_size"], (64, seq))
     rows = Examples({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, "domain")
-    config = TrainConfig(steps=1000, batch_size=batch, lr=1e-4, progress=False, parallel=parallel, eval_every=1000)
+    config = TrainConfig(steps=1000, batch_size=batch, lr=1e-4, progressbar=False, parallel=parallel, eval_every=1000)
     return Trainer(model, config, rows, rows, log=lambda line: None)
 
 

@@ -73,7 +73,7 @@ def main() -> None:
     run = Path(args.run)
     settings = json.loads((run / "settings.json").read_text())
     s = DemoSettings(**{k: v for k, v in settings.items() if k in DemoSettings.__dataclass_fields__},
-                     out=str(run), progress=False)
+                     out=str(run), progressbar=False)
     adapter = run / "lora_article" / "adapter"
     if args.part != "before" and not (adapter / "adapter_config.json").is_file():
         sys.exit(f"{adapter} is missing: run `minilora finetune --strategies lora_article --out {run}` first")
@@ -132,7 +132,7 @@ def after(base, adapter, calibration, measure) -> None:
         for name, prune in export_rows:
             out = Path(tmp) / name.replace(" ", "_").replace(":", "")
             report = ml.export(tuned_model(base, adapter), out=out, fmt="nf4", calibration=calibration,
-                               progress=False, print_report=False, **prune)
+                               progressbar=False, print_report=False, **prune)
             exported = ml.load_quantized(out, model_class=type(base))
             measure(name, exported, bits_per_linear_weight=report.bits_per_linear_weight,
                     bytes_ratio=report.bytes_after / report.bytes_before, sparsity=report.sparsity)
@@ -152,7 +152,7 @@ def before(s, base, variants, calibration, data, measure) -> None:
         torch.manual_seed(s.seed)  # the adapters start as the fine-tune's did
         model = strategy_model("lora_article", pruned_base, log=lambda line: None)
         config = TrainConfig(task="domain", steps=s.finetune_steps, batch_size=s.batch_size, lr=s.lr_lora,
-                             eval_every=s.eval_every, save_every=0, progress=False,
+                             eval_every=s.eval_every, save_every=0, progressbar=False,
                              seed=s.seed)  # the fine-tune's settings (demo.py)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,7 @@ def train(out: Path) -> None:
     data = text_windows(generate(DOMAIN, 150, 0), tokens, 32)
     val = text_windows(generate(DOMAIN, 20, 1), tokens, 32)
     retain = text_windows(generate(GENERAL, 20, 2), tokens, 32)
-    config = TrainConfig(steps=6, batch_size=GLOBAL_BATCH // world, lr=1e-2, eval_every=3, progress=False)
+    config = TrainConfig(steps=6, batch_size=GLOBAL_BATCH // world, lr=1e-2, eval_every=3, progressbar=False)
     trainer = Trainer(model, config, data, val, retain, log=lambda line: None)
     first_grads = {}
     step = trainer.optimizer.step

@@ -55,7 +55,7 @@ def data():
 def trainer(case: str, out: Path, world: int, steps: int = STEPS, **extra) -> Trainer:
     kind, optimizer = case.split("-") if "-" in case else ("qlora", "adamw")
     config = TrainConfig(steps=steps, batch_size=GLOBAL_BATCH // world, lr=1e-2, eval_every=10, eval_batch_size=2,
-                         save_every=3, optimizer=optimizer, progress=False,
+                         save_every=3, optimizer=optimizer, progressbar=False,
                          parallel="fsdp" if world > 1 else "ddp", **extra)
     train, val, retain = data()
     return Trainer(tiny_llama(kind.startswith("qlora"), kind.endswith("head")), config, train, val, retain, out=out, log=lambda line: None)

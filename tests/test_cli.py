@@ -10,7 +10,7 @@ from conftest import gpt2_model_dir, instruction_files
 from minilora.cli import main
 
 SMALL = ["--layers", "2", "--width", "64", "--seq-len", "32", "--batch-size", "8", "--pretrain-steps", "150",
-         "--finetune-steps", "80", "--eval-every", "20", "--lr-full", "3e-3", "--no-progress"]
+         "--finetune-steps", "80", "--eval-every", "20", "--lr-full", "3e-3", "--no-progressbar"]
 FIELDS = {"domain_loss_before", "domain_loss_after", "retain_loss_before", "retain_loss_after",
           "trainable_params", "total_params", "seconds", "peak_rss_mb"}
 
@@ -39,7 +39,7 @@ def test_finetune_writes_a_report_and_learns_the_domain(tmp_path):
 
     settings = DemoSettings(out=str(tmp_path), strategies=("lora_article",), layers=2, width=64, seq_len=32,
                             batch_size=8, pretrain_steps=150, finetune_steps=80, eval_every=20, lr_full=3e-3,
-                            progress=False)
+                            progressbar=False)
     logs = []
     assert run(settings, log=logs.append)["lora_article"] == report["lora_article"]  # finished: reused
     assert logs[0].startswith("base model: loaded") and "finished by an earlier run" in logs[1]
@@ -73,7 +73,7 @@ def test_finetune_a_local_model_resume_and_refusals(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["finetune", "--model", str(model), "--data", str(data), "--task", "instruction", "--tokenizer", "bytes",
             "--retain", str(general), "--replay-ratio", "0.25", "--seq-len", "64", "--steps", "24",
-            "--eval-every", "8", "--lr", "1e-2", "--out", str(out), "--no-progress"]
+            "--eval-every", "8", "--lr", "1e-2", "--out", str(out), "--no-progressbar"]
     assert main(args) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["stop_reason"] == "completed" and result["val_loss_after"] < result["val_loss_before"]
@@ -114,7 +114,7 @@ def test_qlora_preset_and_paged_optimizer_from_the_command_line(tmp_path, capsys
     assert main(["finetune", "--model", str(model), "--data", str(tmp_path / "finance.txt"), "--tokenizer", "bytes",
                  "--retain", str(general), "--qlora", "--preset", "article", "--optimizer", "paged_adamw",
                  "--forgetting-budget", "5.0", "--seq-len", "64", "--steps", "16", "--eval-every", "8",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--out", str(out), "--no-progressbar"]) == 0
     printed = capsys.readouterr().out
     assert "quantized to NF4 while reading" in printed and "trainable params:" in printed
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -127,7 +127,7 @@ def test_qlora_preset_and_paged_optimizer_from_the_command_line(tmp_path, capsys
 def test_bad_input_to_a_local_run_says_what_to_do(tmp_path, capsys):
     model, (data, _) = gpt2_model_dir(tmp_path / "model"), instruction_files(tmp_path)
     base = ["finetune", "--model", str(model), "--data", str(data), "--task", "instruction", "--out",
-            str(tmp_path / "o"), "--seq-len", "64", "--no-progress"]
+            str(tmp_path / "o"), "--seq-len", "64", "--no-progressbar"]
 
     def error(extra, model_dir=None):
         args = list(base)
@@ -172,7 +172,7 @@ def test_classify_with_a_real_pretrained_model_and_its_tokenizer(tmp_path, capsy
     out = tmp_path / "out"
     assert main(["finetune", "--model", str(minilm_dir()), "--data", str(tmp_path / "reviews.jsonl"), "--task",
                  "classification", "--qlora", "--seq-len", "16", "--steps", "20", "--eval-every", "10",
-                 "--val-fraction", "0.25", "--lr", "3e-3", "--out", str(out), "--no-progress"]) == 0
+                 "--val-fraction", "0.25", "--lr", "3e-3", "--out", str(out), "--no-progressbar"]) == 0
     assert "quantized 37 layers to NF4" in capsys.readouterr().out  # 6 × 6 + the pooler; the new classifier is not
     result = json.loads((out / "result.json").read_text())
     assert result["val_loss_after"] < result["val_loss_before"] - 0.2
@@ -212,7 +212,7 @@ def test_ctrl_c_then_resume_from_the_command_line(tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "minilora.cli", "finetune", "--model", str(model), "--data", str(data), "--task",
             "instruction", "--tokenizer", "bytes", "--retain", str(general), "--seq-len", "64", "--steps", "100000",
-            "--eval-every", "5", "--save-every", "5", "--out", str(out), "--no-progress"]
+            "--eval-every", "5", "--save-every", "5", "--out", str(out), "--no-progressbar"]
 
     def interrupted_run(extra, after_step):
         """Start the command, press Ctrl-C once a checkpoint past `after_step` exists; the step it stopped at."""

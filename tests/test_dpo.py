@@ -61,7 +61,7 @@ def examples(tmp_path, n=64, seed=0, name="pairs.jsonl", animals=ANIMALS):
 
 
 def config(**kw):
-    base = dict(task="preference", steps=12, batch_size=4, lr=1e-2, eval_every=4, save_every=4, progress=False,
+    base = dict(task="preference", steps=12, batch_size=4, lr=1e-2, eval_every=4, save_every=4, progressbar=False,
                 log_every=1, beta=0.1)
     return TrainConfig(**{**base, **kw})
 
@@ -334,7 +334,7 @@ def test_finetune_task_preference_from_the_command_line(tmp_path):
     assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(data), "--task", "preference",
                  "--beta", "0.1", "--loss", "ipo", "--precompute-ref", "--tokenizer", "bytes", "--seq-len", str(T),
                  "--retain", str(retain), "--steps", "6", "--eval-every", "3", "--lr", "1e-2", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progressbar"]) == 0
     result = json.loads((out / "result.json").read_text())
     assert [h["step"] for h in result["history"]] == [0, 3, 6]
     assert all(h["retain_loss"] > 0 and h["kl"] >= 0 for h in result["history"])

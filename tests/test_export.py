@@ -55,7 +55,7 @@ def test_nf4_export_loads_in_transformers_with_minilora_logits(tmp_path, family)
     pm = base_and_adapter(tmp_path, family)
     calib = batches()
     report = ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "out", fmt="nf4", prune=0.5,
-                       pattern="2:4", calibration=calib, progress=False, print_report=False)
+                       pattern="2:4", calibration=calib, progressbar=False, print_report=False)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
     ours = ml.load_quantized(tmp_path / "out", model_class=AutoModelForCausalLM)
     layer = "model.layers.0.self_attn.q_proj" if family == "llama" else "transformer.h.0.attn.c_attn"
@@ -64,7 +64,7 @@ def test_nf4_export_loads_in_transformers_with_minilora_logits(tmp_path, family)
     for ids in calib:
         torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), atol=1e-5, rtol=1e-5)
     # the adapter is in it: the export differs from the base exported alone, and tracks the merged model
-    ml.export(tmp_path / "base", out=tmp_path / "plain", fmt="nf4", progress=False, print_report=False)
+    ml.export(tmp_path / "base", out=tmp_path / "plain", fmt="nf4", progressbar=False, print_report=False)
     plain = ml.load_quantized(tmp_path / "plain", model_class=AutoModelForCausalLM)
     assert not torch.allclose(logits(plain, calib[0]), logits(ours, calib[0]), atol=1e-3)
     assert report.format == "nf4" and 4.0 < report.bits_per_linear_weight < 4.2
@@ -77,9 +77,9 @@ def test_nf4_export_loads_in_transformers_with_minilora_logits(tmp_path, family)
 def test_nf4_export_writes_the_bytes_and_keys_bitsandbytes_writes(tmp_path):
     """The same merged weights quantized by transformers + bitsandbytes and saved: same keys, same tensors."""
     base_and_adapter(tmp_path, "llama")
-    ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "fp32", progress=False,
+    ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "fp32", progressbar=False,
               print_report=False)
-    ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "nf4", fmt="nf4", progress=False,
+    ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "nf4", fmt="nf4", progressbar=False,
               print_report=False)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
@@ -123,11 +123,11 @@ def test_a_transformers_bitsandbytes_checkpoint_loads_in_minilora_unchanged(tmp_
 
 def test_export_over_a_qlora_base_dequantizes_it_first(tmp_path):
     tiny("llama").save_pretrained(tmp_path / "fp")
-    ml.export(tmp_path / "fp", out=tmp_path / "q4", fmt="nf4", progress=False, print_report=False)
+    ml.export(tmp_path / "fp", out=tmp_path / "q4", fmt="nf4", progressbar=False, print_report=False)
     qlora = ml.get_peft_model(ml.load_quantized(tmp_path / "q4", model_class=AutoModelForCausalLM),
                               ml.LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False))
     qlora.save_pretrained(tmp_path / "adapter")
-    ml.export(tmp_path / "q4", adapter=tmp_path / "adapter", out=tmp_path / "merged", progress=False,
+    ml.export(tmp_path / "q4", adapter=tmp_path / "adapter", out=tmp_path / "merged", progressbar=False,
               print_report=False)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     ids = batches(1)[0]
@@ -138,12 +138,12 @@ def test_fp32_and_bf16_exports(tmp_path):
     pm = base_and_adapter(tmp_path, "gpt2")
     ids = batches(1)[0]
     expected = logits(pm, ids)
-    ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "fp32", progress=False,
+    ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "fp32", progressbar=False,
               print_report=False)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "fp32"), ids), expected,
                                atol=1e-5, rtol=1e-5)
     report = ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "bf16", fmt="bf16",
-                       progress=False, print_report=False)
+                       progressbar=False, print_report=False)
     bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     assert bf16.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
     assert report.bits_per_linear_weight == 16 and report.bytes_after < 0.6 * report.bytes_before
@@ -151,7 +151,7 @@ def test_fp32_and_bf16_exports(tmp_path):
 
 def test_an_existing_model_directory_is_refused_unless_overwrite(tmp_path):
     base_and_adapter(tmp_path, "llama")
-    args = dict(adapter=tmp_path / "adapter", out=tmp_path / "out", progress=False, print_report=False)
+    args = dict(adapter=tmp_path / "adapter", out=tmp_path / "out", progressbar=False, print_report=False)
     ml.export(tmp_path / "base", **args)
     first = (tmp_path / "out" / "model.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="already holds a model; pass --overwrite"):
@@ -159,7 +159,7 @@ def test_an_existing_model_directory_is_refused_unless_overwrite(tmp_path):
     ml.export(tmp_path / "base", prune=0.5, overwrite=True, **args)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]  # nothing left aside
-    assert main(["export", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert main(["export", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "out"), "--no-progressbar"]) == 2
 
 
 def test_a_killed_export_leaves_no_model_directory(tmp_path, monkeypatch):
@@ -173,7 +173,7 @@ def test_a_killed_export_leaves_no_model_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "publish", killed)
     monkeypatch.setattr(module.shutil, "rmtree", lambda *args, **kwargs: None)
-    args = dict(adapter=tmp_path / "adapter", out=tmp_path / "out", fmt="nf4", progress=False, print_report=False)
+    args = dict(adapter=tmp_path / "adapter", out=tmp_path / "out", fmt="nf4", progressbar=False, print_report=False)
     with pytest.raises(KeyboardInterrupt):
         ml.export(tmp_path / "base", **args)
     assert not (tmp_path / "out").exists()
@@ -194,14 +194,14 @@ def test_an_adapter_for_another_base_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"does not fit this base: base_model\.model\.model\.layers\.0\.self_attn\."
                                          r"q_proj\.lora_A\.weight has shape \(4, 128\), but model\.layers\.0\.self_attn"
                                          r"\.q_proj has weight shape \(out, in\) = \(64, 64\)"):
-        ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "out", progress=False)
+        ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "out", progressbar=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_export_prunes_and_writes_the_report(tmp_path, capsys):
     base_and_adapter(tmp_path, "gpt2")
     code = main(["export", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out",
-                 str(tmp_path / "out"), "--prune", "0.5", "--pattern", "2:4", "--nf4", "--no-progress"])
+                 str(tmp_path / "out"), "--prune", "0.5", "--pattern", "2:4", "--nf4", "--no-progressbar"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "bits per linear weight" in printed and "export_report.json" in printed
@@ -223,7 +223,7 @@ def test_a_trained_head_untied_from_the_embeddings_stays_untied(tmp_path, fmt):
     expected = logits(pm, ids)
     trained_head = copy.deepcopy(pm).merge_and_unload().lm_head.weight.detach()
     assert not torch.equal(trained_head, pm.model.transformer.wte.weight)
-    ml.export(pm, out=tmp_path / "out", fmt=fmt, progress=False, print_report=False)
+    ml.export(pm, out=tmp_path / "out", fmt=fmt, progressbar=False, print_report=False)
     back = (AutoModelForCausalLM.from_pretrained(tmp_path / "out") if fmt == "fp32"
             else ml.load_quantized(tmp_path / "out", model_class=AutoModelForCausalLM))
     assert back.lm_head.weight is not back.transformer.wte.weight
@@ -239,7 +239,7 @@ def test_what_minilora_cannot_read_is_refused(tmp_path):
     ml.get_peft_model(tiny("gpt2"), ml.LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match=r"names module 'transformer\.h\.0\.attn\.c_attn', which the base model "
                                          r"does not have"):
-        ml.export(tmp_path / "base", adapter=tmp_path / "gpt2", out=tmp_path / "out", progress=False)
+        ml.export(tmp_path / "base", adapter=tmp_path / "gpt2", out=tmp_path / "out", progressbar=False)
     fp4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32)
     AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=fp4, device_map="cpu") \
         .save_pretrained(tmp_path / "fp4")

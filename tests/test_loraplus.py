@@ -61,7 +61,7 @@ def test_trainer_with_loraplus_trains_and_uses_the_groups(optimizer):
     rows = text_windows(generate(DOMAIN, 200, 0), tok, 32)
     rows.tensors = {k: v % 128 for k, v in rows.tensors.items()}  # the tiny model's vocabulary
     train, val = rows.split(0.2)
-    config = TrainConfig(steps=20, batch_size=4, lr=5e-3, eval_every=10, progress=False, optimizer=optimizer,
+    config = TrainConfig(steps=20, batch_size=4, lr=5e-3, eval_every=10, progressbar=False, optimizer=optimizer,
                          loraplus_lr_ratio=16.0, weight_decay=0.01, warmup_steps=0, min_lr_ratio=1.0)
     trainer = Trainer(model, config, train, val, log=lambda line: None)
     opt = trainer.optimizer
@@ -90,7 +90,7 @@ def test_finetune_with_the_flag_trains_and_records_the_ratio(tmp_path):
     out = tmp_path / "out"
     assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "finance.txt"),
                  "--tokenizer", "bytes", "--seq-len", "32", "--steps", "16", "--eval-every", "8", "--lr", "5e-3",
-                 "--loraplus-lr-ratio", "16", "--out", str(out), "--no-progress"]) == 0
+                 "--loraplus-lr-ratio", "16", "--out", str(out), "--no-progressbar"]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["val_loss_after"] < result["val_loss_before"]
     assert json.loads((out / "run.json").read_text())["loraplus_lr_ratio"] == 16.0

@@ -162,7 +162,7 @@ def test_the_forgetting_budget_stops_on_embedding_drift():
     torch.manual_seed(0)
     model = tiny_bert().requires_grad_(True)
     probe = RetentionProbe.build(model, *probe_rows(seed=5), k=4)
-    config = TrainConfig(task="classification", steps=40, batch_size=8, lr=3e-2, eval_every=2, progress=False,
+    config = TrainConfig(task="classification", steps=40, batch_size=8, lr=3e-2, eval_every=2, progressbar=False,
                          forgetting_budget=1e-3)
     train = classification_rows()
     result = Trainer(model, config, train, train, probe, log=lambda line: None).train()
@@ -199,7 +199,7 @@ def test_the_minilm_experiment_runs_end_to_end_on_a_reduced_setting(tmp_path):
 
     sizes = minilm_demo.MiniLMData(per_family=6, n_val=2, probe=12, replay=8, k=3)  # the CLI's run uses more
     settings = DemoSettings(out=str(tmp_path), experiment="minilm", strategies=("lora_article", "lora_article_replay"),
-                            seq_len=16, batch_size=4, finetune_steps=4, eval_every=2, lr_lora=1e-2, progress=False)
+                            seq_len=16, batch_size=4, finetune_steps=4, eval_every=2, lr_lora=1e-2, progressbar=False)
     logs = []
     settings.check()
     report = minilm_demo.run(settings, logs.append, sizes)

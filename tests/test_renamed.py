@@ -44,3 +44,13 @@ def test_progress_settings_are_now_progressbar():
             made = settings(progress=False)
         assert made.progressbar is False and made.progress is None
     assert "progressbar" not in TrainConfig().settings() and "progress" not in TrainConfig().settings()
+
+
+def test_the_cli_still_takes_no_progress():
+    import argparse
+
+    from minilora.cli import _finetune_parser
+
+    parser = _finetune_parser(argparse.ArgumentParser().add_subparsers())
+    assert vars(parser.parse_args(["--no-progress"])) == vars(parser.parse_args(["--no-progressbar"])) == \
+        {"progressbar": False}

@@ -56,6 +56,6 @@ def test_two_process_finetune_from_the_root(tmp_path):
     result = from_root("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                        "-m", "minilora.cli", "finetune", "--model", str(model), "--data", str(data),
                        "--task", "instruction", "--tokenizer", "bytes", "--retain", str(general), "--seq-len", "64",
-                       "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--out", str(out), "--no-progress")
+                       "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--out", str(out), "--no-progressbar")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").exists()

@@ -47,7 +47,7 @@ def noise(n_rows, seed=0):
 
 
 def config(**kw):
-    base = dict(steps=12, batch_size=4, lr=1e-2, eval_every=4, save_every=4, progress=False, log_every=1)
+    base = dict(steps=12, batch_size=4, lr=1e-2, eval_every=4, save_every=4, progressbar=False, log_every=1)
     return TrainConfig(**{**base, **kw})
 
 

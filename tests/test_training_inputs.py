@@ -33,7 +33,7 @@ def finetune(files, out, *extra, data=None, task="instruction", model=None):
     """`minilora finetune` on the tiny model, a few steps; the exit status."""
     return main(["finetune", "--model", str(model or files["model"]), "--data", str(data or files["data"]),
                  "--task", task, "--tokenizer", "bytes", "--seq-len", "64", "--steps", "4", "--eval-every", "2",
-                 "--out", str(out), "--no-progress", *extra])
+                 "--out", str(out), "--no-progressbar", *extra])
 
 
 def snapshot(folder):
@@ -102,7 +102,7 @@ def test_the_python_api_refuses_the_same_numbers():
 
 def test_the_embedded_default_refuses_them_too(tmp_path, capsys):
     small = ["finetune", "--out", str(tmp_path / "demo"), "--layers", "1", "--width", "32", "--seq-len", "16",
-             "--pretrain-steps", "1", "--finetune-steps", "1", "--strategies", "lora_all", "--no-progress"]
+             "--pretrain-steps", "1", "--finetune-steps", "1", "--strategies", "lora_all", "--no-progressbar"]
     assert main([*small, "--lr-lora", "nan"]) == 2
     assert "lr_lora must be > 0 (a peak learning rate), got nan" in capsys.readouterr().err
     assert main([*small, "--forgetting-budget", "-1"]) == 2
@@ -131,7 +131,7 @@ def test_the_kept_adapter_is_the_step_the_result_names_even_when_no_step_is_bett
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=256, n_positions=64))
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
-    config = TrainConfig(steps=6, batch_size=4, lr=3e-2, eval_every=2, progress=False)
+    config = TrainConfig(steps=6, batch_size=4, lr=3e-2, eval_every=2, progressbar=False)
     result = Trainer(model, config, train, unscored, out=tmp_path, log=lambda line: None).train()
     assert result.best_step == 0 and math.isnan(result.val_loss_after)
     assert json.loads((tmp_path / "result.json").read_text())["best_step"] == 0
@@ -202,7 +202,7 @@ def test_a_billion_as_a_label_is_refused_without_allocating(files, tmp_path):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         code = main(["finetune", "--model", {str(files["model"])!r}, "--data", {str(data)!r}, "--task",
                      "classification", "--tokenizer", "bytes", "--seq-len", "16", "--out", {str(tmp_path / "out")!r},
-                     "--no-progress"])
+                     "--no-progressbar"])
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(code, (after - before) // 1024)  # exit status, MiB of peak memory added by the run
     """)
