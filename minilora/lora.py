@@ -243,19 +243,20 @@ class LoraLinear(AdapterLayer):
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str, weight: float = 1.0) -> torch.Tensor:
         """y (..., d_out) plus `weight` times adapter `name`'s change: its path's (plain LoRA's
         y[..., part] + s·(dropout(x) Aᵀ) Bᵀ, or DoRA's), then each addition's (lora_bias)."""
-        variants = self.variants_of(name)  # once per call: the path and the additions come from it
-        y = next((v for v in variants if v.replaces_path), PLAIN).forward(self, name, y, x, weight)
-        for addition in (v for v in variants if not v.replaces_path):
-            y = addition.forward(self, name, y, x, weight)
+        for stage in self.stages(name):
+            y = stage.forward(self, name, y, x, weight)
         return y
 
     def variants_of(self, name: str) -> list:
         """The registered variants (variants.py) adapter `name` uses; plain LoRA is not among them."""
         return [variant for variant in VARIANTS if variant.holds(self, name)]
 
-    def path_of(self, name: str):
-        """The variant that computes adapter `name`'s path: a registered one that replaces plain LoRA, or PLAIN."""
-        return next((v for v in self.variants_of(name) if v.replaces_path), PLAIN)
+    def stages(self, name: str) -> list:
+        """What adapter `name` runs and folds, in order: its path (a registered variant that replaces
+        plain LoRA, or PLAIN), then its additions."""
+        variants = self.variants_of(name)
+        path = next((v for v in variants if v.replaces_path), PLAIN)
+        return [path, *(v for v in variants if not v.replaces_path)]
 
     def _refuse_variants_in_mixed_batches(self, names) -> None:
         for name in (n for n in names if self.has_adapter(n)):
@@ -282,9 +283,8 @@ class LoraLinear(AdapterLayer):
     @torch.no_grad()
     def _fold(self, name: str, sign: float) -> None:
         """The path folds into W (plain LoRA's ΔW, DoRA's rescaled rows), then each addition (lora_bias)."""
-        self.path_of(name).fold(self, name, sign)
-        for addition in (v for v in self.variants_of(name) if not v.replaces_path):
-            addition.fold(self, name, sign)
+        for stage in self.stages(name):
+            stage.fold(self, name, sign)
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """W ← W + (alpha/r)·B·A for each adapter not merged yet. Merging twice is a no-op.
@@ -299,8 +299,8 @@ class LoraLinear(AdapterLayer):
                 "again), or keep the adapter unmerged"
             )
         for name in names:  # a variant that cannot fold (a bias without a base bias) refuses before anything changes
-            for variant in (self.path_of(name), *self.variants_of(name)):
-                variant.check_fold(self, name)
+            for stage in self.stages(name):
+                stage.check_fold(self, name)
         if names and bnb_layers.is_bnb(weight):
             bits = 4 if bnb_layers.is_bnb_4bit(weight) else 8
             warnings.warn(f"merging into a bitsandbytes {bits}-bit weight rounds the merged weight to {bits} bits "
