@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minilora.kernels import nf4_dequant, nf4_matmul
+from minilora.kernels import nf4_dequantize, nf4_matmul
 from minilora.quant import nf4_quantize
 from _common import RESULTS, interleaved_medians, write_results
 
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
         W = (torch.randn(N, K, device=device) * 0.02).to(torch.bfloat16)
         packed, state = nf4_quantize(W, 64, True)
         backend = "triton" if cuda else "torch"
-        fns = {"dequant": lambda: nf4_dequant(packed, state, torch.bfloat16, backend=backend)}
+        fns = {"dequant": lambda: nf4_dequantize(packed, state, torch.bfloat16, backend=backend)}
         bnb = None
         try:
             import bitsandbytes.functional as bnbf

@@ -12,7 +12,7 @@ them (mean loss per scored token):
     lora_article                 the fine-tuned adapter, unmerged
     merged                       merge_and_unload
     merged → prune <variant>     50 % unstructured and 2:4, magnitude and Wanda, after merging
-    merged → NF4 export          `minilora export --nf4` and read back (load_quantized)
+    merged → NF4 export          `minilora export --format nf4` and read back (load_quantized)
     merged → 2:4 wanda → NF4     both
     prune <variant> → lora_article    the base pruned first, then fine-tuned with the same budget
                                  (same config, steps, learning rate, seed, data); the adapter stays

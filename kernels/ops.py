@@ -22,7 +22,7 @@ so each op's backward is the other op (double backward works as well), and only 
 and scales are saved between the passes: the backward dequantizes W again, tile by tile in the
 Triton kernel, for the one product in the torch reference.
 
-`nf4_dequant`, `nf4_matmul` and `nf4_matmul_grad_input` at the bottom are the public functions,
+`nf4_dequantize`, `nf4_matmul` and `nf4_matmul_grad_input` at the bottom are the public functions,
 taking an NF4State as before.
 """
 
@@ -34,8 +34,8 @@ from torch import Tensor
 from minilora.quant.nf4_format import NF4State
 
 from .dispatch import implementation
-from .nf4_dequant import nf4_dequant_reference
-from .nf4_matmul import nf4_matmul_grad_input_reference, nf4_matmul_reference
+from .nf4_dequantize_kernel import nf4_dequantize_reference
+from .nf4_matmul_kernel import nf4_matmul_grad_input_reference, nf4_matmul_reference
 
 
 def _state(absmax: Tensor, absmax2: Optional[Tensor], offset: Optional[Tensor], shape: list[int], blocksize: int,
@@ -57,7 +57,7 @@ def nf4_dequant_op(packed: Tensor, absmax: Tensor, absmax2: Optional[Tensor], of
                    shape: list[int], blocksize: int, dtype: torch.dtype, backend: str) -> Tensor:
     """W_hat (shape) in dtype."""
     state = _state(absmax, absmax2, offset, shape, blocksize, dtype)
-    return implementation("nf4_dequant", backend, packed, nf4_dequant_reference)(packed, state, dtype)
+    return implementation("nf4_dequant", backend, packed, nf4_dequantize_reference)(packed, state, dtype)
 
 
 @torch.library.custom_op("minilora::nf4_matmul", mutates_args=())
@@ -116,7 +116,7 @@ nf4_matmul_op.register_autograd(_matmul_backward, setup_context=_save_weight)
 nf4_matmul_grad_input_op.register_autograd(_grad_input_backward, setup_context=_save_weight)
 
 
-def nf4_dequant(packed: Tensor, state: NF4State, dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
+def nf4_dequantize(packed: Tensor, state: NF4State, dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
     """The dense weight W_hat (state.shape, dtype or state.dtype): Triton on CUDA when available, else the reference."""
     return nf4_dequant_op(packed, *state_args(state), dtype or state.dtype, backend)
 

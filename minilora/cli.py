@@ -6,7 +6,7 @@
                                                     standard-library docstrings
     minilora finetune --model DIR --data FILE …     fine-tune a local Hugging Face model with LoRA
     minilora finetune --help                        every setting
-    minilora export --model DIR --adapter DIR --out DIR [--prune 0.5 --pattern 2:4] [--nf4 | --bf16]
+    minilora export --model DIR --adapter DIR --out DIR [--sparsity 0.5 --pattern 2:4] [--format nf4]
                                                     merge, optionally prune, write a model directory
 
 Exit status: 0 done, 1 training diverged, 2 bad input, 130 interrupted (checkpoint written).
@@ -24,13 +24,25 @@ from .train.data import DataError, read_utf8
 from .train.distributed import teardown
 from .experiments import ALL_STRATEGIES, EXPERIMENT_DEFAULTS, DemoSettings, run
 from .train.job import JobSettings, run_job
+from .train.tasks import TASKS
 from .train.trainer import Interrupted, NonFiniteLoss, TrainConfig
 
-# flags that only the embedded default has, and those that only a run on your own model has
-DEMO_ONLY = {f.name for f in fields(DemoSettings)} - {f.name for f in fields(JobSettings)} - \
-    {f.name for f in fields(TrainConfig)}
-JOB_ONLY = ({f.name for f in fields(JobSettings)} | {f.name for f in fields(TrainConfig)}) - \
-    {f.name for f in fields(DemoSettings)}
+# the settings classes whose fields are the flags of `minilora finetune`, in --help's order; a flag that
+# several classes share (--seed, --batch-size) sets each of them
+TASK_SETTINGS = {name: task.settings_class for name, task in TASKS.items() if task.settings_class is not None}
+SETTINGS_CLASSES = (JobSettings, TrainConfig, *TASK_SETTINGS.values(), DemoSettings)
+
+
+def _flag_fields(cls) -> list:
+    """The fields of a settings class that are flags: not an earlier name (an alias of its new flag), not
+    a place that other flags fill (TrainConfig.task_settings)."""
+    return [f for f in fields(cls) if not ({"renamed_to", "moved_to"} & f.metadata.keys()) and f.name != "task_settings"]
+
+
+READERS: dict[str, set] = {}  # flag name -> the settings classes that read it
+for _cls in SETTINGS_CLASSES:
+    for _field in _flag_fields(_cls):
+        READERS.setdefault(_field.name, set()).add(_cls)
 
 
 def _flag(name: str) -> str:
@@ -41,11 +53,11 @@ DEMO_DEFAULTS = asdict(DemoSettings())  # the synthetic experiment's values
 
 
 def _add_fields(group, cls, seen: set) -> None:
-    """One flag per dataclass field not added yet; its type from the annotation."""
+    """One flag per flag field of the settings class `cls` not added yet; its type from the annotation."""
     hints = typing.get_type_hints(cls)
     earlier = {f.metadata["renamed_to"]: f.name for f in fields(cls) if "renamed_to" in f.metadata}
-    for f in fields(cls):
-        if f.name in seen or "renamed_to" in f.metadata:  # an earlier name: an alias of the new flag below
+    for f in _flag_fields(cls):
+        if f.name in seen:
             continue
         seen.add(f.name)
         aliases = [_flag(earlier[f.name])] if f.name in earlier else []
@@ -77,20 +89,33 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
     _add_fields(p.add_argument_group("your model (with --model)"), JobSettings, seen)
     _add_fields(p.add_argument_group("training (with --model; the shared ones apply to the default too)"),
                 TrainConfig, seen)
+    for task, settings_class in TASK_SETTINGS.items():
+        _add_fields(p.add_argument_group(f"--task {task} only (with --model)"), settings_class, seen)
     _add_fields(p.add_argument_group("the embedded default (without --model)"), DemoSettings, seen)
     return p
 
 
+def _read_by(cls, given: dict) -> dict:
+    """The given flags that the settings class `cls` reads."""
+    return {k: v for k, v in given.items() if cls in READERS.get(k, ())}
+
+
 def _finetune(parser: argparse.ArgumentParser, given: dict) -> int:
     if "model" in given:
-        wrong = sorted(DEMO_ONLY & given.keys())
+        wrong = sorted(k for k in given if READERS[k] == {DemoSettings})
         if wrong:
             parser.error(f"{_flag(wrong[0])} belongs to the embedded default; with --model, the model and "
                          "--steps/--lr decide")
         if "data" not in given:
             parser.error("--model needs --data FILE (.txt or .jsonl): the text to fine-tune on")
-        job = JobSettings(**{k: v for k, v in given.items() if k in {f.name for f in fields(JobSettings)}})
-        train = TrainConfig(**{k: v for k, v in given.items() if k in {f.name for f in fields(TrainConfig)}})
+        task = given.get("task", TrainConfig.task)
+        for name, settings_class in TASK_SETTINGS.items():
+            flags = _read_by(settings_class, given)
+            if flags and name != task:
+                parser.error(f"{_flag(sorted(flags)[0])} belongs to --task {name}; this run's task is {task}")
+        task_settings = _read_by(TASK_SETTINGS[task], given) if task in TASK_SETTINGS else None
+        job = JobSettings(**_read_by(JobSettings, given))
+        train = TrainConfig(**_read_by(TrainConfig, given), task_settings=task_settings)
         try:
             result = run_job(job, train)
         finally:
@@ -103,7 +128,7 @@ def _finetune(parser: argparse.ArgumentParser, given: dict) -> int:
             print(f"adapter: {job.out}/adapter   metrics: {job.out}/metrics.jsonl   curves: {job.out}/curves.png")
         return 0
     given.pop("resume", None)  # the embedded default always continues a run with the same settings
-    wrong = sorted(JOB_ONLY & given.keys())
+    wrong = sorted(k for k in given if DemoSettings not in READERS[k])
     if wrong:
         parser.error(f"{_flag(wrong[0])} needs --model DIR: the embedded default builds its own model and data")
     if "strategies" in given:
@@ -112,24 +137,41 @@ def _finetune(parser: argparse.ArgumentParser, given: dict) -> int:
     return 0
 
 
+class EarlierFlag(argparse.Action):
+    """An earlier flag of `minilora export`, kept for one release: it sets its new flag's value (its
+    own value, or `const` for a switch such as --nf4) and says the new spelling on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = self.const if self.const is not None else float(values) if self.dest == "sparsity" else values
+        new = f"--{self.dest} {value}"
+        print(f"minilora export: {option_string} is now {new}; the old flag goes in the next release",
+              file=sys.stderr)
+        setattr(namespace, self.dest, value)
+
+
 def _export_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge an adapter, optionally prune, write a model directory for deployment",
                        description="Merge the adapter into its base (a 4-bit base is dequantized first), optionally "
-                       "prune, and write a Hugging Face model directory; --nf4 writes a pre-quantized bitsandbytes "
+                       "prune, and write a Hugging Face model directory; --format nf4 writes a pre-quantized bitsandbytes "
                        "4-bit checkpoint. The report is printed and saved as <out>/export_report.json.")
     p.add_argument("--model", required=True, help="the base model directory (full precision or bitsandbytes 4-bit)")
     p.add_argument("--adapter", help="the adapter directory (PEFT format); without it the base is exported as is")
     p.add_argument("--out", required=True, help="the model directory to write (refused if it holds a model)")
-    p.add_argument("--prune", type=float, help="sparsity in [0, 1): the fraction of linear weights set to zero")
+    p.add_argument("--sparsity", type=float, help="prune: the fraction of linear weights set to zero, in [0, 1) "
+                   "(default: no pruning)")
     p.add_argument("--pattern", default="unstructured", choices=["unstructured", "2:4"], help="default: unstructured")
-    p.add_argument("--prune-method", default="magnitude", choices=["magnitude", "wanda"], help="default: magnitude")
+    p.add_argument("--method", default="magnitude", choices=["magnitude", "wanda"], help="how weights are scored "
+                   "for pruning (default: magnitude)")
     p.add_argument("--scope", default="layer", choices=["layer", "global"], help="default: layer")
     p.add_argument("--calibration", help="a text file: calibration batches for wanda and the report's losses")
     p.add_argument("--calibration-batches", type=int, default=4, help="batches taken from --calibration (default: 4)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration row (default: 128)")
-    kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--nf4", action="store_true", help="write NF4 + double quant (bitsandbytes' 4-bit checkpoint)")
-    kind.add_argument("--bf16", action="store_true", help="write bfloat16 weights (default: float32)")
+    p.add_argument("--format", default="fp32", choices=["fp32", "bf16", "nf4"], help="the written weights: fp32, "
+                   "bf16, or nf4 (NF4 + double quant, bitsandbytes' 4-bit checkpoint); default: fp32")
+    for flag, dest, value in (("--prune", "sparsity", None), ("--prune-method", "method", None),
+                              ("--nf4", "format", "nf4"), ("--bf16", "format", "bf16")):  # the earlier flags
+        p.add_argument(flag, dest=dest, action=EarlierFlag, nargs=0 if value else None, const=value,
+                       help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--no-progressbar", "--no-progress", dest="progressbar", action="store_false", help="no progress bars")
     return p
@@ -152,10 +194,9 @@ def _export(given: dict) -> int:
 
     calibration = (_calibration(given["model"], given["calibration"], given["calibration_batches"], given["seq_len"])
                    if given["calibration"] else None)
-    report = export(given["model"], adapter=given["adapter"], out=given["out"], prune=given["prune"],
-                    pattern=given["pattern"], prune_method=given["prune_method"], prune_scope=given["scope"],
-                    fmt="nf4" if given["nf4"] else "bf16" if given["bf16"] else "fp32", overwrite=given["overwrite"],
-                    calibration=calibration, progressbar=given["progressbar"])
+    report = export(given["model"], adapter=given["adapter"], out=given["out"], sparsity=given["sparsity"],
+                    pattern=given["pattern"], method=given["method"], scope=given["scope"], format=given["format"],
+                    overwrite=given["overwrite"], calibration=calibration, progressbar=given["progressbar"])
     print(f"model: {report.out}   report: {report.out}/export_report.json")
     return 0
 

@@ -1,8 +1,11 @@
 r"""Export for deployment: merge an adapter into its base, optionally prune, write a Hugging Face
 model directory that transformers loads as it is.
 
-    report = export("base_dir", adapter="adapter_dir", out="deploy", prune=0.5, pattern="2:4", fmt="nf4")
-    minilora export --model base_dir --adapter adapter_dir --out deploy --prune 0.5 --pattern 2:4 --nf4
+    report = export("base_dir", adapter="adapter_dir", out="deploy", sparsity=0.5, pattern="2:4", format="nf4")
+    minilora export --model base_dir --adapter adapter_dir --out deploy --sparsity 0.5 --pattern 2:4 --format nf4
+
+The pruning settings (sparsity, pattern, method, scope) have prune()'s names (pruning.py), and the
+written format is the report's `format`.
 
 Steps:
     1. load the base (a 4-bit bitsandbytes checkpoint is read as it is), check that the adapter fits it
@@ -35,7 +38,7 @@ import torch.nn as nn
 from . import hf_dir, renamed
 from .files import give_default_mode, sync_directory
 from .model import LoraModel
-from .pruning import PruneReport, prune as prune_model
+from .pruning import PruneReport, prune
 from .quant import Linear4bit, NF4Config, load_quantized
 from .quant import bnb_format
 from .roles import features, is_linear
@@ -190,13 +193,13 @@ def nf4_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_model(model: nn.Module, directory: Path, fmt: str, source_dir: Optional[Path]) -> None:
+def write_model(model: nn.Module, directory: Path, format: str, source_dir: Optional[Path]) -> None:
     """config.json + model.safetensors (+ tokenizer files from the source) into `directory`."""
     from safetensors.torch import save_file
 
     if hasattr(model.config, "quantization_config"):  # a 4-bit source's: the weights written say what they are
         del model.config.quantization_config
-    if fmt == "nf4":
+    if format == "nf4":
         config = model.config.to_dict()
         compute = next((m.config.compute_dtype for m in model.modules() if isinstance(m, Linear4bit)), None)
         skipped = [n.rpartition(".")[2] for n, m in model.named_modules() if is_linear(m) and not isinstance(m, Linear4bit)]
@@ -224,19 +227,31 @@ def publish(partial: Path, out: Path) -> None:
     sync_directory(out.parent)  # make the renames durable
 
 
+# export's earlier keywords, kept for one release: {earlier name: name now}
+EARLIER_KEYWORDS = {"prune": "sparsity", "prune_method": "method", "prune_scope": "scope", "fmt": "format",
+                    "progress": "progressbar"}
+
+
 def export(model: Union[str, Path, nn.Module], adapter: Union[str, Path, None] = None, out: Union[str, Path] = "",
-           prune: Optional[float] = None, pattern: str = "unstructured", prune_method: str = "magnitude",
-           prune_scope: str = "layer", fmt: str = "fp32", overwrite: bool = False,
+           sparsity: Optional[float] = None, pattern: str = "unstructured", method: str = "magnitude",
+           scope: str = "layer", format: str = "fp32", overwrite: bool = False,
            calibration: Optional[Iterable] = None, evaluation: Optional[Iterable] = None,
-           progressbar: bool = True, print_report: bool = True, progress: Optional[bool] = None) -> ExportReport:
+           progressbar: bool = True, print_report: bool = True, **earlier) -> ExportReport:
     """Merge, optionally prune, write a Hugging Face model directory at `out` (see the module docstring).
 
     model: a base model directory, a base nn.Module, or a LoraModel (then `adapter` may be None).
+    sparsity, pattern, method, scope: prune()'s settings; sparsity None: no pruning.
+    format: "fp32", "bf16" or "nf4" (a pre-quantized bitsandbytes 4-bit checkpoint).
     calibration: batches for Wanda and the pruning report; evaluation: batches whose mean loss the
-    report gives after each step (the calibration batches when not given)."""
-    progressbar = renamed.earlier_keyword("export", "progress", "progressbar", progress, progressbar)
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    report gives after each step (the calibration batches when not given).
+    earlier: prune=, prune_method=, prune_scope=, fmt=, progress= (the earlier names; FutureWarning)."""
+    if earlier:
+        now = dict(sparsity=sparsity, method=method, scope=scope, format=format, progressbar=progressbar)
+        now.update(renamed.earlier_keywords("export", earlier, EARLIER_KEYWORDS))
+        sparsity, method, scope, format, progressbar = (now[k] for k in ("sparsity", "method", "scope", "format",
+                                                                         "progressbar"))
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if not out:
         raise ValueError("give the output directory (out=, --out DIR)")
     out = Path(out)
@@ -263,31 +278,31 @@ def export(model: Union[str, Path, nn.Module], adapter: Union[str, Path, None] =
     losses["merged"] = mean_loss(merged, evaluation)
     bytes_before = sum(p.numel() * 4 for p in {id(p): p for p in merged.parameters()}.values())
     pruned: Optional[PruneReport] = None
-    if prune is not None:
-        pruned = prune_model(merged, sparsity=prune, method=prune_method, pattern=pattern, scope=prune_scope,
-                             calibration=calibration, progressbar=progressbar)
+    if sparsity is not None:
+        pruned = prune(merged, sparsity=sparsity, method=method, pattern=pattern, scope=scope,
+                       calibration=calibration, progressbar=progressbar)
         losses["pruned"] = mean_loss(merged, evaluation)
     linear = [m for m in merged.modules() if is_linear(m) and m is not merged.get_output_embeddings()]
     n_linear = sum(m.weight.numel() for m in linear)
-    if fmt == "bf16":
+    if format == "bf16":
         merged = merged.to(torch.bfloat16)
-    elif fmt == "nf4":
+    elif format == "nf4":
         quantize_for_export(merged, NF4Config(blocksize=64, double_quant=True), progressbar)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     give_default_mode(partial)  # 0755 under umask 022, not mkdtemp's 0700: others may serve the model
     try:
-        write_model(merged, partial, fmt, source_dir)
+        write_model(merged, partial, format, source_dir)
         bytes_after = sum(f.stat().st_size for f in partial.glob("*.safetensors"))
-        if fmt == "nf4":
+        if format == "nf4":
             stored = sum(m.weight.numel() + m.state.nbytes() for m in merged.modules() if isinstance(m, Linear4bit))
             bits = 8 * stored / n_linear
         else:
-            bits = 16.0 if fmt == "bf16" else 32.0
+            bits = 16.0 if format == "bf16" else 32.0
         if evaluation:
             reloaded = load_base(partial)
-            losses["exported"] = mean_loss(reloaded.float() if fmt == "bf16" else reloaded, evaluation)
-        report = ExportReport(str(out), fmt, bytes_before, bytes_after, n_linear, bits,
+            losses["exported"] = mean_loss(reloaded.float() if format == "bf16" else reloaded, evaluation)
+        report = ExportReport(str(out), format, bytes_before, bytes_after, n_linear, bits,
                               pruned.sparsity_reached if pruned else None,
                               {k: v for k, v in losses.items() if v is not None},
                               pruned.to_dict() if pruned else None)

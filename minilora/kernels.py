@@ -1,6 +1,7 @@
 """minilora.kernels: NF4 kernels, one file per kernel, each with its torch reference beside it.
 
-    nf4_dequant(packed, state, dtype, backend="auto")      packed NF4 -> dense weight
+    nf4_dequantize(packed, state, dtype, backend="auto")   packed NF4 -> dense weight (quant's name;
+                                                           `nf4_dequant`, the earlier one, still works)
     nf4_matmul(x, packed, state, backend="auto")           y = x · dequant(W)ᵀ
     nf4_matmul_grad_input(grad_y, packed, state, ...)      x_grad = y_grad · dequant(W)
 
@@ -25,15 +26,23 @@ _HERE = _Path(__file__).resolve()
 __path__ = [str(folder) for folder in (_HERE.with_suffix(""), _HERE.parents[1] / "kernels")  # installed, checkout
             if (folder / "ops.py").is_file()][:1]
 
-from minilora.kernels.nf4_dequant import nf4_dequant_reference  # noqa: E402 - needs __path__ above
-from minilora.kernels.nf4_matmul import nf4_matmul_grad_input_reference, nf4_matmul_reference  # noqa: E402
-from minilora.kernels.ops import nf4_dequant, nf4_matmul, nf4_matmul_grad_input  # noqa: E402
+from minilora.kernels.nf4_dequantize_kernel import nf4_dequantize_reference  # noqa: E402 - needs __path__ above
+from minilora.kernels.nf4_matmul_kernel import nf4_matmul_grad_input_reference, nf4_matmul_reference  # noqa: E402
+from minilora.kernels.ops import nf4_dequantize, nf4_matmul, nf4_matmul_grad_input  # noqa: E402
 
 __all__ = [
-    "nf4_dequant",
-    "nf4_dequant_reference",
+    "nf4_dequantize",
+    "nf4_dequantize_reference",
     "nf4_matmul",
     "nf4_matmul_grad_input",
     "nf4_matmul_grad_input_reference",
     "nf4_matmul_reference",
 ]
+
+
+def __getattr__(name):
+    from minilora import renamed
+
+    return renamed.earlier_name(__name__, name, {"nf4_dequant": "nf4_dequantize",
+                                                 "nf4_dequant_reference": "nf4_dequantize_reference"}, globals(),
+                                why="one name with minilora.quant.nf4_dequantize")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import warnings
 
 
-def earlier_name(module: str, name: str, renames: dict[str, str], namespace: dict):
-    """The object now called renames[name], with a FutureWarning; AttributeError for any other name."""
+def earlier_name(module: str, name: str, renames: dict[str, str], namespace: dict, why: str = "PEFT's spelling"):
+    """The object now called renames[name], with a FutureWarning that says `why`; AttributeError for any
+    other name."""
     if name not in renames:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
     new = renames[name]
-    warnings.warn(f"{module}.{name} is now {module}.{new} (PEFT's spelling); the old name goes in the next release",
+    warnings.warn(f"{module}.{name} is now {module}.{new} ({why}); the old name goes in the next release",
                   FutureWarning, stacklevel=3)
     return namespace[new]
 
@@ -29,3 +30,15 @@ def earlier_keyword(function: str, old: str, new: str, old_value, new_value, sta
     warnings.warn(f"{function}({old}=...) is now {function}({new}=...) (PEFT's spelling); the old keyword goes in "
                   "the next release", FutureWarning, stacklevel=stacklevel)
     return old_value
+
+
+def earlier_keywords(function: str, given: dict, renames: dict[str, str], stacklevel: int = 3) -> dict:
+    """{name now: value} for the earlier keywords in `given` ({earlier name: value}), each with a
+    FutureWarning; a TypeError for a keyword that is neither, as Python gives for an unknown one."""
+    unknown = sorted(given.keys() - renames.keys())
+    if unknown:
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+    for old in given:
+        warnings.warn(f"{function}({old}=...) is now {function}({renames[old]}=...); the old keyword goes in the next "
+                      "release", FutureWarning, stacklevel=stacklevel)
+    return {renames[old]: value for old, value in given.items()}

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from minilora.train.data import IGNORE, DataError, Tokens, load_tokenizer, text_
 from minilora.train.tasks import load_examples
 from minilora.train.distributed import Processes
 from minilora.train.loss import dpo_loss, ipo_loss, simpo_loss
-from minilora.train.preference import PreferenceObjective, preference_rows, reference_logps, sequence_logps
+from minilora.train.preference import PreferenceObjective, PreferenceSettings, preference_rows, reference_logps, sequence_logps
 from minilora.train.trainer import Trainer, TrainConfig
 
 BYTES = load_tokenizer(None, "bytes")
@@ -61,9 +62,12 @@ def examples(tmp_path, n=64, seed=0, name="pairs.jsonl", animals=ANIMALS):
 
 
 def config(**kw):
+    """A preference run's TrainConfig; the PreferenceSettings' fields among `kw` go to its task_settings."""
     base = dict(task="preference", steps=12, batch_size=4, lr=1e-2, eval_every=4, save_every=4, progressbar=False,
-                log_every=1, beta=0.1)
-    return TrainConfig(**{**base, **kw})
+                log_every=1)
+    own = {f.name for f in fields(PreferenceSettings)}
+    task_settings = {"beta": 0.1, **{k: v for k, v in kw.items() if k in own}}
+    return TrainConfig(**{**base, **{k: v for k, v in kw.items() if k not in own}}, task_settings=task_settings)
 
 
 def quiet(line):
@@ -378,6 +382,23 @@ def test_bad_pairs_and_settings_say_what_and_where(tmp_path):
                          (dict(parallel="fsdp"), "--task preference runs under DDP, not FSDP")):
         with pytest.raises(ValueError, match=message):
             config(**bad).check()
+
+
+def test_preference_settings_live_with_their_task(tmp_path):
+    config = TrainConfig(task="preference", task_settings={"loss": "simpo", "simpo_gamma": 1.0})
+    assert config.task_settings == PreferenceSettings(loss="simpo", simpo_gamma=1.0)
+    assert {"loss": "simpo", "simpo_gamma": 1.0, "beta": 0.1}.items() <= config.settings().items()
+    assert TrainConfig(task="domain").task_settings is None and "beta" not in TrainConfig().settings()
+    with pytest.raises(ValueError, match="task_settings: gamma is not a setting of task='preference'"):
+        TrainConfig(task="preference", task_settings={"gamma": 1.0})
+    with pytest.raises(ValueError, match="task='instruction' has no settings of its own"):
+        TrainConfig(task="instruction", task_settings=PreferenceSettings())
+    from minilora.cli import main
+
+    data = tmp_path / "d.txt"
+    data.write_text("text " * 50)
+    with pytest.raises(SystemExit):  # argparse's error: exit status 2
+        main(["finetune", "--model", str(tmp_path), "--data", str(data), "--beta", "0.3"])
 
 
 # ---------------------------------------------------------------------------------------------- embedded default

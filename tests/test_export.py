@@ -54,7 +54,7 @@ def logits(model, ids):
 def test_nf4_export_loads_in_transformers_with_minilora_logits(tmp_path, family):
     pm = base_and_adapter(tmp_path, family)
     calib = batches()
-    report = ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "out", fmt="nf4", prune=0.5,
+    report = ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "out", format="nf4", sparsity=0.5,
                        pattern="2:4", calibration=calib, progressbar=False, print_report=False)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
     ours = ml.load_quantized(tmp_path / "out", model_class=AutoModelForCausalLM)
@@ -64,7 +64,7 @@ def test_nf4_export_loads_in_transformers_with_minilora_logits(tmp_path, family)
     for ids in calib:
         torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), atol=1e-5, rtol=1e-5)
     # the adapter is in it: the export differs from the base exported alone, and tracks the merged model
-    ml.export(tmp_path / "base", out=tmp_path / "plain", fmt="nf4", progressbar=False, print_report=False)
+    ml.export(tmp_path / "base", out=tmp_path / "plain", format="nf4", progressbar=False, print_report=False)
     plain = ml.load_quantized(tmp_path / "plain", model_class=AutoModelForCausalLM)
     assert not torch.allclose(logits(plain, calib[0]), logits(ours, calib[0]), atol=1e-3)
     assert report.format == "nf4" and 4.0 < report.bits_per_linear_weight < 4.2
@@ -79,7 +79,7 @@ def test_nf4_export_writes_the_bytes_and_keys_bitsandbytes_writes(tmp_path):
     base_and_adapter(tmp_path, "llama")
     ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "fp32", progressbar=False,
               print_report=False)
-    ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "nf4", fmt="nf4", progressbar=False,
+    ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "nf4", format="nf4", progressbar=False,
               print_report=False)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
@@ -123,7 +123,7 @@ def test_a_transformers_bitsandbytes_checkpoint_loads_in_minilora_unchanged(tmp_
 
 def test_export_over_a_qlora_base_dequantizes_it_first(tmp_path):
     tiny("llama").save_pretrained(tmp_path / "fp")
-    ml.export(tmp_path / "fp", out=tmp_path / "q4", fmt="nf4", progressbar=False, print_report=False)
+    ml.export(tmp_path / "fp", out=tmp_path / "q4", format="nf4", progressbar=False, print_report=False)
     qlora = ml.get_peft_model(ml.load_quantized(tmp_path / "q4", model_class=AutoModelForCausalLM),
                               ml.LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False))
     qlora.save_pretrained(tmp_path / "adapter")
@@ -142,7 +142,7 @@ def test_fp32_and_bf16_exports(tmp_path):
               print_report=False)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "fp32"), ids), expected,
                                atol=1e-5, rtol=1e-5)
-    report = ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "bf16", fmt="bf16",
+    report = ml.export(tmp_path / "base", adapter=tmp_path / "adapter", out=tmp_path / "bf16", format="bf16",
                        progressbar=False, print_report=False)
     bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     assert bf16.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
@@ -156,7 +156,7 @@ def test_an_existing_model_directory_is_refused_unless_overwrite(tmp_path):
     first = (tmp_path / "out" / "model.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="already holds a model; pass --overwrite"):
         ml.export(tmp_path / "base", **args)
-    ml.export(tmp_path / "base", prune=0.5, overwrite=True, **args)
+    ml.export(tmp_path / "base", sparsity=0.5, overwrite=True, **args)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]  # nothing left aside
     assert main(["export", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "out"), "--no-progressbar"]) == 2
@@ -173,7 +173,7 @@ def test_a_killed_export_leaves_no_model_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "publish", killed)
     monkeypatch.setattr(module.shutil, "rmtree", lambda *args, **kwargs: None)
-    args = dict(adapter=tmp_path / "adapter", out=tmp_path / "out", fmt="nf4", progressbar=False, print_report=False)
+    args = dict(adapter=tmp_path / "adapter", out=tmp_path / "out", format="nf4", progressbar=False, print_report=False)
     with pytest.raises(KeyboardInterrupt):
         ml.export(tmp_path / "base", **args)
     assert not (tmp_path / "out").exists()
@@ -201,13 +201,13 @@ def test_an_adapter_for_another_base_is_refused(tmp_path):
 def test_cli_export_prunes_and_writes_the_report(tmp_path, capsys):
     base_and_adapter(tmp_path, "gpt2")
     code = main(["export", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out",
-                 str(tmp_path / "out"), "--prune", "0.5", "--pattern", "2:4", "--nf4", "--no-progressbar"])
+                 str(tmp_path / "out"), "--sparsity", "0.5", "--pattern", "2:4", "--format", "nf4", "--no-progressbar"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "bits per linear weight" in printed and "export_report.json" in printed
     report = json.loads((tmp_path / "out" / "export_report.json").read_text())
     assert report["sparsity"] == pytest.approx(0.5) and report["prune"]["pattern"] == "2:4"
-    assert main(["export", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "bad"), "--prune", "1.0"]) == 2
+    assert main(["export", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "bad"), "--sparsity", "1.0"]) == 2
     assert "sparsity must be a fraction in [0, 1)" in capsys.readouterr().err
 
 
@@ -223,7 +223,7 @@ def test_a_trained_head_untied_from_the_embeddings_stays_untied(tmp_path, fmt):
     expected = logits(pm, ids)
     trained_head = copy.deepcopy(pm).merge_and_unload().lm_head.weight.detach()
     assert not torch.equal(trained_head, pm.model.transformer.wte.weight)
-    ml.export(pm, out=tmp_path / "out", fmt=fmt, progressbar=False, print_report=False)
+    ml.export(pm, out=tmp_path / "out", format=fmt, progressbar=False, print_report=False)
     back = (AutoModelForCausalLM.from_pretrained(tmp_path / "out") if fmt == "fp32"
             else ml.load_quantized(tmp_path / "out", model_class=AutoModelForCausalLM))
     assert back.lm_head.weight is not back.transformer.wte.weight

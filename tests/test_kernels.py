@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.kernels import nf4_dequant, nf4_dequant_reference, nf4_matmul, nf4_matmul_grad_input
+from minilora.kernels import nf4_dequantize, nf4_dequantize_reference, nf4_matmul, nf4_matmul_grad_input
 from minilora.kernels.dispatch import TRITON_KERNELS, interpreting
 from minilora.quant import Linear4bit, NF4Config, nf4_quantize
 
@@ -32,10 +32,10 @@ def truncate_to_bf16(x: torch.Tensor) -> torch.Tensor:
 def test_dequant_is_bit_exact(shape, blocksize, double_quant):
     packed, state = quantized(shape, blocksize, double_quant)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        got = nf4_dequant(packed, state, dtype, backend="triton")
-        expected = nf4_dequant_reference(packed, state, dtype)
+        got = nf4_dequantize(packed, state, dtype, backend="triton")
+        expected = nf4_dequantize_reference(packed, state, dtype)
         if dtype == torch.bfloat16 and interpreting():
-            expected = truncate_to_bf16(nf4_dequant_reference(packed, state, torch.float32))
+            expected = truncate_to_bf16(nf4_dequantize_reference(packed, state, torch.float32))
         assert got.shape == tuple(shape) and torch.equal(got, expected), dtype
 
 
@@ -43,8 +43,8 @@ def test_dequant_is_bit_exact(shape, blocksize, double_quant):
 @given(n=st.integers(1, 700), blocksize=st.sampled_from([32, 64]), double_quant=st.booleans(), seed=st.integers(0, 99))
 def test_dequant_property(n, blocksize, double_quant, seed):
     packed, state = quantized((n,), blocksize, double_quant, seed)
-    assert torch.equal(nf4_dequant(packed, state, torch.float32, backend="triton"),
-                       nf4_dequant_reference(packed, state, torch.float32))
+    assert torch.equal(nf4_dequantize(packed, state, torch.float32, backend="triton"),
+                       nf4_dequantize_reference(packed, state, torch.float32))
 
 
 @pytest.mark.parametrize("M, N, K", [(1, 96, 130), (5, 40, 72), (17, 33, 64), (40, 64, 100)])
@@ -83,14 +83,14 @@ def test_auto_picks_the_reference_for_cpu_tensors_and_triton_refuses_bad_backend
         x = torch.randn(3, 64)
         assert torch.equal(nf4_matmul(x, packed, state), nf4_matmul(x, packed, state, backend="torch"))
     with pytest.raises(ValueError, match="backend must be one of"):
-        nf4_dequant(packed, state, backend="cuda")
+        nf4_dequantize(packed, state, backend="cuda")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: bf16 rounding and speed on the GPU")
 def test_cuda_bf16_dequant_is_bit_exact_and_matmul_is_close():
     packed, state = quantized((4096, 1024))
-    assert torch.equal(nf4_dequant(packed, state, torch.bfloat16, backend="triton"),
-                       nf4_dequant_reference(packed, state, torch.bfloat16))
+    assert torch.equal(nf4_dequantize(packed, state, torch.bfloat16, backend="triton"),
+                       nf4_dequantize_reference(packed, state, torch.bfloat16))
     x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(nf4_matmul(x, packed, state, backend="triton"),
                                nf4_matmul(x, packed, state, backend="torch"), atol=5e-2, rtol=2e-2)

@@ -205,7 +205,7 @@ def outcomes(tmp_path_factory):
     config = LlamaConfig(num_hidden_layers=1, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     LlamaForCausalLM(config).eval().save_pretrained(root / "fp")
-    ml.export(root / "fp", out=root / "q4", fmt="nf4", progressbar=False, print_report=False)
+    ml.export(root / "fp", out=root / "q4", format="nf4", progressbar=False, print_report=False)
     cases = {**CONTROLS, **{name: damage for name, (damage, _) in DAMAGES.items()}}
     dirs = [str(write_case(root / "q4", root / name, damage)) for name, damage in cases.items()]
     run = subprocess.run([sys.executable, __file__, *dirs], capture_output=True, text=True, timeout=900,

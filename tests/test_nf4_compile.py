@@ -10,7 +10,7 @@ import torch.nn as nn
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from minilora.kernels import nf4_dequant, nf4_dequant_reference, nf4_matmul, nf4_matmul_grad_input
+from minilora.kernels import nf4_dequantize, nf4_dequantize_reference, nf4_matmul, nf4_matmul_grad_input
 from minilora.kernels.dispatch import TRITON_KERNELS
 from minilora.kernels.ops import nf4_dequant_op, nf4_matmul_grad_input_op, nf4_matmul_op, state_args
 from minilora.quant import Linear4bit, NF4Config, nf4_quantize, quantize_model
@@ -35,7 +35,7 @@ def quantized(double_quant=True, shape=(N, K)):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_matmul_is_differentiable_in_x_with_the_reference_gradient(backend, double_quant):
     packed, state = quantized(double_quant)
-    W_hat = nf4_dequant_reference(packed, state, torch.float32)  # (N, K)
+    W_hat = nf4_dequantize_reference(packed, state, torch.float32)  # (N, K)
     x = torch.randn(2, 3, K, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     g = torch.randn(2, 3, N)
@@ -129,10 +129,10 @@ def test_the_compiled_graphs_call_the_ops_forward_and_backward():
 
 def test_nf4_dequant_compiles_without_a_graph_break():
     packed, state = quantized()
-    f = lambda packed: nf4_dequant(packed, state, torch.bfloat16)  # noqa: E731
+    f = lambda packed: nf4_dequantize(packed, state, torch.bfloat16)  # noqa: E731
     explained = torch._dynamo.explain(f)(packed)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(packed), nf4_dequant_reference(packed, state, torch.bfloat16))
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(packed), nf4_dequantize_reference(packed, state, torch.bfloat16))
 
 
 def test_nf4_config_is_immutable_so_shared_defaults_are_safe():

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from conftest import batch, linear, logits, make, train_losses
 from minilora import LoraConfig, NF4Config, get_peft_model, load_quantized, memory_report, quantize_model
-from minilora.kernels import nf4_dequant, nf4_matmul
+from minilora.kernels import nf4_dequantize, nf4_matmul
 from minilora.quant import Linear4bit, nf4_quantize
 
 
@@ -63,7 +63,7 @@ def test_kernel_dispatch():
     packed, state = nf4_quantize(torch.randn(32, 64))
     x = torch.randn(3, 64)
     assert torch.equal(nf4_matmul(x, packed, state, backend="torch"), nf4_matmul(x, packed, state))
-    torch.testing.assert_close(nf4_matmul(x, packed, state), x @ nf4_dequant(packed, state, torch.float32).t())
+    torch.testing.assert_close(nf4_matmul(x, packed, state), x @ nf4_dequantize(packed, state, torch.float32).t())
     with pytest.raises(ValueError, match="backend must be one of"):
         nf4_matmul(x, packed, state, backend="cuda")
     with pytest.raises(ValueError, match="x has 32 features"):

@@ -2,6 +2,7 @@
 FutureWarning that names the new spelling."""
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ RENAMED = [  # (module, old name, new name)
     ("minilora.conv", "LoRAConv", "LoraConv"),
     ("minilora.integrations", "Trainer", "LoraTrainer"),
     ("minilora.integrations.trainer", "Trainer", "LoraTrainer"),
+    ("minilora.kernels", "nf4_dequant", "nf4_dequantize"),
+    ("minilora.kernels", "nf4_dequant_reference", "nf4_dequantize_reference"),
 ]
 
 
@@ -54,3 +57,37 @@ def test_the_cli_still_takes_no_progress():
     parser = _finetune_parser(argparse.ArgumentParser().add_subparsers())
     assert vars(parser.parse_args(["--no-progress"])) == vars(parser.parse_args(["--no-progressbar"])) == \
         {"progressbar": False}
+
+
+def test_preference_settings_given_to_train_config_move_to_the_task_settings_with_a_warning():
+    from minilora.train import PreferenceSettings, TrainConfig
+
+    with pytest.warns(FutureWarning, match=r"task_settings=PreferenceSettings\(loss=..., beta=...\)"):
+        config = TrainConfig(task="preference", beta=0.3, loss="ipo")
+    assert config.task_settings == PreferenceSettings(loss="ipo", beta=0.3)
+    assert config.settings()["beta"] == 0.3 and config.beta is None
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="belong to task='preference'"):
+        TrainConfig(task="domain", beta=0.3)
+
+
+def test_export_takes_prunes_names_and_the_reports_format(tmp_path, capsys):
+    from conftest import gpt2_model_dir
+
+    from minilora.cli import main
+
+    base = gpt2_model_dir(tmp_path / "base")
+    with pytest.warns(FutureWarning) as caught:
+        report = minilora.export(base, out=tmp_path / "old", prune=0.5, prune_method="magnitude", prune_scope="layer",
+                                 fmt="bf16", progressbar=False, print_report=False)
+    said = " ".join(str(w.message) for w in caught)
+    for old, new in (("prune", "sparsity"), ("prune_method", "method"), ("prune_scope", "scope"), ("fmt", "format")):
+        assert f"export({old}=...) is now export({new}=...)" in said
+    assert report.format == "bf16" and report.sparsity == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'prune_ratio'"):
+        minilora.export(base, out=tmp_path / "never", prune_ratio=0.5)
+    assert main(["export", "--model", str(base), "--out", str(tmp_path / "cli"), "--prune", "0.5", "--nf4",
+                 "--no-progressbar"]) == 0
+    err = capsys.readouterr().err
+    assert "--prune is now --sparsity 0.5" in err and "--nf4 is now --format nf4" in err
+    saved = json.loads((tmp_path / "cli" / "export_report.json").read_text())
+    assert saved["format"] == "nf4" and saved["sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -3,6 +3,7 @@ proportion with itself, output directories it must not touch, and files that are
 refused with exit status 2 and a message that names the setting or the file (and line), before
 anything is allocated, written or deleted."""
 
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import torch
 
 from conftest import gpt2_model_dir, instruction_files
 from minilora.cli import main
+from minilora.train.preference import PreferenceSettings
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -78,7 +80,9 @@ def snapshot(folder):
 def test_meaningless_training_numbers_are_refused_before_anything_is_written(files, tmp_path, capsys, flag, value,
                                                                              expected):
     out = tmp_path / "out"
-    assert finetune(files, out, flag, value) == 2
+    own = {f.name for f in dataclasses.fields(PreferenceSettings)}  # the flags of --task preference only
+    task = "preference" if flag[2:].replace("-", "_") in own else "instruction"
+    assert finetune(files, out, flag, value, task=task) == 2
     err = capsys.readouterr().err
     assert err.startswith("minilora finetune: error: ") and expected in err
     assert not out.exists()

@@ -27,7 +27,7 @@ from ..params import count_parameters
 from ..train import checkpoint
 from ..train.data import ByteTokenizer, Examples, Tokens
 from .corpus import preference_pairs
-from ..train.preference import preference_rows
+from ..train.preference import PreferenceSettings, preference_rows
 from ..train.trainer import Interrupted, Trainer, TrainConfig
 
 NAME = "lora_article_dpo"
@@ -65,9 +65,10 @@ def run_dpo(s, base, domain_val: Examples, retain: Examples, log: Callable[[str]
     torch.manual_seed(s.seed)
     model = get_peft_model(sft_model(base, out, log), LoraConfig.article(head=False))
     train, held_out = pairs(PAIRS, s.seed + 10, s.seq_len), pairs(HELD_OUT, s.seed + 11, s.seq_len)
-    config = TrainConfig(task="preference", loss="dpo", beta=BETA, steps=s.finetune_steps, batch_size=s.batch_size,
-                         lr=s.lr_lora * LR_FRACTION, eval_every=s.eval_every, save_every=s.eval_every,
-                         forgetting_budget=FORGETTING_BUDGET, progressbar=s.progressbar, seed=s.seed)
+    config = TrainConfig(task="preference", task_settings=PreferenceSettings(loss="dpo", beta=BETA),
+                         steps=s.finetune_steps, batch_size=s.batch_size, lr=s.lr_lora * LR_FRACTION,
+                         eval_every=s.eval_every, save_every=s.eval_every, forgetting_budget=FORGETTING_BUDGET,
+                         progressbar=s.progressbar, seed=s.seed)
     resume = (run_dir / "checkpoint.pt").is_file() and not s.overwrite
     checkpoint.prepare(run_dir, {"strategy": NAME, **config.settings()}, resume, overwrite=not resume)
     trainer = Trainer(model, config, train, held_out, retain, out=run_dir, log=lambda line: None)

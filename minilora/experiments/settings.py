@@ -17,7 +17,7 @@ from .. import renamed
 from ..files import atomic_write
 from ..train import checkpoint
 from ..train.plots import plot_curves
-from ..train.train_config import check_count, check_number
+from ..train.setting_checks import check_count, check_number
 
 
 STRATEGIES = ("full", "lora_all", "lora_article", "qlora_article")  # the default comparison

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from minilora.kernels import nf4_dequant, nf4_matmul
+from minilora.kernels import nf4_dequantize, nf4_matmul
 
 from .nf4 import SCALE_BLOCK, NF4State, check_blocksize, nf4_quantize
 
@@ -163,7 +163,7 @@ class Linear4bit(nn.Module):
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """W_hat (out, in)."""
-        return nf4_dequant(self.packed, self.state, dtype or self.weight_dtype, self.backend)
+        return nf4_dequantize(self.packed, self.state, dtype or self.weight_dtype, self.backend)
 
     def to_float(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         """The dequantized layer, as the kind it was quantized from (nn.Linear or Conv1D)."""

@@ -9,7 +9,7 @@ read and its full-precision copy dropped, anything else is copied into place. Pe
 near the quantized model plus one tensor, not the full-precision model.
 
 A checkpoint that is already 4-bit (config.json's quantization_config says bitsandbytes 4-bit, as
-transformers + bitsandbytes or `minilora export --nf4` write it) is read as it is: its NF4 codes
+transformers + bitsandbytes or `minilora export --format nf4` write it) is read as it is: its NF4 codes
 and scales go into Linear4bit layers unchanged, nothing is quantized again (bnb_format.py), and
 the layers it kept in full precision stay so.
 """

@@ -2,8 +2,9 @@
 monitor, checkpoints and distribution. The embedded experiments are minilora.experiments."""
 
 from .data import Examples, load_tokenizer
+from .preference import PreferenceSettings
 from .schedule import warmup_cosine
 from .tasks import load_examples
 from .trainer import Trainer, TrainConfig, TrainResult
 
-__all__ = ["warmup_cosine", "Trainer", "TrainConfig", "TrainResult", "Examples", "load_examples", "load_tokenizer"]
+__all__ = ["warmup_cosine", "Trainer", "TrainConfig", "TrainResult", "PreferenceSettings", "Examples", "load_examples", "load_tokenizer"]

@@ -31,7 +31,9 @@ log π_ref) for DPO and IPO, β·log π / |y| for SimPO):
 
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,10 +42,36 @@ from torch import nn
 
 from .data import IGNORE, DataError, Examples, Tokens
 from .distributed import Processes, all_reduce_sum
-from .loss import dpo_loss, ipo_loss, simpo_loss
+from .loss import PREFERENCE_LOSSES, dpo_loss, ipo_loss, simpo_loss
+from .setting_checks import check_numbers
 from .task import Task
 
 REFERENCE_FREE = ("simpo",)  # losses that need no reference policy
+
+
+@dataclass
+class PreferenceSettings:
+    """The settings only preference tuning has (`TrainConfig.task_settings` with `task="preference"`);
+    each is also a flag of `minilora finetune --task preference`."""
+
+    loss: str = "dpo"  # dpo | ipo | simpo (reference-free)
+    beta: float = 0.1  # β, how far the policy may move from the reference (SimPO: the reward scale)
+    label_smoothing: float = 0.0  # dpo: the probability ε that a pair's label is flipped (conservative DPO)
+    simpo_gamma: float = 0.5  # simpo: γ, the target reward margin
+    precompute_ref: bool = False  # reference log-probs computed once before training, not in every step
+
+    def check(self) -> None:
+        if self.loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"unknown preference loss {self.loss!r}; choose from {', '.join(PREFERENCE_LOSSES)}")
+        check_numbers(self, RANGES)
+
+
+RANGES = {  # as TrainConfig's RANGES: (lowest, highest, (lowest allowed?, highest allowed?), what it is)
+    "beta": (0.0, math.inf, (False, False), "how strongly the preference loss scales the log-ratios; DPO's "
+             "usual 0.1"),
+    "label_smoothing": (0.0, 0.5, (True, False), "the probability that a label is flipped"),
+    "simpo_gamma": (0.0, math.inf, (True, False), "SimPO's target reward margin"),
+}
 
 
 class Preference(Task):
@@ -53,6 +81,7 @@ class Preference(Task):
     fields = (("prompt", "chosen", "rejected"), ())
     replays_text = False  # a batch holds pairs (N, 2, T); plain text has no place in it
     runs_under_fsdp = False  # its evaluation gives processes unequal work (see TrainConfig.check)
+    settings_class = PreferenceSettings
 
     def records_to_rows(self, path, records, tokens, seq_len, label_names) -> Examples:
         return preference_rows(path, records, tokens, seq_len)
@@ -149,13 +178,14 @@ def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], keep_logit
 
 # ---------------------------------------------------------------------------------------------- the objective
 class PreferenceObjective:
-    """The loss of one micro-batch and the metrics of an evaluation, for `TrainConfig.loss`."""
+    """The loss of one micro-batch and the metrics of an evaluation, for the config's PreferenceSettings."""
 
     def __init__(self, model: nn.Module, config, procs: Processes):
         self.model, self.config, self.procs = model, config, procs
-        self.uses_reference = config.loss not in REFERENCE_FREE
+        self.settings: PreferenceSettings = config.task_settings
+        self.uses_reference = self.settings.loss not in REFERENCE_FREE
         if self.uses_reference and not callable(getattr(model, "disable_adapter", None)):
-            raise ValueError(f"--task preference with loss {config.loss!r} needs a model with an adapter: its reference "
+            raise ValueError(f"--task preference with loss {self.settings.loss!r} needs a model with an adapter: its reference "
                              "policy is the model with the adapter switched off, and this model has none to switch "
                              "off. Wrap it first (get_peft_model(model, LoraConfig(...))), or use the reference-free "
                              "loss 'simpo'")
@@ -163,7 +193,7 @@ class PreferenceObjective:
     def prepare(self, examples: Examples) -> Examples:
         """With `precompute_ref`, the training pairs with their reference log-probs ("ref_logps",
         (N, 2)) computed once; each process computes every world-th pair, one all-reduce joins them."""
-        if not (self.config.precompute_ref and self.uses_reference):
+        if not (self.settings.precompute_ref and self.uses_reference):
             return examples
         ref = torch.zeros(len(examples), 2, device=self.procs.device)  # (N, 2)
         rows = torch.arange(self.procs.rank, len(examples), self.procs.world)
@@ -177,7 +207,7 @@ class PreferenceObjective:
     def per_pair(self, batch: dict[str, torch.Tensor], keep_logits: bool = False):
         """(loss (P,), implicit reward (P, 2), policy log-probs (P, 2), KL summed over the answers' tokens
         (with `keep_logits` and a reference; else None))."""
-        cfg = self.config
+        cfg = self.settings
         reference = None  # the reference first: its forward pass's memory is free again before the policy's
         if self.uses_reference and ("ref_logps" not in batch or keep_logits):
             reference = reference_logps(self.model, batch, keep_logits)

@@ -10,6 +10,8 @@ Each task is an object that owns, for its rows:
     objective(model, config, procs)   a stateful loss the trainer uses instead (preference: the
                            reference log-probs), or None
     task_type, model_class the PEFT task_type and the transformers Auto class of its model
+    settings_class         a dataclass of the settings only this task has (TrainConfig.task_settings;
+                           each field also a flag), or None
 
 and a few facts the trainer and the job check: whether replayed text fits its batches, whether it
 runs under FSDP, whether it has class labels. The tasks are registered once, in tasks.py.
@@ -52,6 +54,7 @@ class Task:
     runs_under_fsdp: bool = True
     has_labels: bool = False  # class labels: the model gets a new head with one output per class
     from_files: bool = True  # its rows come from data files (a choice of --task)
+    settings_class: Optional[type] = None  # a dataclass of the settings only this task has (TrainConfig.task_settings)
 
     def rows(self, path, tokens: Tokens, seq_len: int, label_names: Optional[list[str]] = None) -> Examples:
         path = existing(path)

@@ -6,14 +6,15 @@ accepted.
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional
 
 from .. import renamed
 from . import fsdp
-from .loss import PREFERENCE_LOSSES
-from .tasks import FILE_TASKS, task_named
+from .preference import PreferenceSettings
+from .setting_checks import check_count, check_numbers
+from .tasks import FILE_TASKS, TASKS, task_named
 
 OPTIMIZERS = ("adamw", "paged_adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -48,21 +49,64 @@ class TrainConfig:
     log_every: int = 10  # steps between "train" records in metrics.jsonl
     progressbar: bool = True  # a tqdm progress bar (PEFT's word; `progress=` still works for one release)
     seed: int = 0
-    loss: str = "dpo"  # preference: dpo | ipo | simpo (reference-free)
-    beta: float = 0.1  # preference: β, how far the policy may move from the reference (SimPO: reward scale)
-    label_smoothing: float = 0.0  # preference, dpo: probability ε that a pair's label is flipped (conservative DPO)
-    simpo_gamma: float = 0.5  # preference, simpo: γ, the target reward margin
-    precompute_ref: bool = False  # preference: reference log-probs computed once before training, not every step
+    # the settings only the task has: its settings class (a dict of its fields is taken too), e.g.
+    # PreferenceSettings(loss="ipo", beta=0.5) for task="preference"; None: the class's defaults
+    task_settings: Any = None
     progress: Optional[bool] = field(default=None, metadata={"renamed_to": "progressbar"})  # the earlier name
+    # the preference settings' earlier place, kept for one release: TrainConfig(loss=, beta=, ...)
+    loss: Optional[str] = field(default=None, metadata={"moved_to": "task_settings"})
+    beta: Optional[float] = field(default=None, metadata={"moved_to": "task_settings"})
+    label_smoothing: Optional[float] = field(default=None, metadata={"moved_to": "task_settings"})
+    simpo_gamma: Optional[float] = field(default=None, metadata={"moved_to": "task_settings"})
+    precompute_ref: Optional[bool] = field(default=None, metadata={"moved_to": "task_settings"})
 
     def __post_init__(self):
         self.progressbar = renamed.earlier_keyword("TrainConfig", "progress", "progressbar", self.progress,
                                                    self.progressbar, stacklevel=4)
         self.progress = None
+        self.task_settings = self._task_settings()
+
+    def _task_settings(self):
+        """The task's settings object, from `task_settings` (an object or a dict) and the earlier keywords."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)
+                 if "moved_to" in f.metadata and getattr(self, f.name) is not None}
+        for name in moved:
+            setattr(self, name, None)
+        settings_class = getattr(TASKS.get(self.task), "settings_class", None)
+        if moved:
+            keywords = ", ".join(f"{k}=..." for k in moved)
+            warnings.warn(f"TrainConfig({keywords}) is now TrainConfig(task_settings=PreferenceSettings({keywords})): "
+                          "the preference settings live with their task; the old keywords go in the next release",
+                          FutureWarning, stacklevel=4)
+            if settings_class is not PreferenceSettings:
+                raise ValueError(f"{', '.join(moved)} belong to task='preference' (its PreferenceSettings), not to "
+                                 f"task={self.task!r}; leave them out, or set task='preference'")
+        given = self.task_settings
+        if settings_class is None:
+            if given is not None:
+                raise ValueError(f"task={self.task!r} has no settings of its own; leave task_settings out (tasks "
+                                 f"that have them: {', '.join(n for n, t in TASKS.items() if t.settings_class)})")
+            return None
+        if given is None:
+            given = settings_class()
+        elif isinstance(given, dict):
+            names = {f.name for f in fields(settings_class)}
+            unknown = sorted(given.keys() - names)
+            if unknown:
+                raise ValueError(f"task_settings: {', '.join(unknown)} is not a setting of task={self.task!r}; its "
+                                 f"settings are {', '.join(sorted(names))}")
+            given = settings_class(**given)
+        elif not isinstance(given, settings_class):
+            raise TypeError(f"task_settings for task={self.task!r} must be a {settings_class.__name__} (or a dict "
+                            f"of its fields), got {type(given).__name__}")
+        return replace(given, **moved)
 
     def settings(self) -> dict:
-        """The fields that decide what a run computes (all but the progress bar): what a resumed run must match."""
-        return {k: v for k, v in asdict(self).items() if k not in ("progressbar", "progress")}
+        """The values that decide what a run computes (all but the progress bar), the task's own settings
+        among them: what a resumed run must match."""
+        general = {f.name: getattr(self, f.name) for f in fields(self)
+                   if f.name not in ("progressbar", "progress", "task_settings") and "moved_to" not in f.metadata}
+        return {**general, **(asdict(self.task_settings) if self.task_settings is not None else {})}
 
     def check(self) -> None:
         """Refuse a setting that is unknown, out of its range (see RANGES and COUNTS) or not finite, with
@@ -88,11 +132,9 @@ class TrainConfig:
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps}); give "
                              f"--warmup-steps a value in [0, {self.steps}], or -1 for a tenth of the steps")
-        for name, (low, high, closed, meaning) in RANGES.items():
-            if getattr(self, name) is not None:  # the optional ones: None switches them off
-                check_number(name, getattr(self, name), low, high, closed, meaning)
-        if self.loss not in PREFERENCE_LOSSES:
-            raise ValueError(f"unknown preference loss {self.loss!r}; choose from {', '.join(PREFERENCE_LOSSES)}")
+        check_numbers(self, RANGES)
+        if self.task_settings is not None:
+            self.task_settings.check()
 
 
 # The numeric settings: (lowest, highest, (lowest allowed?, highest allowed?), what the number is).
@@ -110,10 +152,6 @@ RANGES = {
     "forgetting_budget": (0.0, math.inf, (True, False), "how far the retain loss may rise; leave it out for no "
                           "budget"),
     "replay_ratio": (0.0, 1.0, (True, False), "the fraction of each batch drawn from the replay set"),
-    "beta": (0.0, math.inf, (False, False), "how strongly the preference loss scales the log-ratios; DPO's "
-             "usual 0.1"),
-    "label_smoothing": (0.0, 0.5, (True, False), "the probability that a label is flipped"),
-    "simpo_gamma": (0.0, math.inf, (True, False), "SimPO's target reward margin"),
 }
 COUNTS = {  # the whole-number settings: (lowest, what the number is)
     "steps": (1, "optimizer steps"),
@@ -126,37 +164,6 @@ COUNTS = {  # the whole-number settings: (lowest, what the number is)
     "save_every": (0, "steps between checkpoints; 0: only at the end"),
     "patience": (0, "evaluations without a better validation loss before stopping; 0: never"),
 }
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _rule(low: float, high: float, closed: tuple[bool, bool]) -> str:
-    """'> 0', '>= 0' or 'in [0, 0.5)': the accepted values, as the messages show them."""
-    if high == math.inf:
-        return f"{'>=' if closed[0] else '>'} {low:g}"
-    return f"in {'[' if closed[0] else '('}{low:g}, {high:g}{']' if closed[1] else ')'}"
-
-
-def check_number(name: str, value, low: float, high: float, closed: tuple[bool, bool], meaning: str) -> None:
-    """A finite number in the range; else a ValueError naming the setting, its flag, the value and the range."""
-    rule = _rule(low, high, closed)
-    fits = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-            and (low <= value if closed[0] else low < value) and (value <= high if closed[1] else value < high))
-    if not fits:
-        raise ValueError(f"{name} must be {rule} ({meaning}), got {value!r}; give {_flag(name)} a finite number "
-                         f"{rule}")
-
-
-def check_count(name: str, value, lowest: int, meaning: str, highest: Optional[int] = None) -> None:
-    """A whole number in [lowest, highest]; else a ValueError naming the setting, its flag, the value and
-    the range."""
-    rule = ("> 0" if lowest == 1 else f">= {lowest}") if highest is None else f"in [{lowest}, {highest}]"
-    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not whole or value < lowest or (highest is not None and value > highest):
-        raise ValueError(f"{name} must be {rule} ({meaning}), got {value!r}; give {_flag(name)} a whole number "
-                         f"{rule}")
 
 
 def check_batch(config: TrainConfig, n_train: int, world: int = 1) -> None:

@@ -1,4 +1,4 @@
-"""nf4_matmul: y = x · dequant(W)ᵀ, and its input gradient x_grad = y_grad · dequant(W).
+"""The nf4_matmul kernels: y = x · dequant(W)ᵀ, and its input gradient x_grad = y_grad · dequant(W).
 
 Shapes (W is stored (N, K), row-major, as nn.Linear's weight; element (n, k) is code number n·K + k):
     x       (..., K)  fp32 / fp16 / bf16; products accumulate in fp32
@@ -27,7 +27,7 @@ import torch
 from minilora.quant.nf4_format import NF4State, check_state
 
 from .dispatch import TRITON_KERNELS, interpreting, triton, triton_launch_options
-from .nf4_dequant import nf4_dequant_reference
+from .nf4_dequantize_kernel import nf4_dequantize_reference
 
 
 def _check(x: torch.Tensor, state: NF4State, last: int, name: str) -> None:
@@ -40,19 +40,19 @@ def _check(x: torch.Tensor, state: NF4State, last: int, name: str) -> None:
 def nf4_matmul_reference(x: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """(..., K) @ (K, N) -> (..., N), with W dequantized to x's dtype."""
     _check(x, state, state.shape[1], "nf4_matmul")
-    return x @ nf4_dequant_reference(packed, state, x.dtype).t()
+    return x @ nf4_dequantize_reference(packed, state, x.dtype).t()
 
 
 def nf4_matmul_grad_input_reference(grad_y: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """(..., N) @ (N, K) -> (..., K): the input gradient of y = x · Wᵀ."""
     _check(grad_y, state, state.shape[0], "nf4_matmul_grad_input")
-    return grad_y @ nf4_dequant_reference(packed, state, grad_y.dtype)
+    return grad_y @ nf4_dequantize_reference(packed, state, grad_y.dtype)
 
 
 if triton is not None:
     import triton.language as tl
 
-    from .nf4_dequant import block_scale, weight_args
+    from .nf4_dequantize_kernel import block_scale, weight_args
 
     @triton.jit
     def _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dynamic_map_ptr, levels_ptr, offset, rn, rk, N, K,

@@ -1,4 +1,4 @@
-"""nf4_dequant: packed NF4 codes + (double-quantized) block scales -> a dense weight, in one pass.
+"""The nf4_dequant kernel: packed NF4 codes + (double-quantized) block scales -> a dense weight, in one pass.
 
 Inputs (storage format in minilora/quant/nf4_format.py):
     packed  uint8 [(n+1)//2]    two 4-bit codes per byte, first element in the high nibble
@@ -9,7 +9,7 @@ Output:
 
 The Triton kernel rebuilds each block's absmax (code8 → dynamic map → × absmax2 + offset, in
 `block_scale`, which nf4_matmul's kernels share) and the NF4 values in the same pass; the torch
-reference below is its test oracle and the CPU path. The public, dispatching `nf4_dequant` is the
+reference below is its test oracle and the CPU path. The public, dispatching `nf4_dequantize` is the
 custom op in ops.py.
 """
 
@@ -81,7 +81,7 @@ if triton is not None:
     TRITON_KERNELS["nf4_dequant"] = nf4_dequant_triton
 
 
-def nf4_dequant_reference(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def nf4_dequantize_reference(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Plain PyTorch (unpack, look up the levels, scale per block), or the native CPU loop for
     large CPU tensors: the same values."""
     check_state(packed, state)
