@@ -46,10 +46,6 @@ class Band:
         return range(round(self.start * depth), round(self.end * depth))
 
 
-# The article's plan: lower half untouched, a low-rank middle band, a higher-rank upper band.
-ARTICLE_BANDS = (Band(0.5, 0.75, r=8, lora_alpha=16), Band(0.75, 1.0, r=16, lora_alpha=32))
-
-
 @dataclass
 class LoraConfig:
     """Where LoRA goes and how big it is. Field names and defaults are PEFT's."""
@@ -176,20 +172,6 @@ class LoraConfig:
         if value is not None and not ids(value) and not (
                 isinstance(value, dict) and all(isinstance(k, str) and ids(v) for k, v in value.items())):
             wrong("trainable_token_indices", "a list of token ids, or a mapping {embedding module name: token ids}")
-
-    @classmethod
-    def article(cls, target_modules=("q", "v"), bands=ARTICLE_BANDS, head=True, **overrides) -> "LoraConfig":
-        """The article's plan in one line: Q and V of the upper half, rank rising with depth,
-        embeddings frozen, LM head trainable (untied from the embeddings if they are shared)."""
-        top = bands[-1]
-        return cls(
-            r=top.r,
-            lora_alpha=top.lora_alpha,
-            target_modules=list(target_modules),
-            layer_bands=tuple(bands),
-            modules_to_save=["lm_head"] if head else None,
-            **overrides,
-        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with PEFT's keys (bands as lists)."""

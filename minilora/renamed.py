@@ -8,18 +8,20 @@ A module lists its earlier names and forwards the lookup of an unknown attribute
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 
 def earlier_name(module: str, name: str, renames: dict[str, str], namespace: dict, why: str = "PEFT's spelling"):
-    """The object now called renames[name], with a FutureWarning that says `why`; AttributeError for any
-    other name."""
+    """The object now called renames[name] (a name in `namespace`, or "package.module.name" when it
+    moved to another module), with a FutureWarning that says `why`; AttributeError for any other name."""
     if name not in renames:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
     new = renames[name]
-    warnings.warn(f"{module}.{name} is now {module}.{new} ({why}); the old name goes in the next release",
-                  FutureWarning, stacklevel=3)
-    return namespace[new]
+    home, _, short = new.rpartition(".")
+    warnings.warn(f"{module}.{name} is now {new if home else f'{module}.{new}'} ({why}); the old name goes in the "
+                  "next release", FutureWarning, stacklevel=3)
+    return getattr(importlib.import_module(home), short) if home else namespace[new]
 
 
 def earlier_keyword(function: str, old: str, new: str, old_value, new_value, stacklevel: int = 3):

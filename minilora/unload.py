@@ -2,7 +2,8 @@
 
 A 4-bit (QLoRA) base is dequantized before the merge, so the merged weight is W_hat + (α/r)·B·A
 in full precision, exact with respect to the dequantized base; `requantize` packs those layers
-into NF4 again and measures what that costs: the relative error ‖Q(W') − W'‖ / ‖W'‖ per layer.
+into NF4 again and measures what that costs: the relative error ‖Q(W') − W'‖ / ‖W'‖ per layer,
+which each re-packed layer keeps (`requantization_error`) and `requantization_report(merged)` sums up.
 """
 
 from __future__ import annotations
@@ -42,17 +43,26 @@ def dequantize_bases(layers: dict[str, nn.Module]) -> dict[str, NF4Config]:
     return quantized
 
 
-def requantize_layers(merged: nn.Module, quantized: dict[str, NF4Config], setting: Union[bool, NF4Config]) -> dict:
+def requantize_layers(merged: nn.Module, quantized: dict[str, NF4Config], setting: Union[bool, NF4Config]) -> None:
     """Pack the merged layers at `quantized`'s paths into NF4 again (with `setting` if it is an
-    NF4Config, else each layer's own); the report of relative errors."""
-    errors = {}
+    NF4Config, else each layer's own); each new layer keeps its relative error."""
     for name, config in quantized.items():
         dense = merged.get_submodule(name)
         layer = Linear4bit.from_float(dense, setting if isinstance(setting, NF4Config) else config)
         W = dense.weight.detach().float()
         W = W.t() if layer.from_conv1d else W  # (out, in)
-        errors[name] = ((layer.dequantized_weight(torch.float32) - W).norm() / W.norm()).item()
+        layer.requantization_error = ((layer.dequantized_weight(torch.float32) - W).norm() / W.norm()).item()
         set_submodule(merged, name, layer)
+
+
+def requantization_report(model: nn.Module) -> dict:
+    """What `merge_and_unload(requantize=...)` cost the returned model: {"requantized_layers",
+    "relative_error": {path: ‖Q(W') − W'‖ / ‖W'‖}, "max_relative_error", "mean_relative_error"}."""
+    errors = {name: m.requantization_error for name, m in model.named_modules()
+              if isinstance(m, Linear4bit) and getattr(m, "requantization_error", None) is not None}
+    if not errors:
+        raise ValueError("no layer of this model was packed again by merge_and_unload(requantize=...): pass the model "
+                         "that call returned")
     return {"requantized_layers": len(errors), "relative_error": errors, "max_relative_error": max(errors.values()),
             "mean_relative_error": sum(errors.values()) / len(errors)}
 
@@ -106,8 +116,8 @@ class MergeAndUnload:
 
         A 4-bit (QLoRA) base is dequantized first, so the result is W_hat + (α/r)·B·A in full
         precision, exact with respect to the dequantized base. With `requantize` (True, or an
-        NF4Config) those layers are quantized again and `self.merge_report` says what that cost:
-        the relative error ‖Q(W') − W'‖ / ‖W'‖ per layer."""
+        NF4Config) those layers are quantized again, and `requantization_report(merged)` says what
+        that cost: the relative error ‖Q(W') − W'‖ / ‖W'‖ per layer."""
         if safe_merge:  # before a 4-bit base is unpacked: a refusal leaves the model as it was
             names = adapter_names or self.active_adapters
             self._check_exists(names)
@@ -115,8 +125,18 @@ class MergeAndUnload:
         quantized = dequantize_bases(self._lora_layers())
         merged = self._unload(merge=True, adapter_names=adapter_names, progressbar=progressbar)  # checked above
         if requantize and quantized:
-            self.merge_report = requantize_layers(merged, quantized, requantize)
+            requantize_layers(merged, quantized, requantize)
+            self._requantized = merged  # for the earlier `merge_report` below
         return merged
+
+    @property
+    def merge_report(self) -> dict:
+        """The earlier way to read `requantization_report(merged)`, kept for one release."""
+        warnings.warn("LoraModel.merge_report is now minilora.requantization_report(merged), read from the model "
+                      "merge_and_unload returned; the attribute goes in the next release", FutureWarning, stacklevel=2)
+        if getattr(self, "_requantized", None) is None:
+            raise AttributeError("merge_report: merge_and_unload(requantize=...) has not packed any layer again")
+        return requantization_report(self._requantized)
 
     def unload(self) -> nn.Module:
         """The plain HF model as it was before any adapter: LoRA removed, nothing merged."""

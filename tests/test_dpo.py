@@ -393,6 +393,12 @@ def test_preference_settings_live_with_their_task(tmp_path):
         TrainConfig(task="preference", task_settings={"gamma": 1.0})
     with pytest.raises(ValueError, match="task='instruction' has no settings of its own"):
         TrainConfig(task="instruction", task_settings=PreferenceSettings())
+    from minilora.train import checkpoint
+
+    earlier_record = {**TrainConfig().settings(), "loss": "dpo", "beta": 0.1, "label_smoothing": 0.0,
+                      "simpo_gamma": 0.5, "precompute_ref": False}  # every run recorded these before
+    assert checkpoint.differences(earlier_record, TrainConfig().settings()) == []
+    assert checkpoint.differences({**earlier_record, "beta": 0.3}, TrainConfig().settings()) == ["beta"]
     from minilora.cli import main
 
     data = tmp_path / "d.txt"

@@ -214,7 +214,7 @@ def test_cli_export_prunes_and_writes_the_report(tmp_path, capsys):
 @pytest.mark.parametrize("fmt", ["fp32", "nf4"])
 def test_a_trained_head_untied_from_the_embeddings_stays_untied(tmp_path, fmt):
     """The article's plan trains GPT-2's tied LM head as its own copy: the export keeps that copy."""
-    pm = ml.get_peft_model(tiny("gpt2"), ml.LoraConfig.article()).eval()
+    pm = ml.get_peft_model(tiny("gpt2"), ml.presets.article()).eval()
     with torch.no_grad():
         for p in pm.parameters():
             if p.requires_grad:

@@ -30,3 +30,23 @@ def test_the_measures_catch_what_they_measure():
     known = {"minilora", "minilora.lora", "minilora.named_init"}
     source = ROOT / "minilora" / "named_init.py"
     assert "minilora.lora" not in house.imports_of("minilora.named_init", source, known)  # named_init no longer imports lora
+
+
+def test_no_package_name_is_both_a_submodule_and_something_else():
+    """`import minilora.pruning as m` must give the module: a function of the package with a
+    submodule's name (minilora.prune was both) shadows it, or is shadowed by it once imported."""
+    import pkgutil
+    import types
+
+    import minilora
+
+    packages = [name for name in house.modules() if importlib.import_module(name).__dict__.get("__path__")]
+    assert {"minilora", "minilora.train", "minilora.quant", "minilora.kernels"} <= set(packages)
+    clashes = []
+    for name in packages:
+        package = importlib.import_module(name)
+        for info in pkgutil.iter_modules(package.__path__):
+            held = package.__dict__.get(info.name)
+            if held is not None and not isinstance(held, types.ModuleType):
+                clashes.append(f"{name}.{info.name}")
+    assert clashes == [] and callable(minilora.prune) and callable(minilora.export)

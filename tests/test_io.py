@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import batch, logits, make
-from minilora import LoraConfig, LoraModel, get_peft_model
+from minilora import LoraConfig, LoraModel, get_peft_model, presets
 from minilora.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 
 CASES = {
     "gpt2_fused": ("gpt2", LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False)),
     "gpt2_sliced": ("gpt2", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)),
-    "gpt2_article": ("gpt2", LoraConfig.article(init_lora_weights=False)),
+    "gpt2_article": ("gpt2", presets.article(init_lora_weights=False)),
     "llama": ("llama", LoraConfig(r=4, lora_alpha=16, target_modules=["q", "v", "down"], use_rslora=True,
                                   init_lora_weights=False)),
     "bert": ("bert", LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import batch, logits, make, train_losses
-from minilora import LoraConfig, LoraModel, LoraLinear, format_breakdown, get_peft_model
+from minilora import LoraConfig, LoraModel, LoraLinear, format_breakdown, get_peft_model, presets
 
 QV = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)
 
@@ -144,7 +144,7 @@ def test_print_trainable_parameters_format(capsys):
 
 
 def test_parameter_breakdown_adds_up_and_finds_each_component():
-    pm = get_peft_model(make("gpt2"), LoraConfig.article(target_modules=["q", "v"]))
+    pm = get_peft_model(make("gpt2"), presets.article(target_modules=["q", "v"]))
     rows = pm.parameter_breakdown()
     total = rows.pop("total")
     assert sum(r["params"] for r in rows.values()) == total["params"] == sum(p.numel() for p in pm.parameters())

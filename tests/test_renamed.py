@@ -91,3 +91,29 @@ def test_export_takes_prunes_names_and_the_reports_format(tmp_path, capsys):
     assert "--prune is now --sparsity 0.5" in err and "--nf4 is now --format nf4" in err
     saved = json.loads((tmp_path / "cli" / "export_report.json").read_text())
     assert saved["format"] == "nf4" and saved["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_article_plan_is_a_preset_and_the_requantization_report_is_read_from_the_merged_model():
+    from minilora import LoraConfig, presets
+
+    with pytest.warns(FutureWarning, match=r"LoraConfig.article\(\) is now minilora.presets.article\(\)"):
+        assert LoraConfig.article(head=False) == presets.article(head=False)
+    with pytest.warns(FutureWarning, match="minilora.ARTICLE_BANDS is now minilora.presets.ARTICLE_BANDS"):
+        assert minilora.ARTICLE_BANDS is presets.ARTICLE_BANDS
+    assert presets.preset("article") == presets.article()
+    with pytest.raises(ValueError, match="unknown preset 'paper'; choose from article"):
+        presets.preset("paper")
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=64, n_positions=16))
+    minilora.quantize_model(base)
+    model = minilora.get_peft_model(base, LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False))
+    merged = model.merge_and_unload(requantize=True)
+    report = minilora.requantization_report(merged)
+    assert report["requantized_layers"] == 2 and 0 < report["max_relative_error"] < 0.2
+    with pytest.warns(FutureWarning, match="merge_report is now minilora.requantization_report"):
+        assert model.merge_report == report
+    with pytest.raises(ValueError, match="no layer of this model was packed again"):
+        minilora.requantization_report(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import batch, logits, make
-from minilora import ARTICLE_BANDS, Band, LoraConfig, LoraLinear, get_peft_model
+from minilora import Band, LoraConfig, LoraLinear, get_peft_model, presets
+from minilora.presets import ARTICLE_BANDS
 from minilora.lora import FULL
 from minilora.roles import classify, parse_selector
 from minilora.surgery import resolve_targets
@@ -80,7 +81,7 @@ def test_article_preset_is_one_line_and_unties_the_head():
     model = make("gpt2", n_layer=8)
     wte = model.transformer.wte.weight
     with pytest.warns(UserWarning, match="untied so the embeddings stay frozen"):
-        pm = get_peft_model(model, LoraConfig.article())
+        pm = get_peft_model(model, presets.article())
     assert not wte.requires_grad
     head = pm.model.lm_head.modules_to_save["default"].weight
     assert head.requires_grad and head.data_ptr() != wte.data_ptr()

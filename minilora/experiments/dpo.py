@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ..config import LoraConfig
+from .. import presets
 from ..model import LoraModel, get_peft_model
 from ..params import count_parameters
 from ..train import checkpoint
@@ -63,7 +63,7 @@ def run_dpo(s, base, domain_val: Examples, retain: Examples, log: Callable[[str]
     out, run_dir = Path(s.out), Path(s.out) / NAME
     start = time.perf_counter()
     torch.manual_seed(s.seed)
-    model = get_peft_model(sft_model(base, out, log), LoraConfig.article(head=False))
+    model = get_peft_model(sft_model(base, out, log), presets.article(head=False))
     train, held_out = pairs(PAIRS, s.seed + 10, s.seq_len), pairs(HELD_OUT, s.seed + 11, s.seq_len)
     config = TrainConfig(task="preference", task_settings=PreferenceSettings(loss="dpo", beta=BETA),
                          steps=s.finetune_steps, batch_size=s.batch_size, lr=s.lr_lora * LR_FRACTION,

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from .. import presets
 from ..config import LoraConfig
 from ..model import get_peft_model
 from ..params import count_parameters
@@ -114,9 +115,9 @@ def strategy_model(name: str, base: torch.nn.Module, log: Callable[[str], None] 
             f"{report.bytes_saved / 2**20:.1f} MB saved")
     configs = {
         "lora_all": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="SEQ_CLS"),
-        "lora_article": LoraConfig.article(head=False, task_type="SEQ_CLS"),
-        "qlora_article": LoraConfig.article(head=False, task_type="SEQ_CLS"),
-        "dora_article": LoraConfig.article(head=False, task_type="SEQ_CLS", use_dora=True),
+        "lora_article": presets.article(head=False, task_type="SEQ_CLS"),
+        "qlora_article": presets.article(head=False, task_type="SEQ_CLS"),
+        "dora_article": presets.article(head=False, task_type="SEQ_CLS", use_dora=True),
     }
     with warnings.catch_warnings(record=True) as caught:  # told once, as a log line
         warnings.simplefilter("always")

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from .. import presets
 from ..config import LoraConfig
 from ..files import atomic_write
 from ..model import get_peft_model
@@ -93,9 +94,9 @@ def strategy_model(name: str, base: GPT2LMHeadModel, log: Callable[[str], None] 
             f"{report.bytes_saved / 2**20:.1f} MB saved")
     configs = {
         "lora_all": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
-        "lora_article": LoraConfig.article(),
-        "qlora_article": LoraConfig.article(),
-        "dora_article": LoraConfig.article(use_dora=True),
+        "lora_article": presets.article(),
+        "qlora_article": presets.article(),
+        "dora_article": presets.article(use_dora=True),
     }
     if name not in configs:
         raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(ALL_STRATEGIES)}")

@@ -65,6 +65,7 @@ class Linear4bit(nn.Module):
         self.weight_dtype = dtype  # dtype of the original weight
         self.from_conv1d = from_conv1d  # restore a GPT-2 Conv1D on to_float()
         self.backend = "auto"
+        self.requantization_error: Optional[float] = None  # ‖Q(W') − W'‖ / ‖W'‖ when merge_and_unload packed it again
         n_blocks = -(-in_features * out_features // config.blocksize)
         self.register_buffer("weight", torch.zeros((in_features * out_features + 1) // 2, dtype=torch.uint8, device=device))
         dq = config.double_quant

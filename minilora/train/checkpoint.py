@@ -96,8 +96,14 @@ def _read_record(record: Path) -> dict:
                             "output directory", RunDirectoryError)
 
 
+# Settings that earlier releases recorded for every run and now only the runs that read them do,
+# with the value they held where nothing read them: a record holding that value resumes as before.
+RETIRED = {"loss": "dpo", "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5, "precompute_ref": False}
+
+
 def differences(held: dict, run: dict) -> list[str]:
     """The settings in which a recorded run and this one differ."""
+    held = {k: v for k, v in held.items() if not (k in RETIRED and k not in run and v == RETIRED[k])}
     return sorted(k for k in held.keys() | run.keys() if held.get(k) != run.get(k))
 
 

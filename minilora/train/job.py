@@ -22,7 +22,7 @@ import torch
 from ..config import LoraConfig
 from ..files import atomic_write, read_json_object
 from ..adapter_files import read_config_file
-from .. import hf_dir
+from .. import hf_dir, presets
 from ..model import get_peft_model
 from ..params import format_trainable
 from ..surgery import TASK_HEADS
@@ -34,7 +34,6 @@ from .tasks import load_examples, retain_examples, task_named
 from .train_config import TrainConfig, check_batch
 from .trainer import Trainer, TrainResult
 
-PRESETS = ("article",)
 POSITION_KEYS = ("n_positions", "max_position_embeddings")  # config.json's longest sequence, by family
 
 
@@ -50,7 +49,7 @@ class JobSettings:
     retain: Optional[str] = None  # text of the old capabilities, evaluated at every evaluation
     replay: Optional[str] = None  # text mixed into training batches; default: the retain file
     config: Optional[str] = None  # a LoraConfig as JSON (minilora's or PEFT's adapter_config.json)
-    preset: Optional[str] = None  # "article": LoraConfig.article()
+    preset: Optional[str] = None  # a plan of minilora.presets ("article")
     qlora: bool = False  # store the base in 4-bit NF4 (double-quantized scales)
     tokenizer: str = "auto"  # auto: the model's own | bytes: 256 byte values
     seq_len: int = 128  # tokens per example
@@ -69,8 +68,8 @@ def check(s: JobSettings, t: TrainConfig) -> None:
     if not hf_dir.has_weights(directory):
         raise DataError(f"{directory} has no weights (none of {', '.join(hf_dir.WEIGHT_FILES)}); save the model with "
                         "save_pretrained")
-    if s.preset is not None and s.preset not in PRESETS:
-        raise ValueError(f"unknown preset {s.preset!r}; choose from {', '.join(PRESETS)} (or pass --config)")
+    if s.preset is not None and s.preset not in presets.PRESETS:
+        raise ValueError(f"unknown preset {s.preset!r}; choose from {', '.join(presets.PRESETS)} (or pass --config)")
     if s.preset and s.config:
         raise ValueError("--preset and --config both choose the adapters: pass one of them")
     if s.preset == "article" and not task_named(t.task).causal_lm:
@@ -107,8 +106,8 @@ def position_limit(directory: Path) -> tuple[Optional[str], Optional[int]]:
 
 def lora_config(s: JobSettings, task: str) -> LoraConfig:
     """The adapters: --config, --preset, or Q and V of every layer at r=8."""
-    if s.preset == "article":
-        return LoraConfig.article()
+    if s.preset is not None:
+        return presets.preset(s.preset)
     if s.config is None:
         return LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"], task_type=task_named(task).task_type)
     config = read_config_file(s.config)
