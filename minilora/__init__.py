@@ -1,16 +1,34 @@
 """minilora: LoRA and QLoRA from scratch on PyTorch. The public API, and nothing else."""
 
 from . import presets, renamed
+from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
+                   AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM, AutoPeftModelForSequenceClassification,
+                   AutoPeftModelForTokenClassification)
 from .config import Band, LoraConfig
 from .exporting import export
 from .kbit import prepare_model_for_kbit_training
 from .lora import LoraLinear
 from .model import LoraModel, get_base_model_state_dict, get_peft_model, set_base_model_state_dict
 from .params import format_breakdown
+from .peft_functions import (get_layer_status, get_model_status, get_peft_model_state_dict, inject_adapter_in_model,
+                             load_peft_weights, set_peft_model_state_dict)
+from .peft_types import PeftConfig, PeftType, TaskType
 from .pruning import prune
 from .quant import NF4Config, load_quantized, memory_report, quantize_model
+from .task_models import (PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForQuestionAnswering,
+                          PeftModelForSeq2SeqLM, PeftModelForSequenceClassification, PeftModelForTokenClassification)
 from .unload import requantization_report
 
+PeftModel = LoraModel  # PEFT's name for the wrapped model: minilora's LoraModel plays that part
+
+PEFT_NAMES = [  # PEFT's public names, with PEFT's behaviour (README "Moving from PEFT")
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+    "PeftConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification", "PeftType", "TaskType", "get_layer_status", "get_model_status",
+    "get_peft_model_state_dict", "inject_adapter_in_model", "load_peft_weights", "set_peft_model_state_dict",
+]
 __all__ = [
     "Band",
     "LoraLinear",
@@ -29,6 +47,7 @@ __all__ = [
     "quantize_model",
     "requantization_report",
     "set_base_model_state_dict",
+    *PEFT_NAMES,
 ]
 __version__ = "0.1.0"
 

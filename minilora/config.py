@@ -46,6 +46,9 @@ class Band:
         return range(round(self.start * depth), round(self.end * depth))
 
 
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # PEFT's
+
+
 @dataclass
 class LoraConfig:
     """Where LoRA goes and how big it is. Field names and defaults are PEFT's."""
@@ -84,10 +87,14 @@ class LoraConfig:
     # ^ encoder-decoder: {"encoder_self": (r, alpha), "decoder_self": (r, alpha), "cross": (r, alpha)}
 
     def __post_init__(self):
+        self.task_type = getattr(self.task_type, "value", self.task_type)  # a TaskType: its string
         self._check()
 
     def _check(self) -> None:
         self._check_types()
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"Invalid task type: {self.task_type!r}. Must be one of: {', '.join(TASK_TYPES)} "
+                             "(minilora.TaskType), or None")
         if self.r <= 0:
             raise ValueError(f"r must be a positive integer, got r={self.r!r}; typical values are 4, 8, 16")
         if not 0 < self.lora_alpha < math.inf:

@@ -207,10 +207,11 @@ class LoraModel(AdapterFiles, MergeAndUnload, nn.Module):
         names = {m for config in self.peft_config.values() for m in config.modules_to_save or []}
         return names or None
 
-    def add_adapter(self, adapter_name: str, peft_config: Optional[LoraConfig] = None, *,
-                    config: Optional[LoraConfig] = None, **_ignored) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: Optional[LoraConfig] = None,
+                    low_cpu_mem_usage: bool = False, *, config: Optional[LoraConfig] = None) -> None:
         """Add an adapter (not active until `set_adapter`); targets are resolved on this model.
-        `peft_config` is PEFT's name for the config; `config=` is accepted too."""
+        `peft_config` is PEFT's name for the config; `config=` is accepted too. `low_cpu_mem_usage`:
+        PEFT's; the adapter is created at once, on its base layer's device, either way."""
         config = peft_config if peft_config is not None else config
         if not isinstance(config, LoraConfig):
             raise TypeError(f"add_adapter needs a minilora LoraConfig as peft_config, got {type(config).__name__}")
@@ -399,8 +400,23 @@ class LoraModel(AdapterFiles, MergeAndUnload, nn.Module):
         return parameter_breakdown(self.model)
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> LoraModel:
-    """PEFT's entry point: wrap `model` (in place) with one adapter, active and trainable."""
+def model_class_for(task_type: Optional[str]) -> type:
+    """PEFT's class for a task_type (task_models.py: PeftModelForCausalLM, ...); LoraModel (PEFT's
+    PeftModel) for None or a task without one."""
+    return next((c for c in LoraModel.__subclasses__() if c.task_type == task_type), LoraModel)
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False) -> LoraModel:
+    """PEFT's entry point: wrap `model` (in place) with one adapter, active and trainable; the class
+    is PEFT's for the config's task_type (PeftModelForCausalLM, ...), all of them LoraModels.
+    `autocast_adapter_dtype`, `revision`, `low_cpu_mem_usage`: PEFT's, accepted (the adapter is
+    created in fp32 on the base's device, as PEFT's autocast does); `mixed=True` (PEFT's mixed model
+    of several adapter kinds) is refused: minilora has one kind."""
     if not isinstance(peft_config, LoraConfig):
         raise TypeError(f"peft_config must be a minilora LoraConfig, got {type(peft_config).__name__}")
-    return LoraModel(model, peft_config, adapter_name)
+    if mixed:
+        raise ValueError("mixed=True builds PEFT's PeftMixedModel of several adapter kinds; minilora has LoRA only: "
+                         "leave mixed out and add LoRA adapters with add_adapter")
+    return model_class_for(peft_config.task_type)(model, peft_config, adapter_name)

@@ -17,6 +17,9 @@ Which modules LoRA targets is targets.py's (resolve_targets, importable from her
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,6 +36,8 @@ from .targets import Plan, Walked, resolve_targets
 from .trainable_tokens import TrainableTokens, add_trainable_tokens
 from .variants import VARIANTS
 from .roles import family_of, name_matches, parse_selector, set_submodule, walk
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # where minilora's own frames are
 
 
 # Heads that PEFT trains in full for these task types, whichever of them the model has.
@@ -97,9 +102,44 @@ def apply_plan(model: nn.Module, plan: AdapterPlan, adapter_name: str, config: L
     """Carry out `plan` for adapter `adapter_name`: LoRA layers, trained copies, trainable tokens,
     each reading `state`. (the adapter layers, the trained copies)."""
     layers = inject_adapter(model, plan, adapter_name, config, state)
+    warn_rank_beyond_shape(layers, adapter_name)
     copies = wrap_modules_to_save(model, plan.modules_to_save, adapter_name, state)
     layers += add_trainable_tokens(model, plan.trainable_tokens, plan.tied_heads, adapter_name, state)
     return layers, copies
+
+
+def warn_rank_beyond_shape(layers: list, adapter_name: str) -> None:
+    """Warn when a pair's rank r exceeds min(d_in, d_out): ΔW = B·A (d_out × d_in) has rank at most
+    that, so the rest of r adds parameters and no capacity."""
+    over, allocated, needed = [], 0, 0
+    for layer in layers:
+        try:
+            pairs = layer.factors(adapter_name)
+        except NotImplementedError:  # a kind without (A, B) pairs (trainable tokens)
+            continue
+        for unit, (A, B) in pairs.items():
+            if A.dim() != 2 or B.dim() != 2:
+                continue
+            r, d_in, d_out = A.shape[0], A.shape[1], B.shape[0]
+            allocated += A.numel() + B.numel()
+            needed += min(r, d_in, d_out) * (d_in + d_out)
+            if r > min(d_in, d_out):
+                over.append((layer, unit, r, min(d_in, d_out)))
+    if over:
+        _, _, r, most = min(over, key=lambda item: item[3])
+        warnings.warn(f"adapter {adapter_name!r}: r={r} exceeds min(d_in, d_out) of {len(over)} targeted layer(s) "
+                      f"(down to {most}); the update B·A of such a layer has rank at most min(d_in, d_out), so the "
+                      f"extra rank adds parameters and no capacity. This config allocates {allocated:,} adapter "
+                      f"parameters where {needed:,} give the same updates: lower r to at most {most}",
+                      stacklevel=_frames_to_caller())
+
+
+def _frames_to_caller() -> int:
+    """The warnings stacklevel of the first frame outside minilora: the user's call, however deep."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _modules_to_save_paths(modules: dict[str, nn.Module], names: Optional[list[str]]) -> list[str]:

@@ -45,16 +45,11 @@ import torch
 import torch.nn as nn
 import yaml
 from conftest import batch, make
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 import minilora
 from minilora.families import DEFAULT_TARGETS
-from minilora.adapter_layer import AdapterLayer
-from minilora.model import get_base_model_state_dict, set_base_model_state_dict
-from minilora.surgery import ModulesToSave
 
 LIBRARIES = ("peft", "minilora")
 
@@ -220,24 +215,28 @@ def wrap(library, base, adapter_name="default", **kwargs):
 
 
 def load(library, base, path, **kwargs):
-    cls = peft.PeftModel if library == "peft" else minilora.LoraModel
-    return cls.from_pretrained(base, path, **kwargs)
+    return lib(library).PeftModel.from_pretrained(base, path, **kwargs)
+
+
+def is_adapter_layer(module):
+    """An adapter layer of either library, by PEFT's attributes: a base layer and merged adapters."""
+    return hasattr(module, "base_layer") and hasattr(module, "merged_adapters")
 
 
 def adapter_layers(model):
-    """The LoRA layers: PEFT's tuner layers, or minilora's adapter layers."""
-    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AdapterLayer))]
+    """The LoRA layers (and trainable-token layers): PEFT's tuner layers, or minilora's adapter layers."""
+    return [m for m in model.modules() if is_adapter_layer(m)]
 
 
 def trained_copies(model):
-    """The modules_to_save wrappers of either library."""
-    return [m for m in model.modules() if isinstance(m, (ModulesToSaveWrapper, ModulesToSave))]
+    """The modules_to_save wrappers of either library (PEFT's attributes: the original and its copies)."""
+    return [m for m in model.modules() if hasattr(m, "original_module") and hasattr(m, "modules_to_save")]
 
 
 def named_layers(model):
     """LoRA layers by their path in the base model."""
     base = model.get_base_model()
-    return {n: m for n, m in base.named_modules() if isinstance(m, (BaseTunerLayer, AdapterLayer))}
+    return {n: m for n, m in base.named_modules() if is_adapter_layer(m)}
 
 
 def is_adapter_parameter(name):
@@ -1032,8 +1031,8 @@ def test_weighted_combination_of_adapters(library, weights, name, model_id, kwar
 
 
 # ---------------------------------------------------------------- the base model's weights
-BASE_STATE = {"peft": (peft.get_base_model_state_dict, peft.set_base_model_state_dict),
-              "minilora": (get_base_model_state_dict, set_base_model_state_dict)}
+BASE_STATE = {library: (lib(library).get_base_model_state_dict, lib(library).set_base_model_state_dict)
+              for library in LIBRARIES}
 
 
 @each_library
