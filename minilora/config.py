@@ -87,7 +87,6 @@ class LoraConfig:
     # ^ encoder-decoder: {"encoder_self": (r, alpha), "decoder_self": (r, alpha), "cross": (r, alpha)}
 
     def __post_init__(self):
-        self.task_type = getattr(self.task_type, "value", self.task_type)  # a TaskType: its string
         self._check()
 
     def _check(self) -> None:

@@ -30,6 +30,7 @@ from .config import LoraConfig
 from .families import DEFAULT_TARGETS
 from .adapter_layer import AdapterLayer, AdapterState
 from .model_files import AdapterFiles
+from .transformers_methods import ActiveAdapters, TransformersAdapterMethods
 from .unload import MergeAndUnload
 from .merge_methods import MergeOptions
 from .params import count_parameters, format_trainable, parameter_breakdown
@@ -78,7 +79,7 @@ class LoraTuner(nn.Module):
             return getattr(self.__dict__["_owner"], name)
 
 
-class LoraModel(AdapterFiles, MergeAndUnload, nn.Module):
+class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Module):
     """A HF model whose target layers carry LoRA adapters. `self.model` (PEFT's
     `self.base_model.model`) is the HF model."""
 
@@ -183,8 +184,9 @@ class LoraModel(AdapterFiles, MergeAndUnload, nn.Module):
 
     # ------------------------------------------------------------------ adapters
     @property
-    def active_adapters(self) -> list[str]:
-        return list(self._state.active)
+    def active_adapters(self) -> ActiveAdapters:
+        """The active adapters' names (PEFT's property; transformers' call `active_adapters()` works too)."""
+        return ActiveAdapters(self._state.active)
 
     @property
     def active_adapter(self) -> Union[str, list[str], None]:
@@ -220,6 +222,8 @@ class LoraModel(AdapterFiles, MergeAndUnload, nn.Module):
             raise ValueError("LoraModel supports only 1 adapter with bias (as PEFT): when using several adapters, "
                              "set bias='none' for all of them")
         config = copy.deepcopy(config)
+        if config.base_model_name_or_path is None:  # as PEFT: where the base came from, for AutoPeftModel
+            config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
         plan = plan_adapter(self.model, config)  # the one walk; adds PEFT's task heads to modules_to_save
         if config.target_modules is None and not config.target_parameters:  # as PEFT: the defaults, filled in
             config.target_modules = set(DEFAULT_TARGETS[self.model.config.model_type])
@@ -266,7 +270,8 @@ class LoraModel(AdapterFiles, MergeAndUnload, nn.Module):
                 raise ValueError(f"no adapter named {name!r}; available adapters: {sorted(self.peft_config)}")
 
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
-        """Make these adapters the active ones, trainable unless `inference_mode`; the others stay but sleep.
+        """Make these adapters the active ones, trainable unless `inference_mode` (as PEFT's: an adapter
+        loaded for inference becomes trainable here too); the others stay but sleep.
         Two active adapters may not both have a trained copy of one module (modules_to_save): a copy
         replaces the module rather than adding to it, so that is refused, as in PEFT.
 
@@ -281,7 +286,9 @@ class LoraModel(AdapterFiles, MergeAndUnload, nn.Module):
                              f"adapters {names} each have a copy of {shared}; activate one of them")
         changed = list(dict.fromkeys([n for n in self._state.active if n not in names] + names))
         self._state.active[:] = names
-        self._update_trainable(changed, frozen=inference_mode)
+        for name in names:
+            self.peft_config[name].inference_mode = inference_mode
+        self._update_trainable(changed)
 
     def _shared_copies(self, names: list[str]) -> list[str]:
         """Paths of the modules of which more than one of adapters `names` has a trained copy."""

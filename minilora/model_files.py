@@ -61,7 +61,7 @@ class AdapterFiles:
         wrapped.load_adapter(model_id, adapter_name, is_trainable, config=config, torch_device=torch_device,
                              autocast_adapter_dtype=autocast_adapter_dtype,
                              ephemeral_gpu_offload=ephemeral_gpu_offload, low_cpu_mem_usage=low_cpu_mem_usage)
-        wrapped.set_adapter(adapter_name)
+        wrapped.set_adapter(adapter_name, inference_mode=not is_trainable)
         return wrapped if is_trainable else wrapped.eval()
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,

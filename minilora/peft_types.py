@@ -1,6 +1,7 @@
 """PEFT's enumerations and its config base class, under PEFT's names.
 
-    TaskType.CAUSAL_LM == "CAUSAL_LM"          # a str: LoraConfig(task_type=TaskType.CAUSAL_LM) or "CAUSAL_LM"
+    TaskType.CAUSAL_LM == "CAUSAL_LM"          # a str: LoraConfig(task_type=TaskType.CAUSAL_LM) or "CAUSAL_LM";
+                                               # the config keeps the member, as PEFT's does
     PeftType.LORA == "LORA"                    # minilora has LoRA only; PEFT's other methods are listed
                                                # so that a config naming them is refused by name
     PeftConfig.from_pretrained(directory)      # the LoraConfig an adapter directory holds
@@ -28,9 +29,6 @@ class TaskType(str, enum.Enum):
     QUESTION_ANS = "QUESTION_ANS"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
-    def __str__(self) -> str:
-        return self.value
-
 
 class PeftType(str, enum.Enum):
     """PEFT's adapter methods by name; minilora implements LORA (DoRA, rsLoRA, PiSSA, ... are LoRA's options)."""
@@ -46,9 +44,6 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     P_TUNING = "P_TUNING"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class PeftConfig(abc.ABC):
