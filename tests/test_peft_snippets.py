@@ -1,12 +1,16 @@
 """PEFT users' own code, run twice: as written (`from peft import ...`) and with that import line
 changed to `from minilora import ...`, nothing else. The snippets follow PEFT's README and guides
 (quick start, save and load, several adapters, the low-level functions, QLoRA through transformers'
-BitsAndBytesConfig, transformers' Trainer); TRL's trainers are in test_trl.py. Each pair must print
-the same lines, give the same logits (1e-5) and write the same files.
+BitsAndBytesConfig, transformers' Trainer, TRL's SFT and DPO; test_trl.py holds TRL's other trainers).
+Each pair must print the same lines, give the same logits (1e-5) and write the same files. The TRL
+snippets train in fp32 (`bf16=False`): under bf16 autocast the two libraries round differently
+(minilora adds the low-rank product to the base output in one fused GEMM), by about 4e-5 in the loss.
 
 A snippet sees a few names prepared for it: `base_dir` (a tiny GPT-2 saved as a model directory),
 `llama_dir` (a tiny LLaMA), `adapter_dir` and `other_adapter_dir` (LoRA adapters PEFT saved for
-base_dir, B not zero), `inputs` (token ids) and `out_dir` (an empty directory of its own).
+base_dir, B not zero; `llama_adapter_dir` for llama_dir), `inputs` (token ids), `tokenizer` (a word
+tokenizer over the tiny vocabulary) and `out_dir` (an empty directory of its own). For TRL the
+trainer's import line changes too: `from minilora.integrations.trl import SFTTrainer`.
 """
 
 import contextlib
@@ -142,13 +146,66 @@ logits = model(**inputs).logits
 model.save_pretrained(out_dir / "adapter")
 """
 
+TRL_SFT = """
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), llama_adapter_dir, is_trainable=True)
+texts = [" ".join(f"w{i * 7 % 100 + j}" for j in range(10)) for i in range(8)]
+args = SFTConfig(output_dir=str(out_dir / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                 report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True,
+                 bf16=False)
+trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                     processing_class=tokenizer)
+trainer.train()
+losses = torch.tensor([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+trainer.save_model(str(out_dir / "adapter"))
+"""
+
+TRL_DPO = """
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig, DPOTrainer
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), llama_adapter_dir, is_trainable=True)
+pairs = Dataset.from_dict({"prompt": [f"w{i} w{i + 1}" for i in range(8)], "chosen": [f"w{i + 2} w5" for i in range(8)],
+                           "rejected": [f"w{i + 40} w9 w{i}" for i in range(8)]})
+args = DPOConfig(output_dir=str(out_dir / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                 beta=0.1, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
+                 disable_tqdm=True, bf16=False)
+trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
+print(trainer.ref_model)
+trainer.train()
+losses = torch.tensor([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+"""
+
 SNIPPETS = {"quick start": QUICK_START, "save and load": SAVE_AND_LOAD, "several adapters": MANY_ADAPTERS,
-            "low level": LOW_LEVEL, "QLoRA through BitsAndBytesConfig": QLORA_BNB, "transformers Trainer": TRAINER}
+            "low level": LOW_LEVEL, "QLoRA through BitsAndBytesConfig": QLORA_BNB, "transformers Trainer": TRAINER,
+            "TRL SFT": TRL_SFT, "TRL DPO": TRL_DPO}
+
+
+def tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: "<pad>", "<eos>", "<unk>", w0 … w124."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def with_minilora(source: str) -> str:
-    """The snippet with `from peft import` changed to `from minilora import`, and nothing else."""
+    """The snippet with `from peft import` changed to `from minilora import` (and TRL's trainers taken
+    from `minilora.integrations.trl`), and nothing else."""
     changed, count = re.subn(r"^from peft import", "from minilora import", source, flags=re.M)
+    changed = re.sub(r"^from trl import (\w+Config), (\w+Trainer)$",
+                     r"from trl import \1\nfrom minilora.integrations.trl import \2", changed, flags=re.M)
     assert count == 1 and "peft." not in changed
     return changed
 
@@ -178,7 +235,7 @@ def prepared(tmp_path_factory):
     ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
     return {"base_dir": str(root / "gpt2"), "llama_dir": str(root / "llama"), "adapter_dir": str(root / "adapter"),
             "other_adapter_dir": str(root / "other_adapter"), "llama_adapter_dir": str(root / "llama_adapter"),
-            "inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
+            "inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "tokenizer": tokenizer()}
 
 
 def run(source: str, prepared: dict, out_dir) -> tuple[list[str], dict]:
