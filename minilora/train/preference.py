@@ -89,7 +89,7 @@ class Preference(Task):
     def scored_tokens(self, labels: torch.Tensor) -> torch.Tensor:
         return torch.tensor(labels.shape[0])  # one loss per pair
 
-    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
         raise TypeError("preference pairs are scored by their objective (PreferenceObjective, which needs the "
                         "training config for its loss and β): use Preference.objective(model, config, procs)")
 

@@ -143,5 +143,5 @@ class EncoderReplay(Classification):
     name = "encoder_replay"
     from_files = False  # its rows are built by code (a teacher column), never read from a file
 
-    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
         return replay_summed_loss(model, batch)

@@ -6,7 +6,8 @@ Each task is an object that owns, for its rows:
     rows(path, tokens, seq_len, label_names)    a data file as Examples (data.py's row layout)
     retain_rows(...)       its retain (and replay) set: plain text windows for a causal LM's task
     scored_tokens(labels)  how many labels its loss scores (the trainer divides by their global sum)
-    summed_loss(model, batch)   Σ of its per-token (or per-example) losses over one micro-batch, fp32
+    summed_loss(model, batch, chunked)   Σ of its per-token (or per-example) losses over one micro-batch,
+                           fp32; `chunked`: a causal LM's without all its logits at once (chunked_loss.py)
     objective(model, config, procs)   a stateful loss the trainer uses instead (preference: the
                            reference log-probs), or None
     task_type, model_class the PEFT task_type and the transformers Auto class of its model
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .chunked_loss import causal_lm_summed_loss
 from .data import IGNORE, DataError, Examples, Tokens, existing, instruction_prompt, pad_rows, read_jsonl, read_text, \
     text_windows
 
@@ -79,8 +81,11 @@ class Task:
         """Position t predicts t + 1, so the first label of a row is never scored."""
         return (labels[:, 1:] != IGNORE).sum()
 
-    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Σ of the per-token cross-entropies of one micro-batch, in fp32."""
+    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
+        """Σ of the per-token cross-entropies of one micro-batch, in fp32. `chunked`: without the (N, V)
+        logits (chunked_loss.py; the caller has checked that the model allows it)."""
+        if chunked:
+            return causal_lm_summed_loss(model, batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, T−1, V)
         return cross_entropy_sum(logits, batch["labels"][:, 1:])
 
@@ -125,7 +130,7 @@ class Classification(Task):
     def scored_tokens(self, labels: torch.Tensor) -> torch.Tensor:
         return torch.tensor(labels.shape[0])  # one loss per example
 
-    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
         return cross_entropy_sum(logits, batch["labels"])  # labels (B,)
 
@@ -142,7 +147,7 @@ class Seq2Seq(Task):
     def scored_tokens(self, labels: torch.Tensor) -> torch.Tensor:
         return (labels != IGNORE).sum()  # the model shifts the labels itself: every target token counts
 
-    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
         labels = batch["labels"]  # (B, T): the model shifts them right into its decoder inputs
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
         return cross_entropy_sum(logits, labels)

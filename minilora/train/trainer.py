@@ -37,6 +37,7 @@ from ..model import LoraModel
 from ..optim import PagedAdamW, create_loraplus_optimizer
 from . import checkpoint, fsdp
 from .batches import Sampler, replay_count
+from .chunked_loss import unavailable
 from .data import Examples
 from .distributed import Processes, all_reduce_gradients, all_reduce_sum, setup
 from .monitor import Monitor
@@ -100,6 +101,10 @@ class Trainer:
                              "some parameters")
         self.params = [p for _, p in self.named]
         self.task = task_named(train.task)  # the training rows' loss (task.py); evaluation asks each set's own
+        reason = unavailable(model) if config.chunked_loss else "switched off (chunked_loss=False)"
+        self.chunked = reason is None  # a causal LM's loss without all its logits (chunked_loss.py)
+        if reason is not None and config.chunked_loss and self.task.causal_lm:
+            log(f"the plain loss, with every logit at once: {reason}")
         self.objective = task_named(config.task).objective(model, config, self.procs)  # preference: the pairs' loss
         if self.objective is not None:
             train = self.train_set = self.objective.prepare(train)
@@ -157,7 +162,8 @@ class Trainer:
         total = torch.zeros((), device=self.procs.device)
         for m in micro:
             with self._autocast():
-                loss = (self.objective.summed(m) if self.objective else task.summed_loss(self.model, m)) / n_tokens
+                loss = (self.objective.summed(m) if self.objective else
+                        task.summed_loss(self.model, m, self.chunked)) / n_tokens
             loss.backward()
             total += loss.detach()
         loss = all_reduce_sum(total, self.procs).item()
@@ -191,13 +197,13 @@ class Trainer:
         for i in range(0, len(rows), self.config.eval_batch_size):
             batch = {k: v.to(self.procs.device) for k, v in examples.rows(rows[i:i + self.config.eval_batch_size]).items()}
             with self._autocast():
-                sums[0] += task.summed_loss(self.model, batch).double()
+                sums[0] += task.summed_loss(self.model, batch, self.chunked).double()
             sums[1] += task.scored_tokens(batch["labels"])
         if self.sharded:  # every process runs as many forward passes (each all-gathers the layers)
             spare = {k: v.to(self.procs.device) for k, v in examples.rows(torch.arange(1)).items()}
             busiest = -(-len(examples) // self.procs.world)  # rank 0's rows
             for _ in range(-(-busiest // self.config.eval_batch_size) - -(-len(rows) // self.config.eval_batch_size)):
-                task.summed_loss(self.model, spare)
+                task.summed_loss(self.model, spare, self.chunked)
         self.model.train(was_training)
         total = all_reduce_sum(sums, self.procs)
         return (total[0] / total[1]).item()

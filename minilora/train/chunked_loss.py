@@ -1,0 +1,141 @@
+r"""A causal LM's cross-entropy that never holds the logits of all tokens at once.
+
+The plain loss builds logits Z = H Wᵀ + b for all N scored tokens, an (N, V) tensor (V: the
+vocabulary, 128,256 for LLaMA 3), casts it to fp32 and keeps it, with its gradient, for the
+backward pass: the largest tensor of a fine-tuning step. Here the head and the loss run over
+chunks of C tokens; one chunk's logits (C, V) exist at a time, in fp32:
+
+    loss = Σ_i [ logsumexp_v z_iv − z_{i,y_i} ],   z_i = W h_i + b   (scored tokens i only)
+
+The gradient of a token's loss in its logits is softmax(z_i) − e_{y_i} =: g_i, so
+
+    ∂loss/∂h_i = g_i W                 (C, V) @ (V, H)
+    ∂loss/∂W   = Σ_i g_iᵀ h_i          (V, C) @ (C, H), only when the head trains
+    ∂loss/∂b   = Σ_i g_i
+
+The loss is a sum, so the gradient that reaches it from above is one number: the gradients are
+computed in the forward pass, chunk by chunk, and the backward pass only scales them (no second
+pass over the head). Memory: one chunk of logits and its softmax, plus ∂loss/∂H (N, H), the size
+of the hidden states themselves.
+
+The hidden states come from the model's own forward with `logits_to_keep=1` (its head then runs on
+one position per row), read at the output of its backbone (`base_model`); LoRA layers, trained
+copies and routing act as in any forward. A model whose head does more than `W h + b` (Gemma's
+soft-capping, a logit scale), a LoRA adapter on the head, a 4-bit head or a forward without
+`logits_to_keep` keeps the plain loss, for the reason `unavailable` gives.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .data import IGNORE
+
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk (C · V): 128 MiB in fp32
+HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def chunk_tokens(vocab: int) -> int:
+    """C: how many tokens' logits fit in CHUNK_ELEMENTS (at least 1)."""
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+class SummedLinearCrossEntropy(torch.autograd.Function):
+    """Σ_i CE(W h_i + b, y_i) in fp32 over hidden (N, H), labels (N,) all scored; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], labels[start:start + chunk]  # (C, H), (C,)
+            z = (h @ weight.t()).float()  # (C, V): the head in the compute dtype, the loss in fp32
+            if bias is not None:
+                z += bias.float()
+            lse = torch.logsumexp(z, dim=-1)  # (C,)
+            total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+            if want_h or want_w or want_b:
+                g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(y), device=g.device), y] -= 1.0  # g = softmax − onehot
+                if want_h:
+                    grad_h[start:start + chunk] = g.to(weight.dtype) @ weight  # (C, V) @ (V, H)
+                if want_w:
+                    grad_w += g.t() @ h.float()  # (V, C) @ (C, H)
+                if want_b:
+                    grad_b += g.sum(0)
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
+        ctx.have = (want_h, want_w, want_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_total.to(dtype) if have else None for have, dtype in zip(ctx.have, ctx.dtypes)]
+        return (*grads, None, None)
+
+
+def summed_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                labels: torch.Tensor) -> torch.Tensor:
+    """Σ CE over the labels that are not -100: hidden (…, H), labels (…); fp32 scalar."""
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    scored = labels != IGNORE
+    return SummedLinearCrossEntropy.apply(hidden[scored], weight, bias, labels[scored], chunk_tokens(weight.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a LoraModel (or the model itself)."""
+    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+
+
+def unavailable(model: nn.Module) -> Optional[str]:
+    """Why the chunked loss cannot run on this model (None: it can)."""
+    hf = transformers_model(model)
+    head = hf.get_output_embeddings() if callable(getattr(hf, "get_output_embeddings", None)) else None
+    if head is None:
+        return f"{type(hf).__name__} has no LM head (get_output_embeddings)"
+    if hasattr(head, "base_layer"):
+        return "the LM head carries an adapter (LoRA or trainable tokens): its logits are not W h + b"
+    head = getattr(head, "active_module", head)  # a head trained in full: the copy in use
+    if type(head) is not nn.Linear:
+        return f"the LM head is a {type(head).__name__}, not a plain nn.Linear (a 4-bit head, for one)"
+    if getattr(hf, "base_model", hf) is hf:
+        return f"{type(hf).__name__} has no backbone (base_model) whose output the head reads"
+    if "logits_to_keep" not in inspect.signature(hf.forward).parameters:
+        return f"{type(hf).__name__}.forward takes no logits_to_keep, so it would build every logit anyway"
+    config = getattr(hf, "config", None)
+    extras = [name for name in HEAD_EXTRAS if getattr(config, name, None) not in (None, 1, 1.0)]
+    if extras:
+        return f"the model's head does more than W h + b ({extras[0]})"
+    return None
+
+
+def causal_lm_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Linear]:
+    """(the final hidden states (B, T, H) that the head reads, the head in use) from one forward of
+    `model` whose head runs on one position per row."""
+    hf = transformers_model(model)
+    captured = []
+    hook = hf.base_model.register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+    finally:
+        hook.remove()
+    head = hf.get_output_embeddings()
+    return captured[-1], getattr(head, "active_module", head)
+
+
+def causal_lm_summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ of the per-token cross-entropies of one micro-batch (position t predicts t + 1), fp32, with
+    no (N, V) logits (see the module docstring); the caller checks `unavailable` first."""
+    hidden, head = causal_lm_hidden(model, batch)
+    return summed_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, batch["labels"][:, 1:])

@@ -1,0 +1,126 @@
+"""The chunked linear cross-entropy (minilora/train/chunked_loss.py): the same loss and gradients as
+the plain loss over full logits, no (N, V) tensor kept for the backward pass, the models it
+refuses and why, and the trainer's losses with it and without it."""
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+import pytest
+
+import minilora as ml
+from minilora.train import chunked_loss
+from minilora.train.data import Examples
+from minilora.train.task import Domain
+from minilora.train.trainer import TrainConfig, Trainer
+
+V = 300
+
+
+def relative(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_the_loss_and_its_gradients_equal_the_plain_ones(bias, chunk, monkeypatch):
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", chunk * V)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(V, 16, generator=g, requires_grad=True)
+    b = torch.randn(V, generator=g, requires_grad=True) if bias else None
+    labels = torch.randint(0, V, (37,), generator=g)
+    labels[::5] = -100
+    inputs = [hidden, weight] + ([b] if bias else [])
+    plain = F.cross_entropy(F.linear(hidden, weight, b), labels, ignore_index=-100, reduction="sum")
+    ours = chunked_loss.summed_linear_cross_entropy(hidden, weight, b, labels)
+    assert relative(ours, plain) < 1e-6
+    for got, expected in zip(torch.autograd.grad(ours * 0.3, inputs), torch.autograd.grad(plain * 0.3, inputs)):
+        assert relative(got, expected) < 1e-5
+
+
+def test_no_tensor_of_all_logits_is_kept_for_the_backward_pass():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(512, 16, generator=g, requires_grad=True)
+    weight = torch.randn(V, 16, generator=g)
+    labels = torch.randint(0, V, (512,), generator=g)
+    largest = {}
+
+    def measured(loss_fn):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            loss_fn()
+        return max(sizes)
+
+    largest["plain"] = measured(lambda: F.cross_entropy(hidden @ weight.t(), labels, reduction="sum"))
+    largest["chunked"] = measured(lambda: chunked_loss.summed_linear_cross_entropy(hidden, weight, None, labels))
+    assert largest["plain"] >= 512 * V and largest["chunked"] == 512 * 16  # ∂loss/∂H, the hidden states' size
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32, resid_pdrop=0,
+                                      embd_pdrop=0, attn_pdrop=0))
+
+
+def llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+MODELS = {
+    "gpt2 (tied head)": (gpt2, {"target_modules": ["c_attn"]}),
+    "llama": (llama, {"target_modules": ["q_proj", "v_proj"]}),
+    "llama, head trained in full": (llama, {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}),
+}
+
+
+def batch():
+    ids = torch.randint(0, V, (3, 11), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a masked prompt
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_models_loss_and_adapter_gradients_equal_the_plain_ones(name, monkeypatch):
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 5 * V)
+    make, config = MODELS[name]
+    model = ml.get_peft_model(make(), ml.LoraConfig(r=4, init_lora_weights=False, **config)).train()
+    assert chunked_loss.unavailable(model) is None
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = Domain().summed_loss(model, batch())
+    ours = Domain().summed_loss(model, batch(), chunked=True)
+    assert relative(ours, plain) < 1e-6
+    for got, expected in zip(torch.autograd.grad(ours, params), torch.autograd.grad(plain, params)):
+        assert relative(got, expected) < 1e-5
+
+
+def test_models_whose_logits_are_not_w_h_plus_b_keep_the_plain_loss():
+    on_head = ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert "the LM head carries an adapter" in chunked_loss.unavailable(on_head)
+    capped = llama()
+    capped.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping" in chunked_loss.unavailable(capped)
+    assert "has no LM head" in chunked_loss.unavailable(torch.nn.Linear(4, 4))
+
+
+def examples(n, seed):
+    ids = torch.randint(0, V, (n, 12), generator=torch.Generator().manual_seed(seed))
+    return Examples({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}, "domain")
+
+
+def test_the_trainer_gives_the_same_losses_with_and_without_it(tmp_path):
+    histories, logged = {}, []
+    for chunked in (True, False):
+        model = ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+        config = TrainConfig(steps=4, batch_size=4, eval_every=2, save_every=0, log_every=1, lr=1e-2,
+                             progressbar=False, chunked_loss=chunked)
+        result = Trainer(model, config, examples(16, 0), examples(8, 1), log=logged.append).train()
+        histories[chunked] = torch.tensor([r["val_loss"] for r in result.history], dtype=torch.float64)
+    torch.testing.assert_close(histories[True], histories[False], atol=1e-5, rtol=1e-5)
+    assert not any("plain loss" in line for line in logged)
+    Trainer(ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])),
+            TrainConfig(steps=1, batch_size=4, progressbar=False), examples(8, 0), examples(4, 1), log=logged.append)
+    assert any("the plain loss, with every logit at once: the LM head carries an adapter" in line for line in logged)
