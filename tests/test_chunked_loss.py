@@ -124,3 +124,29 @@ def test_the_trainer_gives_the_same_losses_with_and_without_it(tmp_path):
     Trainer(ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])),
             TrainConfig(steps=1, batch_size=4, progressbar=False), examples(8, 0), examples(4, 1), log=logged.append)
     assert any("the plain loss, with every logit at once: the LM head carries an adapter" in line for line in logged)
+
+
+def test_transformers_trainer_gets_the_same_losses_with_use_chunked_loss(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer as HFTrainer, TrainingArguments
+
+    from minilora.train import use_chunked_loss
+
+    ids = torch.randint(3, V, (8, 12), generator=torch.Generator().manual_seed(3))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    losses = {}
+    for chunked in (False, True):
+        model = ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+        if chunked:
+            assert use_chunked_loss(model) is model
+        args = TrainingArguments(output_dir=str(tmp_path / str(chunked)), max_steps=3, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to="none", save_strategy="no", logging_steps=1,
+                                 use_cpu=True, seed=0, disable_tqdm=True)
+        trainer = HFTrainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses[chunked] = torch.tensor([e["loss"] for e in trainer.state.log_history if "loss" in e])
+    assert len(losses[True]) == 3
+    torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="use_chunked_loss: the LM head carries an adapter"):
+        use_chunked_loss(ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])))

@@ -139,3 +139,38 @@ def causal_lm_summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> t
     no (N, V) logits (see the module docstring); the caller checks `unavailable` first."""
     hidden, head = causal_lm_hidden(model, batch)
     return summed_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, batch["labels"][:, 1:])
+
+
+def use_chunked_loss(model: nn.Module) -> nn.Module:
+    """Make `model(..., labels=...)` compute its loss chunked, for training loops that read
+    `outputs.loss` (transformers' Trainer, TRL's): the transformers model's forward is wrapped, in
+    place, so that with `labels` its head runs on the last position only (`outputs.logits` is
+    (B, 1, V)) and `outputs.loss` is the mean cross-entropy over the shifted labels (divided by
+    `num_items_in_batch` when the Trainer passes it). Without labels the forward is the model's own.
+    Refused, with the reason, for a model whose logits are not W h + b (see `unavailable`)."""
+    reason = unavailable(model)
+    if reason is not None:
+        raise ValueError(f"use_chunked_loss: {reason}; keep the model's own loss")
+    hf = transformers_model(model)
+    original = hf.forward
+
+    def forward(*args, labels: Optional[torch.Tensor] = None, num_items_in_batch=None, **kwargs):
+        if labels is None:
+            return original(*args, **kwargs)
+        captured = []
+        hook = hf.base_model.register_forward_hook(lambda module, inputs, out: captured.append(out[0]))
+        try:
+            out = original(*args, **{**kwargs, "logits_to_keep": 1})
+        finally:
+            hook.remove()
+        head = hf.get_output_embeddings()
+        head = getattr(head, "active_module", head)
+        labels = labels[:, 1:].to(captured[-1].device)
+        total = summed_linear_cross_entropy(captured[-1][:, :-1], head.weight, head.bias, labels)
+        count = num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE).sum()
+        out.loss = total / torch.as_tensor(count, device=total.device).clamp(min=1)
+        return out
+
+    forward.__signature__ = inspect.signature(original)  # what the Trainer reads: the model's own inputs
+    hf.forward = forward
+    return model
