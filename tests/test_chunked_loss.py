@@ -150,3 +150,26 @@ def test_transformers_trainer_gets_the_same_losses_with_use_chunked_loss(tmp_pat
     torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="use_chunked_loss: the LM head carries an adapter"):
         use_chunked_loss(ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])))
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients():
+    grads = {}
+    for checkpointing in (False, True):
+        model = ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+        config = TrainConfig(steps=1, batch_size=4, progressbar=False, gradient_checkpointing=checkpointing)
+        trainer = Trainer(model, config, examples(8, 0), examples(4, 1), log=lambda line: None)
+        assert model.get_base_model().is_gradient_checkpointing == checkpointing
+        model.train()
+        recomputed = []
+        layer = model.get_base_model().model.layers[0].self_attn.q_proj
+        hook = layer.register_forward_hook(lambda *args: recomputed.append(1))
+        loss = Domain().summed_loss(model, {k: v for k, v in examples(4, 2).tensors.items()}, chunked=True)
+        loss.backward()
+        hook.remove()
+        assert len(recomputed) == (2 if checkpointing else 1)  # checkpointed: its forward runs again in backward
+        grads[checkpointing] = [p.grad.clone() for p in trainer.params]
+    for with_, without in zip(grads[True], grads[False]):
+        assert relative(with_, without) < 1e-6
+    with pytest.raises(ValueError, match="has no gradient_checkpointing_enable"):
+        Trainer(torch.nn.Linear(2, 2), TrainConfig(gradient_checkpointing=True), examples(8, 0), examples(4, 1))

@@ -50,6 +50,7 @@ class TrainConfig:
     progressbar: bool = True  # a tqdm progress bar (PEFT's word; `progress=` still works for one release)
     seed: int = 0
     chunked_loss: bool = True  # a causal LM's loss over chunks of tokens, never all logits at once (chunked_loss.py)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass (non-reentrant)
     # the settings only the task has: its settings class (a dict of its fields is taken too), e.g.
     # PreferenceSettings(loss="ipo", beta=0.5) for task="preference"; None: the class's defaults
     task_settings: Any = None
@@ -107,7 +108,8 @@ class TrainConfig:
         among them: what a resumed run must match."""
         general = {f.name: getattr(self, f.name) for f in fields(self)
                    if f.name not in ("progressbar", "progress", "task_settings") and "moved_to" not in f.metadata}
-        general.pop("chunked_loss")  # the same loss either way (to 1e-5): a run may resume with the other
+        for same_numbers in ("chunked_loss", "gradient_checkpointing"):  # the same losses either way: a run
+            general.pop(same_numbers)  # may resume with the other
         return {**general, **(asdict(self.task_settings) if self.task_settings is not None else {})}
 
     def check(self) -> None:

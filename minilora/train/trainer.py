@@ -71,6 +71,17 @@ class Interrupted(Exception):
     """Ctrl-C stopped a run after writing its checkpoint; the message says how to continue."""
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing through the transformers model's own switch, non-reentrant: each
+    layer keeps its input only and recomputes the rest in the backward pass. Refused for a model
+    without the switch."""
+    hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(hf).__name__} has no gradient_checkpointing_enable; "
+                         "train without --gradient-checkpointing")
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Trainer:
     """Trains the parameters of `model` that require grad. See the module docstring."""
 
@@ -92,6 +103,8 @@ class Trainer:
             raise ValueError("the training set is empty")
         check_batch(config, len(train), self.procs.world)
         model.to(self.procs.device)
+        if config.gradient_checkpointing:
+            enable_checkpointing(model)
         self.sharded = config.parallel == "fsdp"
         if self.sharded:
             fsdp.shard_model(model, self.procs)
