@@ -173,3 +173,36 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients():
         assert relative(with_, without) < 1e-6
     with pytest.raises(ValueError, match="has no gradient_checkpointing_enable"):
         Trainer(torch.nn.Linear(2, 2), TrainConfig(gradient_checkpointing=True), examples(8, 0), examples(4, 1))
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo"])
+def test_preference_losses_kl_and_gradients_equal_the_plain_ones(loss, monkeypatch):
+    from minilora.train.distributed import Processes
+    from minilora.train.preference import PreferenceObjective
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 5 * V)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, V, (3, 2, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :, :4] = -100  # the prompt
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    results = {}
+    for chunked in (False, True):
+        model = ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         modules_to_save=["lm_head"], init_lora_weights=False))
+        with torch.no_grad():  # a trained head copy: the reference's head is the original
+            model.get_base_model().lm_head.modules_to_save["default"].weight.mul_(1.1)
+        config = TrainConfig(task="preference", chunked_loss=chunked, task_settings={"loss": loss})
+        objective = PreferenceObjective(model, config, Processes())
+        assert objective.chunked == chunked
+        losses, reward, logps, kl = objective.per_pair(batch, keep_logits=True)
+        grads = torch.autograd.grad(losses.sum(), [p for p in model.parameters() if p.requires_grad])
+        results[chunked] = (losses, reward, kl, grads)
+    plain, ours = results[False], results[True]
+    for got, expected in zip(ours[:2], plain[:2]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (ours[2] is None) == (plain[2] is None) == (loss == "simpo")
+    if loss != "simpo":
+        torch.testing.assert_close(ours[2], plain[2], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(ours[3], plain[3]):
+        assert relative(got, expected) < 1e-5

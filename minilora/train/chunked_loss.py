@@ -58,9 +58,7 @@ class SummedLinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], labels[start:start + chunk]  # (C, H), (C,)
-            z = (h @ weight.t()).float()  # (C, V): the head in the compute dtype, the loss in fp32
-            if bias is not None:
-                z += bias.float()
+            z = _logits(h, weight, bias)  # (C, V): the head in the compute dtype, the loss in fp32
             lse = torch.logsumexp(z, dim=-1)  # (C,)
             total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
             if want_h or want_w or want_b:
@@ -90,6 +88,71 @@ def summed_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     scored = labels != IGNORE
     return SummedLinearCrossEntropy.apply(hidden[scored], weight, bias, labels[scored], chunk_tokens(weight.shape[0]))
+
+
+class TokenLogProbs(torch.autograd.Function):
+    r"""log p(y_i | h_i) = z_{i,y_i} − logsumexp_v z_iv for hidden (N, H), labels (N,): (N,) in fp32.
+
+    Each token's log-prob reaches the loss with its own weight (a DPO loss weighs each answer's
+    tokens by that pair's sigmoid), unknown in the forward pass: the backward pass computes the
+    logits again, chunk by chunk, with ∂ log p_i/∂z_i = e_{y_i} − softmax(z_i) scaled by the
+    incoming gradient of token i."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk: int) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            z = _logits(hidden[start:start + chunk], weight, bias)
+            y = labels[start:start + chunk]
+            out[start:start + chunk] = z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h, y = hidden[start:start + ctx.chunk], labels[start:start + ctx.chunk]
+            g = torch.softmax(_logits(h, weight, bias), dim=-1).neg_()  # ∂ log p/∂z = onehot − softmax
+            g[torch.arange(len(y), device=g.device), y] += 1.0
+            g *= grad_out[start:start + ctx.chunk, None].float()
+            if want_h:
+                grad_h[start:start + ctx.chunk] = g.to(weight.dtype) @ weight
+            if want_w:
+                grad_w += g.t() @ h.float()
+            if want_b:
+                grad_b += g.sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if want_w else None,
+                grad_b.to(bias.dtype) if want_b else None, None, None)
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """One chunk's logits (C, V): the head in the compute dtype, fp32 after."""
+    z = (h @ weight.t()).float()
+    return z + bias.float() if bias is not None else z
+
+
+def token_logps(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """log p(y_i) of each token (N,) in fp32 (labels all scored), without the (N, V) logits."""
+    return TokenLogProbs.apply(hidden, head.weight, head.bias, labels, chunk_tokens(head.weight.shape[0]))
+
+
+@torch.no_grad()
+def kl_sum(hidden: torch.Tensor, head: nn.Linear, ref_hidden: torch.Tensor, ref_head: nn.Linear) -> torch.Tensor:
+    """Σ_i KL(p_i ‖ q_i) = Σ_i Σ_v p_iv (log p_iv − log q_iv), p from (hidden, head), q from the
+    reference's; chunk by chunk, fp32."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    chunk = chunk_tokens(head.weight.shape[0])
+    for start in range(0, hidden.shape[0], chunk):
+        log_p = _logits(hidden[start:start + chunk], head.weight, head.bias).log_softmax(-1)
+        log_q = _logits(ref_hidden[start:start + chunk], ref_head.weight, ref_head.bias).log_softmax(-1)
+        total += (log_p.exp() * (log_p - log_q)).sum()
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- the model

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import chunked_loss
+from .chunked_loss import causal_lm_hidden
 from .data import IGNORE, DataError, Examples, Tokens
 from .distributed import Processes, all_reduce_sum
 from .loss import PREFERENCE_LOSSES, dpo_loss, ipo_loss, simpo_loss
@@ -142,36 +144,46 @@ def _padded(pairs: list[list[list[int]]], length: int, value: int) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- log-probs
-def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor],
-                   keep_logits: bool = False) -> tuple[torch.Tensor, ...]:
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool = False,
+                   chunked: bool = False) -> tuple[torch.Tensor, ...]:
     """(log π(y|x) (P, 2) fp32, response token counts (P, 2)) of each pair's chosen and rejected answer,
-    both in one forward pass of S = 2P rows; with `keep_logits`, also the fp32 logits of the scored
-    positions (n_scored, V), for the KL."""
+    both in one forward pass of S = 2P rows; with `keep_logits`, also what the KL needs of the scored
+    positions: their fp32 logits (n_scored, V), or, `chunked`, their hidden states and the head
+    (chunked_loss.py: no (S·T, V) logits at all, the log-probs computed chunk by chunk)."""
     n_pairs = batch["input_ids"].shape[0]
     ids = batch["input_ids"].flatten(0, 1)  # (P, 2, T) -> (S, T)
     mask = batch["attention_mask"].flatten(0, 1)
     # position t predicts token t+1; the last position predicts nothing. Shifting the targets, not the
     # logits, keeps the logits one contiguous (S·T, V) block: no copy of the largest tensor of the step.
     targets = F.pad(batch["labels"].flatten(0, 1)[:, 1:], (0, 1), value=IGNORE).flatten()  # (S·T,)
-    logits = model(input_ids=ids, attention_mask=mask).logits.flatten(0, 1).float()  # (S·T, V)
-    token_logps = -F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")  # (S·T,), 0 where ignored
     scored = targets != IGNORE  # (S·T,)
+    if chunked:
+        hidden, head = causal_lm_hidden(model, {"input_ids": ids, "attention_mask": mask})
+        hidden = hidden.flatten(0, 1)[scored]  # (n_scored, H)
+        token_logps = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
+        token_logps = token_logps.masked_scatter(scored, chunked_loss.token_logps(hidden, head, targets[scored]))
+        kept = (hidden, head)
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits.flatten(0, 1).float()  # (S·T, V)
+        token_logps = -F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")  # 0 where ignored
+        kept = logits[scored] if keep_logits else None  # (n_scored, V)
     logps = token_logps.view(n_pairs, 2, -1).sum(-1)  # (P, 2)
     counts = scored.view(n_pairs, 2, -1).sum(-1)
     if keep_logits:
-        return logps, counts, logits[scored]  # (n_scored, V)
+        return logps, counts, kept
     return logps, counts
 
 
 @torch.no_grad()
-def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool = False):
+def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool = False,
+                    chunked: bool = False):
     """`sequence_logps` of the reference policy: the same model with its adapter switched off, in
     eval mode, without gradients. Exactly the base model's numbers."""
     was_training = model.training
     model.eval()
     try:
         with model.disable_adapter():
-            return sequence_logps(model, batch, keep_logits)
+            return sequence_logps(model, batch, keep_logits, chunked)  # chunked: the head in use, the original
     finally:
         model.train(was_training)
 
@@ -184,6 +196,7 @@ class PreferenceObjective:
         self.model, self.config, self.procs = model, config, procs
         self.settings: PreferenceSettings = config.task_settings
         self.uses_reference = self.settings.loss not in REFERENCE_FREE
+        self.chunked = config.chunked_loss and chunked_loss.unavailable(model) is None  # no (S·T, V) logits
         if self.uses_reference and not callable(getattr(model, "disable_adapter", None)):
             raise ValueError(f"--task preference with loss {self.settings.loss!r} needs a model with an adapter: its reference "
                              "policy is the model with the adapter switched off, and this model has none to switch "
@@ -200,7 +213,7 @@ class PreferenceObjective:
         for i in range(0, len(rows), self.config.eval_batch_size):
             index = rows[i:i + self.config.eval_batch_size]
             batch = {k: v.to(self.procs.device) for k, v in examples.rows(index).items()}
-            ref[index.to(self.procs.device)] = reference_logps(self.model, batch)[0]
+            ref[index.to(self.procs.device)] = reference_logps(self.model, batch, chunked=self.chunked)[0]
         ref = all_reduce_sum(ref, self.procs).cpu()
         return Examples({**examples.tensors, "ref_logps": ref}, examples.task, examples.label_names)
 
@@ -210,8 +223,8 @@ class PreferenceObjective:
         cfg = self.settings
         reference = None  # the reference first: its forward pass's memory is free again before the policy's
         if self.uses_reference and ("ref_logps" not in batch or keep_logits):
-            reference = reference_logps(self.model, batch, keep_logits)
-        policy = sequence_logps(self.model, batch, keep_logits)
+            reference = reference_logps(self.model, batch, keep_logits, self.chunked)
+        policy = sequence_logps(self.model, batch, keep_logits, self.chunked)
         logps, counts = policy[0], policy[1]
         if cfg.loss == "simpo":
             loss = simpo_loss(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1], cfg.beta, cfg.simpo_gamma)
@@ -222,7 +235,9 @@ class PreferenceObjective:
         else:
             loss = ipo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1], cfg.beta)
         kl = None
-        if keep_logits:  # Σ_t Σ_v π log(π / π_ref) over the response tokens; (n_scored, V) -> scalar
+        if keep_logits and self.chunked:  # Σ_t Σ_v π log(π / π_ref), chunk by chunk from the hidden states
+            kl = chunked_loss.kl_sum(*policy[2], *reference[2])
+        elif keep_logits:  # the same from the logits (n_scored, V) -> scalar
             policy_logp, ref_logp = policy[2].log_softmax(-1), reference[2].log_softmax(-1)
             kl = (policy_logp.exp() * (policy_logp - ref_logp)).sum()
         return loss, cfg.beta * (logps.detach() - ref), logps, kl
