@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .data import IGNORE
+from .data import IGNORE, model_inputs
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (C · V): 128 MiB in fp32
 HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -190,7 +190,7 @@ def causal_lm_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     captured = []
     hook = hf.base_model.register_forward_hook(lambda module, args, out: captured.append(out[0]))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+        model(**model_inputs(batch), logits_to_keep=1)
     finally:
         hook.remove()
     head = hf.get_output_embeddings()

@@ -204,6 +204,13 @@ def instruction_prompt(instruction: str, input_text: str = "") -> str:
     return prompt + "Output: "
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """What the model reads of a batch: input_ids, and attention_mask or (packed rows, packing.py)
+    position_ids, with no cache: transformers keeps packed examples apart only without one."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    return {**inputs, "use_cache": False} if "position_ids" in inputs else inputs
+
+
 def pad_rows(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
     """Rows of ids, each filled with `value` to `length`: (N, length)."""
     return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)

@@ -23,6 +23,7 @@ from ..config import LoraConfig
 from ..files import atomic_write, read_json_object
 from ..adapter_files import read_config_file
 from .. import hf_dir, presets
+from . import packing
 from ..model import get_peft_model
 from ..params import format_trainable
 from ..surgery import TASK_HEADS
@@ -53,6 +54,7 @@ class JobSettings:
     qlora: bool = False  # store the base in 4-bit NF4 (double-quantized scales)
     tokenizer: str = "auto"  # auto: the model's own | bytes: 256 byte values
     seq_len: int = 128  # tokens per example
+    pack: bool = False  # several examples per row, none padded (packing.py): domain and instruction tuning
     resume: bool = False  # continue the run in `out` from its checkpoint
     overwrite: bool = False  # delete the run in `out` and start again
 
@@ -70,6 +72,8 @@ def check(s: JobSettings, t: TrainConfig) -> None:
                         "save_pretrained")
     if s.preset is not None and s.preset not in presets.PRESETS:
         raise ValueError(f"unknown preset {s.preset!r}; choose from {', '.join(presets.PRESETS)} (or pass --config)")
+    if s.pack and t.task not in packing.PACKABLE_TASKS:
+        raise ValueError(f"--pack packs {' and '.join(packing.PACKABLE_TASKS)} rows, not --task {t.task}: drop --pack")
     if s.preset and s.config:
         raise ValueError("--preset and --config both choose the adapters: pass one of them")
     if s.preset == "article" and not task_named(t.task).causal_lm:
@@ -160,10 +164,15 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
     else:
         train, val = train.split(s.val_fraction, seed=t.seed)
         log(f"validation: {len(val)} of the {len(train) + len(val)} examples of {s.data} held out")
+    if s.pack:  # the batch counts packed rows
+        train, val = packing.pack(train, s.seq_len, tokens.pad_id or 0), packing.pack(val, s.seq_len, tokens.pad_id or 0)
+        log(f"packed: {len(train)} rows of {s.seq_len} tokens hold the training examples")
     check_batch(t, len(train), procs.world)
     retain = retain_examples(s.retain, t.task, tokens, s.seq_len, labels) if s.retain else None
     replay_file = s.replay or s.retain
     replay = retain_examples(replay_file, t.task, tokens, s.seq_len, labels) if t.replay_ratio > 0 else None
+    if replay is not None and s.pack:
+        replay = packing.pack(replay, s.seq_len, tokens.pad_id or 0)  # rows of the training rows' kind
 
     torch.manual_seed(t.seed)  # a new head and the adapters start the same in every run and every process
     model = load_model(s, t.task, len(labels) if labels else None, log)
@@ -171,6 +180,8 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
     if tokens.vocab_size > vocab:
         raise DataError(f"the tokenizer has {tokens.vocab_size} tokens but the model's embedding only {vocab}; "
                         "use the model's own tokenizer")
+    if s.pack:
+        packing.check_model(model)
     model = get_peft_model(model, lora_config(s, t.task))
     log(format_trainable(*model.get_nb_trainable_parameters()))
     trainer = Trainer(model, t, train, val, retain, replay, out=out, log=log, processes=procs)

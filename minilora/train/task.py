@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chunked_loss import causal_lm_summed_loss
-from .data import IGNORE, DataError, Examples, Tokens, existing, instruction_prompt, pad_rows, read_jsonl, read_text, \
-    text_windows
+from .data import IGNORE, DataError, Examples, Tokens, existing, instruction_prompt, model_inputs, pad_rows, read_jsonl, \
+    read_text, text_windows
 
 
 class Task:
@@ -86,7 +86,7 @@ class Task:
         logits (chunked_loss.py; the caller has checked that the model allows it)."""
         if chunked:
             return causal_lm_summed_loss(model, batch)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, T−1, V)
+        logits = model(**model_inputs(batch)).logits[:, :-1]  # (B, T−1, V)
         return cross_entropy_sum(logits, batch["labels"][:, 1:])
 
     def objective(self, model: nn.Module, config, procs):
