@@ -68,7 +68,7 @@ def run_dpo(s, base, domain_val: Examples, retain: Examples, log: Callable[[str]
     config = TrainConfig(task="preference", task_settings=PreferenceSettings(loss="dpo", beta=BETA),
                          steps=s.finetune_steps, batch_size=s.batch_size, lr=s.lr_lora * LR_FRACTION,
                          eval_every=s.eval_every, save_every=s.eval_every, forgetting_budget=FORGETTING_BUDGET,
-                         progressbar=s.progressbar, seed=s.seed)
+                         progressbar=s.progressbar, seed=s.seed, chunked_loss=False)  # as synthetic.py
     resume = (run_dir / "checkpoint.pt").is_file() and not s.overwrite
     checkpoint.prepare(run_dir, {"strategy": NAME, **config.settings()}, resume, overwrite=not resume)
     trainer = Trainer(model, config, train, held_out, retain, out=run_dir, log=lambda line: None)

@@ -55,7 +55,8 @@ from .settings import ALL_STRATEGIES, REPLAY_RATIO, DemoSettings, check_out, pea
 def _train_config(s: DemoSettings, steps: int, lr: float, paged: bool = False) -> TrainConfig:
     return TrainConfig(task="domain", steps=steps, batch_size=s.batch_size, lr=lr, eval_every=s.eval_every,
                        save_every=s.eval_every, optimizer="paged_adamw" if paged else "adamw",
-                       forgetting_budget=s.forgetting_budget, progressbar=s.progressbar, seed=s.seed)
+                       forgetting_budget=s.forgetting_budget, progressbar=s.progressbar, seed=s.seed,
+                       chunked_loss=False)  # 256 byte tokens: no logits worth chunking; the README's numbers
 
 
 def pretrained_base(s: DemoSettings, general, retain, log) -> GPT2LMHeadModel:
