@@ -159,7 +159,7 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients():
                                                          init_lora_weights=False))
         config = TrainConfig(steps=1, batch_size=4, progressbar=False, gradient_checkpointing=checkpointing)
         trainer = Trainer(model, config, examples(8, 0), examples(4, 1), log=lambda line: None)
-        assert model.get_base_model().is_gradient_checkpointing == checkpointing
+        assert model.get_base_model().is_activation_checkpointing == checkpointing
         model.train()
         recomputed = []
         layer = model.get_base_model().model.layers[0].self_attn.q_proj
