@@ -21,8 +21,8 @@ of the hidden states themselves.
 The hidden states come from the model's own forward with `logits_to_keep=1` (its head then runs on
 one position per row), read at the output of its backbone (`base_model`); LoRA layers, trained
 copies and routing act as in any forward. A model whose head does more than `W h + b` (Gemma's
-soft-capping, a logit scale), a LoRA adapter on the head, a 4-bit head or a forward without
-`logits_to_keep` keeps the plain loss, for the reason `unavailable` gives.
+soft-capping, a logit scale), a LoRA adapter on the head, a 4-bit head, a head sharded by FSDP or a
+forward without `logits_to_keep` keeps the plain loss, for the reason `unavailable` gives.
 """
 
 from __future__ import annotations
@@ -172,6 +172,8 @@ def unavailable(model: nn.Module) -> Optional[str]:
     head = getattr(head, "active_module", head)  # a head trained in full: the copy in use
     if type(head) is not nn.Linear:
         return f"the LM head is a {type(head).__name__}, not a plain nn.Linear (a 4-bit head, for one)"
+    if any(type(t.data).__name__ == "DTensor" for t in (head.weight, head.bias) if t is not None):
+        return "the LM head's weight is sharded (FSDP), whole only inside the model's forward"
     if getattr(hf, "base_model", hf) is hf:
         return f"{type(hf).__name__} has no backbone (base_model) whose output the head reads"
     if "logits_to_keep" not in inspect.signature(hf.forward).parameters:
