@@ -125,13 +125,16 @@ def test_a_trl_trainer_gives_peft_s_losses_on_the_same_adapter(name, adapters, t
         torch.testing.assert_close(trained[key], value, atol=1e-4, rtol=1e-4, msg=key)
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo"])
+@pytest.mark.parametrize("name", CASES)
 def test_peft_config_takes_a_minilora_config(name, tmp_path):
     _, ours_class, kind, make_args, data = CASES[name]
-    config = minilora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    task_type, wrapper = ("SEQ_CLS", minilora.PeftModelForSequenceClassification) if kind == "classifier" \
+        else ("CAUSAL_LM", minilora.PeftModelForCausalLM)
+    extra = {"reward_funcs": reward_of_length} if name == "grpo" else {}
+    config = minilora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type=task_type)
     trainer = run(ours_class, model=base(kind), args=make_args(tmp_path), train_dataset=data(),
-                  processing_class=tokenizer(), peft_config=config)
-    assert isinstance(trainer.model, minilora.LoraModel) and len(losses(trainer)) == 3
+                  processing_class=tokenizer(), peft_config=config, **extra)
+    assert isinstance(trainer.model, wrapper) and len(losses(trainer)) == 3
     assert getattr(trainer, "ref_model", None) is None
     trainer.save_model(str(tmp_path / "adapter"))
     reloaded = peft.PeftModel.from_pretrained(base(kind), tmp_path / "adapter")  # PEFT reads the checkpoint
