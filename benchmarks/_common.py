@@ -39,6 +39,14 @@ def training_step(model, ids: torch.Tensor, autocast: Optional[torch.dtype] = No
     return run
 
 
+def rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
 def write_results(out: Path, table: list[str], data: dict) -> None:
     """Print the markdown table; write it to <out>.md and `data` to <out>.json."""
     print("\n".join(table))

@@ -4,6 +4,8 @@
 
 Peers, all measured in the same run:
   disabled_adapter  minilora's reference: the same model inside disable_adapter(), under no_grad
+  chunked           disabled_adapter with the chunked log-probs (minilora/train/chunked_loss.py, the
+                    trainer's default): no (S·T, V) logits in either pass
   frozen_copy       a second frozen copy of the base as the reference (what TRL does for a model it
                     does not recognise as PEFT's)
   mixed_batch       policy and reference rows in one forward pass (adapter_names with "__base__"
@@ -16,7 +18,11 @@ Step time: medians over --repeats rounds, the peers interleaved in a new shuffle
 all in this process. Peak memory: each peer in a fresh process (`--memory PEER`), which builds its
 models, takes two steps and reports its peak resident set size (VmHWM) and how far it rose above
 the process's size after its imports (the memory the step itself needs: model copies, activations,
-optimizer state). Prints ratios to frozen_copy and writes benchmarks/results/dpo_step.{json,md}.
+optimizer state; and also what the process's first steps page in of torch's own code and what the
+allocator keeps, the same for every peer). Then, in the same process, a third step's tensors counted
+storage by storage (fsdp_memory.LiveBytes: the peer's models, optimizer state and batch, plus the
+most bytes the step holds at once), which leaves out that common part. Prints ratios to frozen_copy
+and writes benchmarks/results/dpo_step.{json,md}.
 """
 
 from __future__ import annotations
@@ -37,18 +43,11 @@ import minilora
 from minilora.train.data import IGNORE
 from minilora.train.loss import dpo_loss
 from minilora.train.preference import reference_logps, sequence_logps
-from _common import RESULTS, interleaved_medians, write_results
+from _common import RESULTS, interleaved_medians, rss_mb, write_results
+from fsdp_memory import LiveBytes
 
-PEERS = ("disabled_adapter", "frozen_copy", "mixed_batch", "precomputed")
+PEERS = ("disabled_adapter", "chunked", "frozen_copy", "mixed_batch", "precomputed")
 BETA = 0.1
-
-
-def rss_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def base_model(args) -> LlamaForCausalLM:
@@ -102,30 +101,50 @@ def build(peer: str, args):
         if peer == "mixed_batch":
             policy, ref = mixed_logps(model, batch)
         else:
-            if peer == "disabled_adapter":  # the reference first, as the trainer does (its memory is free again)
-                ref = reference_logps(model, batch)[0]
+            chunked = peer == "chunked"
+            if peer in ("disabled_adapter", "chunked"):  # the reference first, as the trainer does (its memory
+                ref = reference_logps(model, batch, chunked=chunked)[0]  # is free again)
             elif peer == "frozen_copy":
                 with torch.no_grad():
                     ref = sequence_logps(reference, batch)[0]
             else:
                 ref = table
-            policy = sequence_logps(model, batch)[0]
+            policy = sequence_logps(model, batch, chunked=chunked)[0]
         loss = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], BETA).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step, model
+    held = [model, optimizer, batch, table, reference]
+    return step, model, held
+
+
+def counted_bytes(held: list) -> list[torch.Tensor]:
+    """The tensors a peer keeps between steps: its models' weights, optimizer state, batch, table."""
+    tensors = []
+    for item in held:
+        if isinstance(item, torch.nn.Module):
+            tensors += [*item.parameters(), *item.buffers()]
+        elif isinstance(item, torch.optim.Optimizer):
+            tensors += [t for state in item.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        elif isinstance(item, dict):
+            tensors += list(item.values())
+        elif isinstance(item, torch.Tensor):
+            tensors.append(item)
+    return tensors
 
 
 def measure_memory(peer: str, args) -> None:
     """In a fresh process: peak RSS of building one peer and taking two steps, printed as JSON."""
     before = rss_mb("VmRSS")
-    step, _ = build(peer, args)
+    step, _, held = build(peer, args)
     losses = [step(), step()]
-    print(json.dumps({"peer": peer, "peak_rss_mb": rss_mb("VmHWM"), "after_imports_mb": before,
-                      "step_mb": rss_mb("VmHWM") - before, "losses": losses}))
+    peak_rss = rss_mb("VmHWM")
+    with LiveBytes(counted_bytes(held)) as live:  # a third step, its tensors counted storage by storage
+        step()
+    print(json.dumps({"peer": peer, "peak_rss_mb": peak_rss, "after_imports_mb": before,
+                      "step_mb": peak_rss - before, "counted_mb": live.peak / 2**20, "losses": losses}))
 
 
 def main() -> None:
@@ -153,26 +172,30 @@ def main() -> None:
         memory[peer] = json.loads(done.stdout.strip().splitlines()[-1])
     steps = {peer: build(peer, args) for peer in PEERS}
     adapter = {peer: [p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n]
-               for peer, (_, model) in steps.items()}
-    first = {peer: fn() for peer, (fn, _) in steps.items()}  # the same loss from every way of getting the reference
-    for peer, (_, model) in steps.items():  # and every way trains the adapter
+               for peer, (_, model, _) in steps.items()}
+    first = {peer: fn() for peer, (fn, _, _) in steps.items()}  # the same loss from every way of getting the reference
+    for peer, (_, model, _) in steps.items():  # and every way trains the adapter
         after = [p for n, p in model.named_parameters() if "lora_B" in n]
         assert all(not torch.equal(a, b) for a, b in zip(adapter[peer], after)), f"{peer}: the adapter did not train"
-    times = interleaved_medians({peer: fn for peer, (fn, _) in steps.items()}, repeats=args.repeats)
+    times = interleaved_medians({peer: fn for peer, (fn, _, _) in steps.items()}, repeats=args.repeats)
 
     peer0 = "frozen_copy"
     table = [f"One DPO step, LLaMA-style hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, LoRA r={args.r} "
              f"on q, k, v, o; {args.pairs} pairs of {args.seq} tokens; CPU, fp32; medians of {args.repeats}.", "",
-             "| reference | step time (× frozen_copy) | peak RSS MB | step memory MB (× frozen_copy) | first loss |",
-             "|---|---:|---:|---:|---:|"]
+             "| reference | step time (× frozen_copy) | peak RSS MB | step memory MB (× frozen_copy) "
+             "| counted MB (× frozen_copy) | first loss |",
+             "|---|---:|---:|---:|---:|---:|"]
     for peer in PEERS:
         m = memory[peer]
         table.append(f"| {peer} | {times[peer] / times[peer0]:.2f} | {m['peak_rss_mb']:.0f} | {m['step_mb']:.0f} "
-                     f"({m['step_mb'] / memory[peer0]['step_mb']:.2f}) | {first[peer]:.6f} |")
+                     f"({m['step_mb'] / memory[peer0]['step_mb']:.2f}) | {m['counted_mb']:.0f} "
+                     f"({m['counted_mb'] / memory[peer0]['counted_mb']:.2f}) | {first[peer]:.6f} |")
     write_results(args.out, table, {"settings": vars(args), "seconds": times, "memory": memory, "first_loss": first,
                                     "time_ratio_to_frozen_copy": {k: times[k] / times[peer0] for k in PEERS},
                                     "step_memory_ratio_to_frozen_copy": {
-                                        k: memory[k]["step_mb"] / memory[peer0]["step_mb"] for k in PEERS}})
+                                        k: memory[k]["step_mb"] / memory[peer0]["step_mb"] for k in PEERS},
+                                    "counted_memory_ratio_to_frozen_copy": {
+                                        k: memory[k]["counted_mb"] / memory[peer0]["counted_mb"] for k in PEERS}})
 
 
 if __name__ == "__main__":

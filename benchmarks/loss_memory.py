@@ -8,6 +8,10 @@ layer but the head, B not zero):
   minilora_plain    minilora's model and its plain loss (every logit at once, in fp32)
   minilora_chunked  minilora's model and the chunked loss (minilora/train/chunked_loss.py)
 
+With --checkpointing-seq T (2,048 by default; 0 skips it), a second table: minilora chunked at vocab
+128,256 on rows of T tokens, without and with activation checkpointing (TrainConfig.gradient_checkpointing:
+the model's own gradient_checkpointing_enable, non-reentrant), same memory and time measures.
+
 Peak step memory: the most bytes of tensor storage alive at once during one forward + backward,
 counted storage by storage by a dispatch mode (fsdp_memory.LiveBytes; not RSS, which the allocator's
 caching blurs), minus the model's own parameters and buffers. Step time: medians over --repeats
@@ -26,6 +30,7 @@ from transformers.utils import logging as hf_logging
 
 import minilora
 from minilora.train.task import Domain
+from minilora.train.trainer import enable_checkpointing
 from _common import RESULTS, interleaved_medians, write_results
 from fsdp_memory import LiveBytes
 
@@ -68,6 +73,31 @@ def peak_step_bytes(model_, run) -> int:
     return live.peak - base
 
 
+def checkpointing_rows(args) -> tuple[list[str], dict]:
+    """Rows of the checkpointing table: minilora chunked without and with activation checkpointing."""
+    vocab, seq = 128256, args.checkpointing_seq
+    lora_model = model(minilora, vocab, args.hidden, args.layers, args.r)
+    hf = lora_model.get_base_model()
+    ids = torch.randint(0, vocab, (args.rows, seq), generator=torch.Generator().manual_seed(1))
+    chunked = steps({"minilora": lora_model}, ids)["minilora_chunked"]
+
+    def step(checkpointing: bool):
+        def run():
+            if checkpointing:
+                enable_checkpointing(lora_model)
+            else:
+                hf.gradient_checkpointing_disable()
+            chunked()
+        return run
+
+    runs = {"without": step(False), "with": step(True)}
+    memory = {name: peak_step_bytes(lora_model, run) for name, run in runs.items()}
+    seconds = interleaved_medians(runs, args.repeats)
+    rows = [f"| {name} | {memory[name] / 2**30:.2f} | {memory[name] / memory['without']:.2f} | {seconds[name]:.2f} | "
+            f"{seconds[name] / seconds['without']:.2f} |" for name in runs]
+    return rows, {"vocab": vocab, "seq": seq, "peak_step_bytes": memory, "step_seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -77,6 +107,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocabs", type=int, nargs="+", default=list(VOCABS))
+    parser.add_argument("--checkpointing-seq", type=int, default=2048)
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(torch.get_num_threads())
@@ -98,6 +129,11 @@ def main() -> None:
              f"layer, {args.rows} × {args.seq} tokens, fp32 on the CPU",
              "", "| vocabulary | peer | peak step memory (GiB) | × PEFT | step (s) | × PEFT |", "|---|---|---|---|---|---|",
              *rows]
+    if args.checkpointing_seq:
+        rows, data["checkpointing"] = checkpointing_rows(args)
+        table += ["", f"Activation checkpointing: minilora chunked, vocab 128,256, {args.rows} × {args.checkpointing_seq} "
+                  "tokens, the same model", "", "| activation checkpointing | peak step memory (GiB) | × without | "
+                  "step (s) | × without |", "|---|---|---|---|---|", *rows]
     write_results(RESULTS / "loss_memory", table, data)
 
 

@@ -118,7 +118,8 @@ class TokenLogProbs(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             h, y = hidden[start:start + ctx.chunk], labels[start:start + ctx.chunk]
-            g = torch.softmax(_logits(h, weight, bias), dim=-1).neg_()  # ∂ log p/∂z = onehot − softmax
+            z = _logits(h, weight, bias)  # (C, V); then ∂ log p/∂z = onehot − softmax, in its place
+            g = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).exp_().neg_()
             g[torch.arange(len(y), device=g.device), y] += 1.0
             g *= grad_out[start:start + ctx.chunk, None].float()
             if want_h:
