@@ -84,7 +84,7 @@ def main() -> None:
         LlamaForCausalLM(config).save_pretrained(root / "model")
         texts = [" ".join(t.split()) for family in family_docstrings().values() for t in family][: args.lines]
         (root / "data.txt").write_text("\n".join(texts) + "\n")
-        job = [sys.executable, "-m", "minilora", "finetune", "--model", str(root / "model"), "--data",
+        job = [sys.executable, "-m", "minilora.cli", "finetune", "--model", str(root / "model"), "--data",
                str(root / "data.txt"), "--tokenizer", "bytes", "--steps", "2", "--batch-size", str(args.batch),
                "--seq-len", str(args.seq), "--no-progressbar"]
         peaks = {"minilora_default": peak_rss_mb(job + ["--out", str(root / "default")]),

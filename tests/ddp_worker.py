@@ -1,10 +1,10 @@
 """One process of a data-parallel fine-tune (run by torchrun), or the single-process reference.
 
-    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT      per-process batch 2
-    python tests/ddp_worker.py OUT                                        one process, batch 4
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT [checkpointing]   per-process batch 2
+    python tests/ddp_worker.py OUT [checkpointing]                                     one process, batch 4
 
-Both see the same global batch of 4 rows per step; each process writes its adapter to
-OUT/rank<r>.safetensors.
+Both see the same global batch of 4 rows per step, the loss chunked (the trainer's default), with
+activation checkpointing if asked; each process writes its adapter to OUT/rank<r>.safetensors.
 """
 
 import os
@@ -24,7 +24,7 @@ from minilora.train.trainer import Trainer, TrainConfig
 GLOBAL_BATCH = 4
 
 
-def train(out: Path) -> None:
+def train(out: Path, checkpointing: bool) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=256, n_positions=32, resid_pdrop=0.0,
@@ -34,8 +34,10 @@ def train(out: Path) -> None:
     data = text_windows(generate(DOMAIN, 150, 0), tokens, 32)
     val = text_windows(generate(DOMAIN, 20, 1), tokens, 32)
     retain = text_windows(generate(GENERAL, 20, 2), tokens, 32)
-    config = TrainConfig(steps=6, batch_size=GLOBAL_BATCH // world, lr=1e-2, eval_every=3, progressbar=False)
+    config = TrainConfig(steps=6, batch_size=GLOBAL_BATCH // world, lr=1e-2, eval_every=3, progressbar=False,
+                         gradient_checkpointing=checkpointing)
     trainer = Trainer(model, config, data, val, retain, log=lambda line: None)
+    assert trainer.chunked and model.get_base_model().is_activation_checkpointing == checkpointing
     first_grads = {}
     step = trainer.optimizer.step
 
@@ -55,4 +57,4 @@ def train(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    train(Path(sys.argv[1]))
+    train(Path(sys.argv[1]), checkpointing=sys.argv[2:] == ["checkpointing"])

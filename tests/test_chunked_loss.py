@@ -126,6 +126,26 @@ def test_the_trainer_gives_the_same_losses_with_and_without_it(tmp_path):
     assert any("the plain loss, with every logit at once: the LM head carries an adapter" in line for line in logged)
 
 
+def test_qlora_trains_to_the_same_losses_with_the_chunked_loss_and_checkpointing():
+    """A 4-bit base (its head stays a Linear): plain, chunked, and chunked with activation checkpointing
+    and gradient accumulation give the same evaluation losses."""
+    histories = {}
+    for chunked, checkpointing in ((False, False), (True, False), (True, True)):
+        base = llama()
+        ml.quantize_model(base, ml.NF4Config(blocksize=32))
+        model = ml.get_peft_model(base, ml.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        config = TrainConfig(steps=4, batch_size=2, grad_accum=2, eval_every=2, save_every=0, lr=1e-2,
+                             progressbar=False, chunked_loss=chunked, gradient_checkpointing=checkpointing)
+        trainer = Trainer(model, config, examples(16, 0), examples(8, 1), log=lambda line: None)
+        assert trainer.chunked == chunked and base.is_activation_checkpointing == checkpointing
+        result = trainer.train()
+        histories[chunked, checkpointing] = torch.tensor([r["val_loss"] for r in result.history], dtype=torch.float64)
+    plain = histories[False, False]
+    assert len(plain) == 3 and plain[-1] < plain[0]
+    torch.testing.assert_close(histories[True, False], plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(histories[True, True], plain, atol=1e-5, rtol=1e-5)
+
+
 def test_transformers_trainer_gets_the_same_losses_with_use_chunked_loss(tmp_path):
     from datasets import Dataset
     from transformers import Trainer as HFTrainer, TrainingArguments

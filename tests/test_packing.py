@@ -84,6 +84,31 @@ def test_the_trainer_trains_on_packed_rows():
     assert len(result.history) == 3 and result.history[-1]["val_loss"] < result.history[0]["val_loss"] + 1.0
 
 
+def _packed_run(out, interrupt_at=None, resume=False):
+    from conftest import interrupt_after
+
+    torch.manual_seed(123)
+    model = ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q", "v"], lora_dropout=0.1))
+    config = TrainConfig(task="instruction", steps=6, batch_size=2, grad_accum=2, eval_every=2, save_every=2,
+                         lr=1e-2, progressbar=False, gradient_checkpointing=True)
+    trainer = Trainer(model, config, pack(instructions(40), T), pack(instructions(8, seed=1), T), out=out,
+                      log=lambda line: None)
+    assert trainer.chunked
+    if interrupt_at is not None:
+        interrupt_after(trainer, interrupt_at)
+    return model, trainer.train(resume=resume)
+
+
+def test_packed_rows_resume_bit_exact_with_checkpointing_and_accumulation(tmp_path):
+    whole, whole_result = _packed_run(tmp_path / "whole")
+    _, stopped = _packed_run(tmp_path / "parts", interrupt_at=3)
+    assert stopped.stop_reason == "interrupted" and stopped.steps_done == 3
+    resumed, result = _packed_run(tmp_path / "parts", resume=True)
+    for (n, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+    assert result.history == whole_result.history and len(result.history) == 4
+
+
 def test_only_causal_rows_are_packed():
     preference = Examples({"input_ids": torch.zeros(2, 2, 4, dtype=torch.long),
                            "attention_mask": torch.ones(2, 2, 4, dtype=torch.long),

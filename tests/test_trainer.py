@@ -295,7 +295,8 @@ def test_every_task_lowers_its_validation_loss(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-def test_two_processes_train_the_adapter_a_single_process_would(tmp_path):
+@pytest.mark.parametrize("option", [[], ["checkpointing"]], ids=["default", "checkpointing"])
+def test_two_processes_train_the_adapter_a_single_process_would(option, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
@@ -308,9 +309,9 @@ def test_two_processes_train_the_adapter_a_single_process_would(tmp_path):
     (tmp_path / "ddp").mkdir()
     (tmp_path / "single").mkdir()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(worker), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
+                           str(worker), str(tmp_path / "ddp"), *option], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run([sys.executable, str(worker), str(tmp_path / "single")], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, str(worker), str(tmp_path / "single"), *option], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (load_file(tmp_path / "ddp" / f"rank{r}.safetensors") for r in (0, 1))
