@@ -86,7 +86,7 @@ def checkpointing_rows(args) -> tuple[list[str], dict]:
             if checkpointing:
                 enable_checkpointing(lora_model)
             else:
-                hf.gradient_checkpointing_disable()
+                (getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable)()
             chunked()
         return run
 

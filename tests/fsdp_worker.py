@@ -4,7 +4,7 @@
     python tests/fsdp_worker.py OUT CASE…                                       one process
 
 A CASE is `lora-adamw`, `qlora-paged_adamw`, `qlora_head-adamw` … (model kind, optimizer; _head: the LM
-head trains too, as modules_to_save), `resume` (QLoRA trained
+head trains too, as modules_to_save; _checkpointed: with activation checkpointing), `resume` (QLoRA trained
 to step 6, interrupted, resumed to the end), `mixed` (a mixed-batch forward, sharded and whole) or `refuse=DIR` (resuming DIR's checkpoint must be
 refused: it was written by another number of processes). Every run sees the same global batch of
 GLOBAL_BATCH rows per step. Each process writes OUT/CASE/rank<r>.json: the loss of every step,
@@ -55,7 +55,7 @@ def data():
 def trainer(case: str, out: Path, world: int, steps: int = STEPS, **extra) -> Trainer:
     kind, optimizer = case.split("-") if "-" in case else ("qlora", "adamw")
     config = TrainConfig(steps=steps, batch_size=GLOBAL_BATCH // world, lr=1e-2, eval_every=10, eval_batch_size=2,
-                         save_every=3, optimizer=optimizer, progressbar=False,
+                         save_every=3, optimizer=optimizer, progressbar=False, gradient_checkpointing="checkpointed" in kind,
                          parallel="fsdp" if world > 1 else "ddp", **extra)
     train, val, retain = data()
     return Trainer(tiny_llama(kind.startswith("qlora"), kind.endswith("head")), config, train, val, retain, out=out, log=lambda line: None)
@@ -124,6 +124,7 @@ def run_case(case: str, out: Path, world: int, rank: int) -> dict:
         resumed.train(resume=True)
         return record
     t = recorded(trainer(case, out, world), record)
+    record["chunked"] = t.chunked  # the loss computed inside the head's forward, where FSDP gathers it
     nf4 = [getattr(m, name) for m in t.model.modules() if isinstance(m, Linear4bit)
            for name in ("weight", "absmax", "absmax2") if getattr(m, name) is not None]
     record["nf4_bytes_whole"] = sum(b.numel() * b.element_size() for b in nf4)  # a DTensor's numel is the whole

@@ -23,7 +23,8 @@ from minilora.train import fsdp
 from minilora.train.trainer import TrainConfig
 
 WORKER = Path(__file__).parent / "fsdp_worker.py"
-CASES = ["lora-adamw", "lora-paged_adamw", "qlora-adamw", "qlora-paged_adamw", "qlora_head-adamw"]
+CASES = ["lora-adamw", "lora-paged_adamw", "qlora-adamw", "qlora-paged_adamw", "qlora_head-adamw",
+         "qlora_checkpointed-adamw"]
 _spec = importlib.util.spec_from_file_location("fsdp_worker", WORKER)
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
@@ -92,6 +93,7 @@ def test_sharded_losses_equal_one_process_on_the_same_global_batch(runs, case):
     assert [r["world"] for r in ranks] == [2, 2]
     for record in ranks:
         assert _close(record["losses"], reference), (record["losses"], reference)
+        assert record["chunked"]  # the chunked loss, sharded head and all
     assert reference[-1] < reference[0] - 0.1  # it trained
 
 

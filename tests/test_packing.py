@@ -2,6 +2,9 @@
 on GPT-2 (learned absolute positions), LLaMA (rotary) and with either loss; the scored tokens are
 the same; and the trainer trains on packed rows."""
 
+import contextlib
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,37 +87,114 @@ def test_the_trainer_trains_on_packed_rows():
     assert len(result.history) == 3 and result.history[-1]["val_loss"] < result.history[0]["val_loss"] + 1.0
 
 
-def _packed_run(out, interrupt_at=None, resume=False):
+def _packed_run(task, out, interrupt_at=None, resume=False):
     from conftest import interrupt_after
 
     torch.manual_seed(123)
     model = ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q", "v"], lora_dropout=0.1))
-    config = TrainConfig(task="instruction", steps=6, batch_size=2, grad_accum=2, eval_every=2, save_every=2,
+    config = TrainConfig(task=task, steps=6, batch_size=2, grad_accum=2, eval_every=2, save_every=2,
                          lr=1e-2, progressbar=False, gradient_checkpointing=True)
-    trainer = Trainer(model, config, pack(instructions(40), T), pack(instructions(8, seed=1), T), out=out,
-                      log=lambda line: None)
+    rows = instructions if task == "instruction" else preference_pairs
+    trainer = Trainer(model, config, pack(rows(40), T), pack(rows(8, seed=1), T), out=out, log=lambda line: None)
     assert trainer.chunked
     if interrupt_at is not None:
         interrupt_after(trainer, interrupt_at)
     return model, trainer.train(resume=resume)
 
 
-def test_packed_rows_resume_bit_exact_with_checkpointing_and_accumulation(tmp_path):
-    whole, whole_result = _packed_run(tmp_path / "whole")
-    _, stopped = _packed_run(tmp_path / "parts", interrupt_at=3)
+@pytest.mark.parametrize("task", ["instruction", "preference"])
+def test_packed_rows_resume_bit_exact_with_checkpointing_and_accumulation(task, tmp_path):
+    whole, whole_result = _packed_run(task, tmp_path / "whole")
+    _, stopped = _packed_run(task, tmp_path / "parts", interrupt_at=3)
     assert stopped.stop_reason == "interrupted" and stopped.steps_done == 3
-    resumed, result = _packed_run(tmp_path / "parts", resume=True)
+    resumed, result = _packed_run(task, tmp_path / "parts", resume=True)
     for (n, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), n
     assert result.history == whole_result.history and len(result.history) == 4
 
 
-def test_only_causal_rows_are_packed():
-    preference = Examples({"input_ids": torch.zeros(2, 2, 4, dtype=torch.long),
-                           "attention_mask": torch.ones(2, 2, 4, dtype=torch.long),
-                           "labels": torch.zeros(2, 2, 4, dtype=torch.long)}, "preference")
-    with pytest.raises(Exception, match="--pack packs domain and instruction rows; preference rows are not packed"):
-        pack(preference, 8)
+def test_only_causal_lm_rows_are_packed():
+    classes = Examples({"input_ids": torch.zeros(2, 4, dtype=torch.long),
+                        "attention_mask": torch.ones(2, 4, dtype=torch.long),
+                        "labels": torch.zeros(2, dtype=torch.long)}, "classification")
+    with pytest.raises(Exception, match="--pack packs domain, instruction, preference rows; classification rows"):
+        pack(classes, 8)
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+def preference_pairs(n=7, seed=0):
+    """Pairs of varied lengths (P, 2, T), padded on the right: a masked prompt, then each answer."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(n, 2, T, dtype=torch.long)
+    mask = torch.zeros(n, 2, T, dtype=torch.long)
+    labels = torch.full((n, 2, T), IGNORE)
+    for i in range(n):
+        prompt = torch.randint(1, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+        for answer in (0, 1):
+            response = torch.randint(1, V, (int(torch.randint(1, T - 6, (1,), generator=g)),), generator=g)
+            row = torch.cat([prompt, response])
+            ids[i, answer, :len(row)], mask[i, answer, :len(row)] = row, 1
+            labels[i, answer, len(prompt):len(row)] = response
+    return Examples({"input_ids": ids, "attention_mask": mask, "labels": labels}, "preference")
+
+
+def preference_objective(model, chunked, **settings):
+    from minilora.train.distributed import Processes
+    from minilora.train.preference import PreferenceObjective
+
+    config = TrainConfig(task="preference", chunked_loss=chunked, eval_batch_size=3, task_settings=settings)
+    return PreferenceObjective(model, config, Processes())
+
+
+def trained_looking(make):
+    model = ml.get_peft_model(make(), ml.LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False))
+    return model.eval()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["plain", "chunked"])
+@pytest.mark.parametrize("make", [gpt2, llama], ids=["gpt2", "llama"])
+def test_packed_pairs_get_the_log_probs_they_get_padded(make, chunked):
+    from minilora.train.packing import SEQUENCE
+    from minilora.train.preference import pairs_in, sequence_logps
+
+    pairs = preference_pairs()
+    packed = pack(pairs, T)
+    assert packed.tensors["input_ids"].shape[1] == 2 * T and len(packed) < len(pairs)  # several pairs per row
+    assert sorted(set(packed.tensors[SEQUENCE].flatten().tolist()) - {-1}) == list(range(2 * len(pairs)))
+    assert packed.tensors["position_ids"].max() < T  # no position a padded row would not have
+    model = trained_looking(make)
+    objective = preference_objective(model, chunked)
+    assert objective.chunked == chunked
+    with torch.no_grad():
+        padded_logps, padded_counts = sequence_logps(model, pairs.tensors, chunked=chunked)
+        packed_logps, packed_counts = sequence_logps(model, packed.tensors, chunked=chunked)
+    assert pairs_in(packed.tensors) == len(pairs)
+    torch.testing.assert_close(packed_logps, padded_logps, atol=1e-5, rtol=1e-5)  # pairs in their data order
+    assert torch.equal(packed_counts, padded_counts) and packed_counts.min() > 0
+    padded_metrics = objective.evaluate(pairs, contextlib.nullcontext)
+    packed_metrics = objective.evaluate(packed, contextlib.nullcontext)
+    assert padded_metrics.keys() == packed_metrics.keys() and padded_metrics["kl"] > 0
+    for name, value in padded_metrics.items():
+        assert packed_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_a_packed_pairs_stored_reference_is_the_computed_one_and_the_gradients_agree():
+    model = trained_looking(llama).train()
+    objective = preference_objective(model, True, precompute_ref=True)
+    pairs = preference_pairs(6, seed=3)
+    packed = objective.prepare(pack(pairs, T))
+    assert "ref_token_logps" in packed.tensors
+    padded = objective.prepare(pairs)
+    stored = objective.stored_reference(packed.tensors)
+    torch.testing.assert_close(stored, objective.stored_reference(padded.tensors), atol=1e-5, rtol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {}
+    for name, rows in (("packed", packed), ("padded", padded)):
+        loss = objective.summed(rows.tensors)
+        grads[name] = (loss, torch.autograd.grad(loss, params))
+    torch.testing.assert_close(grads["packed"][0], grads["padded"][0], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(grads["packed"][1], grads["padded"][1]):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 
 def test_minilora_finetune_pack_trains_on_packed_rows(tmp_path, capsys):
@@ -128,5 +208,15 @@ def test_minilora_finetune_pack_trains_on_packed_rows(tmp_path, capsys):
             "bytes", "--seq-len", "64", "--steps", "2", "--eval-every", "2", "--no-progressbar"]
     assert main([*args, "--out", str(tmp_path / "packed"), "--pack"]) == 0
     assert "packed:" in capsys.readouterr().out
-    assert main([*args, "--out", str(tmp_path / "refused"), "--pack", "--task", "preference"]) == 2
-    assert "--pack packs domain and instruction rows, not --task preference" in capsys.readouterr().err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Q{i}: which? ", "chosen": "yes" * (1 + i % 5),
+                                         "rejected": "no" * (1 + i % 3)}) + "\n" for i in range(40)))
+    preference = [a if a != str(data) else str(pairs) for a in args]
+    preference[preference.index("instruction")] = "preference"
+    assert main([*preference, "--out", str(tmp_path / "pairs"), "--pack"]) == 0
+    out = capsys.readouterr().out
+    assert "packed:" in out and "rows of 128 tokens" in out  # 2 · --seq-len: what one padded pair takes
+    metrics = [json.loads(line) for line in (tmp_path / "pairs" / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward_accuracy" in m for m in metrics)
+    assert main([*args, "--out", str(tmp_path / "refused"), "--pack", "--task", "classification"]) == 2
+    assert "--pack packs domain, instruction, preference rows, not --task classification" in capsys.readouterr().err

@@ -18,11 +18,13 @@ computed in the forward pass, chunk by chunk, and the backward pass only scales 
 pass over the head). Memory: one chunk of logits and its softmax, plus ∂loss/∂H (N, H), the size
 of the hidden states themselves.
 
-The hidden states come from the model's own forward with `logits_to_keep=1` (its head then runs on
-one position per row), read at the output of its backbone (`base_model`); LoRA layers, trained
-copies and routing act as in any forward. A model whose head does more than `W h + b` (Gemma's
-soft-capping, a logit scale), a LoRA adapter on the head, a 4-bit head, a head sharded by FSDP or a
-forward without `logits_to_keep` keeps the plain loss, for the reason `unavailable` gives.
+Where the hidden states come from: the summed loss of training and evaluation is computed by the
+head itself, inside the model's forward (`causal_lm_summed_loss`), so that it runs where FSDP
+shards the head too; the preference log-probs and `use_chunked_loss` read them at the output of the
+backbone (`base_model`) in a forward with `logits_to_keep=1` (the head then runs on one position
+per row; `causal_lm_hidden`). LoRA layers, trained copies and routing act as in any forward. A model whose head does more than `W h + b` (Gemma's soft-capping, a logit
+scale), a LoRA adapter on the head, a 4-bit head or a forward without `logits_to_keep` keeps the
+plain loss, for the reason `unavailable` gives.
 """
 
 from __future__ import annotations
@@ -173,8 +175,6 @@ def unavailable(model: nn.Module) -> Optional[str]:
     head = getattr(head, "active_module", head)  # a head trained in full: the copy in use
     if type(head) is not nn.Linear:
         return f"the LM head is a {type(head).__name__}, not a plain nn.Linear (a 4-bit head, for one)"
-    if any(type(t.data).__name__ == "DTensor" for t in (head.weight, head.bias) if t is not None):
-        return "the LM head's weight is sharded (FSDP), whole only inside the model's forward"
     if getattr(hf, "base_model", hf) is hf:
         return f"{type(hf).__name__} has no backbone (base_model) whose output the head reads"
     if "logits_to_keep" not in inspect.signature(hf.forward).parameters:
@@ -186,25 +186,54 @@ def unavailable(model: nn.Module) -> Optional[str]:
     return None
 
 
+def active_head(model: nn.Module) -> nn.Linear:
+    """The LM head in use (a head trained in full: its trained copy)."""
+    head = transformers_model(model).get_output_embeddings()
+    return getattr(head, "active_module", head)
+
+
+def sharded(head: nn.Linear) -> bool:
+    """Whether FSDP holds the head's weight as a shard here (whole only inside the head's own forward)."""
+    return type(head.weight.data).__name__ == "DTensor"
+
+
 def causal_lm_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Linear]:
     """(the final hidden states (B, T, H) that the head reads, the head in use) from one forward of
-    `model` whose head runs on one position per row."""
+    `model` whose head runs on one position per row. Not under FSDP: the head's weight is read after
+    the forward, where FSDP has sharded it again."""
     hf = transformers_model(model)
+    if sharded(active_head(model)):
+        raise ValueError("the LM head is sharded (FSDP): its weight is whole only inside its own forward, and "
+                         "these log-probs read it after the forward; train with --parallel ddp")
     captured = []
     hook = hf.base_model.register_forward_hook(lambda module, args, out: captured.append(out[0]))
     try:
         model(**model_inputs(batch), logits_to_keep=1)
     finally:
         hook.remove()
-    head = hf.get_output_embeddings()
-    return captured[-1], getattr(head, "active_module", head)
+    return captured[-1], active_head(model)
 
 
 def causal_lm_summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ of the per-token cross-entropies of one micro-batch (position t predicts t + 1), fp32, with
-    no (N, V) logits (see the module docstring); the caller checks `unavailable` first."""
-    hidden, head = causal_lm_hidden(model, batch)
-    return summed_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, batch["labels"][:, 1:])
+    no (N, V) logits (see the module docstring); the caller checks `unavailable` first.
+
+    The head computes it: for one forward of the model, the head's forward is this loss over the
+    hidden states it receives (B, T, H), returned as a (1, 1, 1) "logits" tensor. The model's own
+    forward runs unchanged around it, so FSDP gathers the head's weight for that call as it would
+    for the logits (and again for the backward pass) and the gradients reach the head's shard."""
+    head = active_head(model)
+    labels = batch["labels"][:, 1:]  # (B, T−1): position t predicts t + 1
+
+    def loss_as_logits(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (1, 1, 1)
+        return summed_linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, labels).view(1, 1, 1)
+
+    head.forward = loss_as_logits  # an instance attribute: nn.Module's __call__ (and its hooks) call it
+    try:
+        out = model(**model_inputs(batch))  # every position reaches the head
+    finally:
+        del head.forward
+    return out.logits.reshape(())
 
 
 def use_chunked_loss(model: nn.Module) -> nn.Module:
@@ -229,8 +258,7 @@ def use_chunked_loss(model: nn.Module) -> nn.Module:
             out = original(*args, **{**kwargs, "logits_to_keep": 1})
         finally:
             hook.remove()
-        head = hf.get_output_embeddings()
-        head = getattr(head, "active_module", head)
+        head = active_head(model)
         labels = labels[:, 1:].to(captured[-1].device)
         total = summed_linear_cross_entropy(captured[-1][:, :-1], head.weight, head.bias, labels)
         count = num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE).sum()

@@ -54,7 +54,7 @@ class JobSettings:
     qlora: bool = False  # store the base in 4-bit NF4 (double-quantized scales)
     tokenizer: str = "auto"  # auto: the model's own | bytes: 256 byte values
     seq_len: int = 128  # tokens per example
-    pack: bool = False  # several examples per row, none padded (packing.py): domain and instruction tuning
+    pack: bool = False  # several examples per row, none padded (packing.py): domain, instruction, preference
     resume: bool = False  # continue the run in `out` from its checkpoint
     overwrite: bool = False  # delete the run in `out` and start again
 
@@ -73,7 +73,7 @@ def check(s: JobSettings, t: TrainConfig) -> None:
     if s.preset is not None and s.preset not in presets.PRESETS:
         raise ValueError(f"unknown preset {s.preset!r}; choose from {', '.join(presets.PRESETS)} (or pass --config)")
     if s.pack and t.task not in packing.PACKABLE_TASKS:
-        raise ValueError(f"--pack packs {' and '.join(packing.PACKABLE_TASKS)} rows, not --task {t.task}: drop --pack")
+        raise ValueError(f"--pack packs {', '.join(packing.PACKABLE_TASKS)} rows, not --task {t.task}: drop --pack")
     if s.preset and s.config:
         raise ValueError("--preset and --config both choose the adapters: pass one of them")
     if s.preset == "article" and not task_named(t.task).causal_lm:
@@ -166,7 +166,8 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
         log(f"validation: {len(val)} of the {len(train) + len(val)} examples of {s.data} held out")
     if s.pack:  # the batch counts packed rows
         train, val = packing.pack(train, s.seq_len, tokens.pad_id or 0), packing.pack(val, s.seq_len, tokens.pad_id or 0)
-        log(f"packed: {len(train)} rows of {s.seq_len} tokens hold the training examples")
+        width = train.tensors["input_ids"].shape[-1]  # preference: 2 · --seq-len, what one padded pair takes
+        log(f"packed: {len(train)} rows of {width} tokens hold the training examples")
     check_batch(t, len(train), procs.world)
     retain = retain_examples(s.retain, t.task, tokens, s.seq_len, labels) if s.retain else None
     replay_file = s.replay or s.retain

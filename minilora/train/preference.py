@@ -14,7 +14,10 @@ the first step (`precompute_ref`). A sequence's log-probability sums the respons
     log π(y|x) = Σ_{t ∈ response} log softmax(logits_{t−1})[y_t]
 
 Legend: P pairs; S = 2P sequences (row 2p is pair p's chosen answer, row 2p + 1 its rejected one);
-T tokens; V vocabulary.
+T tokens; V vocabulary. Packed pairs (packing.pack_pairs, `--pack`) are rows (M, 2T) holding whole
+pairs back to back; their SEQUENCE tensor says which answer each token is, and a pair's log-prob
+sums its tokens' over it (`pair_sums`): the same numbers as padded rows, the pairs in the order of
+their index in the data.
 
 Metrics per evaluation, over the validation pairs (r is the loss's implicit reward: β·(log π −
 log π_ref) for DPO and IPO, β·log π / |y| for SimPO):
@@ -31,6 +34,7 @@ log π_ref) for DPO and IPO, β·log π / |y| for SimPO):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -42,9 +46,10 @@ from torch import nn
 
 from . import chunked_loss
 from .chunked_loss import causal_lm_hidden
-from .data import IGNORE, DataError, Examples, Tokens
+from .data import IGNORE, DataError, Examples, Tokens, model_inputs
 from .distributed import Processes, all_reduce_sum
 from .loss import PREFERENCE_LOSSES, dpo_loss, ipo_loss, simpo_loss
+from .packing import SEQUENCE
 from .setting_checks import check_numbers
 from .task import Task
 
@@ -89,7 +94,10 @@ class Preference(Task):
         return preference_rows(path, records, tokens, seq_len)
 
     def scored_tokens(self, labels: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(labels.shape[0])  # one loss per pair
+        return torch.tensor(labels.shape[0])  # one loss per pair (padded rows, (P, 2, T))
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(pairs_in(batch))  # one loss per pair, padded or packed
 
     def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
         raise TypeError("preference pairs are scored by their objective (PreferenceObjective, which needs the "
@@ -144,48 +152,86 @@ def _padded(pairs: list[list[list[int]]], length: int, value: int) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- log-probs
+def pair_sums(batch: dict[str, torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """(P, 2): per-position `values` (one per token of the flattened rows, S·T or M·2T) summed over each
+    pair's chosen and rejected answer."""
+    if SEQUENCE not in batch:  # padded: (P, 2, T) rows
+        return values.view(*batch["input_ids"].shape[:2], -1).sum(-1)
+    sequence = batch[SEQUENCE].flatten()  # (M·2T,): 2·pair + answer, −1 padding
+    real = sequence >= 0
+    _, local = torch.unique(torch.div(sequence[real], 2, rounding_mode="floor"), return_inverse=True)
+    slot = torch.full_like(sequence, -1)
+    slot[real] = 2 * local + sequence[real] % 2  # the pair's place in this batch (by its index), its answer
+    kept = slot >= 0
+    sums = torch.zeros(2 * (int(local.max()) + 1 if len(local) else 0), dtype=values.dtype, device=values.device)
+    return sums.index_add_(0, slot[kept], values[kept]).view(-1, 2)
+
+
+def pairs_in(batch: dict[str, torch.Tensor]) -> int:
+    """P: how many pairs a batch holds, padded or packed."""
+    if SEQUENCE not in batch:
+        return batch["input_ids"].shape[0]
+    sequence = batch[SEQUENCE]
+    return len(torch.unique(torch.div(sequence[sequence >= 0], 2, rounding_mode="floor")))
+
+
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool = False,
                    chunked: bool = False) -> tuple[torch.Tensor, ...]:
     """(log π(y|x) (P, 2) fp32, response token counts (P, 2)) of each pair's chosen and rejected answer,
-    both in one forward pass of S = 2P rows; with `keep_logits`, also what the KL needs of the scored
-    positions: their fp32 logits (n_scored, V), or, `chunked`, their hidden states and the head
-    (chunked_loss.py: no (S·T, V) logits at all, the log-probs computed chunk by chunk)."""
-    n_pairs = batch["input_ids"].shape[0]
-    ids = batch["input_ids"].flatten(0, 1)  # (P, 2, T) -> (S, T)
-    mask = batch["attention_mask"].flatten(0, 1)
-    # position t predicts token t+1; the last position predicts nothing. Shifting the targets, not the
-    # logits, keeps the logits one contiguous (S·T, V) block: no copy of the largest tensor of the step.
-    targets = F.pad(batch["labels"].flatten(0, 1)[:, 1:], (0, 1), value=IGNORE).flatten()  # (S·T,)
-    scored = targets != IGNORE  # (S·T,)
-    if chunked:
-        hidden, head = causal_lm_hidden(model, {"input_ids": ids, "attention_mask": mask})
-        hidden = hidden.flatten(0, 1)[scored]  # (n_scored, H)
-        token_logps = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
-        token_logps = token_logps.masked_scatter(scored, chunked_loss.token_logps(hidden, head, targets[scored]))
-        kept = (hidden, head)
-    else:
-        logits = model(input_ids=ids, attention_mask=mask).logits.flatten(0, 1).float()  # (S·T, V)
-        token_logps = -F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")  # 0 where ignored
-        kept = logits[scored] if keep_logits else None  # (n_scored, V)
-    logps = token_logps.view(n_pairs, 2, -1).sum(-1)  # (P, 2)
-    counts = scored.view(n_pairs, 2, -1).sum(-1)
+    both in one forward pass of S = 2P rows (or M packed rows); with `keep_logits`, also what the KL
+    needs of the scored positions: their fp32 logits (n_scored, V), or, `chunked`, their hidden states
+    and the head (chunked_loss.py: no (S·T, V) logits at all, the log-probs computed chunk by chunk)."""
+    token_logps, scored, kept = token_logprobs(model, batch, keep_logits, chunked)
+    logps, counts = pair_sums(batch, token_logps), pair_sums(batch, scored.long())
     if keep_logits:
         return logps, counts, kept
     return logps, counts
 
 
-@torch.no_grad()
-def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool = False,
-                    chunked: bool = False):
-    """`sequence_logps` of the reference policy: the same model with its adapter switched off, in
-    eval mode, without gradients. Exactly the base model's numbers."""
+def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool = False,
+                   chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """(log p of each position's next token (n,) fp32, 0 where not scored; which are scored (n,); what
+    the KL needs, see `sequence_logps`), n = S·T (padded) or M·2T (packed)."""
+    if SEQUENCE in batch:  # packed: position ids restart at every answer, no attention mask
+        inputs, labels = model_inputs(batch), batch["labels"]
+    else:
+        inputs = {"input_ids": batch["input_ids"].flatten(0, 1), "attention_mask": batch["attention_mask"].flatten(0, 1)}
+        labels = batch["labels"].flatten(0, 1)  # (P, 2, T) -> (S, T)
+    # position t predicts token t+1; the last position predicts nothing. Shifting the targets, not the
+    # logits, keeps the logits one contiguous (S·T, V) block: no copy of the largest tensor of the step.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten()  # (S·T,)
+    scored = targets != IGNORE  # (S·T,)
+    if chunked:
+        hidden, head = causal_lm_hidden(model, inputs)
+        hidden = hidden.flatten(0, 1)[scored]  # (n_scored, H)
+        token_logps = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
+        token_logps = token_logps.masked_scatter(scored, chunked_loss.token_logps(hidden, head, targets[scored]))
+        kept = (hidden, head)
+    else:
+        logits = model(**inputs).logits.flatten(0, 1).float()  # (S·T, V)
+        token_logps = -F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")  # 0 where ignored
+        kept = logits[scored] if keep_logits else None  # (n_scored, V)
+    return token_logps, scored, kept
+
+
+@contextlib.contextmanager
+def as_reference(model: nn.Module):
+    """The reference policy: the same model with its adapter switched off, in eval mode, without
+    gradients. Exactly the base model's numbers."""
     was_training = model.training
     model.eval()
     try:
-        with model.disable_adapter():
-            return sequence_logps(model, batch, keep_logits, chunked)  # chunked: the head in use, the original
+        with torch.no_grad(), model.disable_adapter():
+            yield
     finally:
         model.train(was_training)
+
+
+def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool = False,
+                    chunked: bool = False):
+    """`sequence_logps` of the reference policy (`as_reference`)."""
+    with as_reference(model):
+        return sequence_logps(model, batch, keep_logits, chunked)  # chunked: the head in use, the original
 
 
 # ---------------------------------------------------------------------------------------------- the objective
@@ -204,32 +250,47 @@ class PreferenceObjective:
                              "loss 'simpo'")
 
     def prepare(self, examples: Examples) -> Examples:
-        """With `precompute_ref`, the training pairs with their reference log-probs ("ref_logps",
-        (N, 2)) computed once; each process computes every world-th pair, one all-reduce joins them."""
+        """With `precompute_ref`, the training pairs with their reference log-probs computed once:
+        "ref_logps" (N, 2) of padded pairs, or, packed, "ref_token_logps" (M, 2T), each position's (a
+        pair's are their sums, `pair_sums`); each process computes every world-th row, one all-reduce
+        joins them."""
         if not (self.settings.precompute_ref and self.uses_reference):
             return examples
-        ref = torch.zeros(len(examples), 2, device=self.procs.device)  # (N, 2)
+        packed = SEQUENCE in examples.tensors
+        name = "ref_token_logps" if packed else "ref_logps"
+        ref = torch.zeros(len(examples), examples.tensors["input_ids"].shape[-1] if packed else 2,
+                          device=self.procs.device)  # (M, 2T) or (N, 2)
         rows = torch.arange(self.procs.rank, len(examples), self.procs.world)
         for i in range(0, len(rows), self.config.eval_batch_size):
             index = rows[i:i + self.config.eval_batch_size]
             batch = {k: v.to(self.procs.device) for k, v in examples.rows(index).items()}
-            ref[index.to(self.procs.device)] = reference_logps(self.model, batch, chunked=self.chunked)[0]
+            with as_reference(self.model):
+                token_logps = token_logprobs(self.model, batch, chunked=self.chunked)[0]
+            per_row = token_logps.view(len(index), -1) if packed else pair_sums(batch, token_logps)
+            ref[index.to(self.procs.device)] = per_row
         ref = all_reduce_sum(ref, self.procs).cpu()
-        return Examples({**examples.tensors, "ref_logps": ref}, examples.task, examples.label_names)
+        return Examples({**examples.tensors, name: ref}, examples.task, examples.label_names)
+
+    def stored_reference(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(P, 2): the reference log-probs `prepare` stored with these pairs."""
+        if "ref_token_logps" in batch:
+            return pair_sums(batch, batch["ref_token_logps"].flatten())
+        return batch["ref_logps"]
 
     def per_pair(self, batch: dict[str, torch.Tensor], keep_logits: bool = False):
         """(loss (P,), implicit reward (P, 2), policy log-probs (P, 2), KL summed over the answers' tokens
         (with `keep_logits` and a reference; else None))."""
         cfg = self.settings
         reference = None  # the reference first: its forward pass's memory is free again before the policy's
-        if self.uses_reference and ("ref_logps" not in batch or keep_logits):
+        stored = "ref_logps" in batch or "ref_token_logps" in batch
+        if self.uses_reference and (not stored or keep_logits):
             reference = reference_logps(self.model, batch, keep_logits, self.chunked)
         policy = sequence_logps(self.model, batch, keep_logits, self.chunked)
         logps, counts = policy[0], policy[1]
         if cfg.loss == "simpo":
             loss = simpo_loss(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1], cfg.beta, cfg.simpo_gamma)
             return loss, cfg.beta * logps.detach() / counts.clamp(min=1), logps, None
-        ref = reference[0] if reference is not None else batch["ref_logps"]
+        ref = reference[0] if reference is not None else self.stored_reference(batch)
         if cfg.loss == "dpo":
             loss = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
         else:
@@ -262,7 +323,7 @@ class PreferenceObjective:
                 loss, reward, logps, kl = self.per_pair(batch, keep_logits=self.uses_reference)
             margin = reward[:, 0] - reward[:, 1]  # (P,)
             parts = [loss.sum(), margin.sum(), (margin > 0).sum(), logps[:, 0].sum(), logps[:, 1].sum(),
-                     kl if kl is not None else 0.0, (batch["labels"][:, :, 1:] != IGNORE).sum(), len(index),
+                     kl if kl is not None else 0.0, (batch["labels"][..., 1:] != IGNORE).sum(), len(loss),
                      (logps[:, 0] > logps[:, 1]).sum()]
             sums += torch.tensor([float(x) for x in parts], dtype=torch.float64, device=sums.device)
         self.model.train(was_training)

@@ -5,7 +5,9 @@ Each task is an object that owns, for its rows:
     fields                 the JSON fields a .jsonl line needs (required, optional)
     rows(path, tokens, seq_len, label_names)    a data file as Examples (data.py's row layout)
     retain_rows(...)       its retain (and replay) set: plain text windows for a causal LM's task
-    scored_tokens(labels)  how many labels its loss scores (the trainer divides by their global sum)
+    scored_tokens(labels)  how many labels its loss scores
+    count(batch)           what the trainer divides by (its global sum): scored_tokens of the labels;
+                           preference: the pairs, which packed rows do not show in their labels
     summed_loss(model, batch, chunked)   Σ of its per-token (or per-example) losses over one micro-batch,
                            fp32; `chunked`: a causal LM's without all its logits at once (chunked_loss.py)
     objective(model, config, procs)   a stateful loss the trainer uses instead (preference: the
@@ -80,6 +82,10 @@ class Task:
     def scored_tokens(self, labels: torch.Tensor) -> torch.Tensor:
         """Position t predicts t + 1, so the first label of a row is never scored."""
         return (labels[:, 1:] != IGNORE).sum()
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The number the trainer divides the summed loss by (summed over processes and micro-batches)."""
+        return self.scored_tokens(batch["labels"])
 
     def summed_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
         """Σ of the per-token cross-entropies of one micro-batch, in fp32. `chunked`: without the (N, V)

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from .. import kbit
 from ..files import atomic_write
 from ..model import LoraModel
 from ..optim import PagedAdamW, create_loraplus_optimizer
@@ -72,14 +73,13 @@ class Interrupted(Exception):
 
 
 def enable_checkpointing(model: nn.Module) -> None:
-    """Activation checkpointing through the transformers model's own switch, non-reentrant: each
-    layer keeps its input only and recomputes the rest in the backward pass. Refused for a model
-    without the switch."""
+    """Activation checkpointing through the transformers model's own switch (kbit.py), non-reentrant: each
+    layer keeps its input only and recomputes the rest in the backward pass. Refused for a model without it."""
     hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     if not getattr(hf, "supports_gradient_checkpointing", False):
         raise ValueError(f"gradient_checkpointing: {type(hf).__name__} has no gradient_checkpointing_enable; "
                          "train without --gradient-checkpointing")
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kbit.enable_checkpointing(hf, {"use_reentrant": False})
 
 
 class Trainer:
@@ -170,7 +170,7 @@ class Trainer:
         """One optimizer step (or a skipped one); (loss, gradient norm)."""
         task = self.task
         micro = list(self._micro_batches(self._global_batch(self.step + 1)))
-        n_tokens = all_reduce_sum(sum(task.scored_tokens(m["labels"]) for m in micro).to(self.procs.device),
+        n_tokens = all_reduce_sum(sum(task.count(m) for m in micro).to(self.procs.device),
                                   self.procs)
         total = torch.zeros((), device=self.procs.device)
         for m in micro:
@@ -211,7 +211,7 @@ class Trainer:
             batch = {k: v.to(self.procs.device) for k, v in examples.rows(rows[i:i + self.config.eval_batch_size]).items()}
             with self._autocast():
                 sums[0] += task.summed_loss(self.model, batch, self.chunked).double()
-            sums[1] += task.scored_tokens(batch["labels"])
+            sums[1] += task.count(batch)
         if self.sharded:  # every process runs as many forward passes (each all-gathers the layers)
             spare = {k: v.to(self.procs.device) for k, v in examples.rows(torch.arange(1)).items()}
             busiest = -(-len(examples) // self.procs.world)  # rank 0's rows
