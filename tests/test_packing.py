@@ -79,6 +79,22 @@ def test_each_packed_example_gets_the_loss_it_gets_alone(make):
                                    rtol=1e-5)
 
 
+def test_a_model_that_lets_packed_examples_see_each_other_is_refused():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from minilora.train.packing import check_model, packing_error
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32))
+    assert packing_error(opt) > 1e-2  # its mask comes from the attention mask alone: the examples mix
+    with pytest.raises(ValueError, match="OPTForCausalLM does not keep packed examples apart"):
+        check_model(opt)
+    for make in (gpt2, llama):
+        assert packing_error(make()) < 1e-5
+        check_model(ml.get_peft_model(make(), ml.LoraConfig(r=4, target_modules=["q", "v"])))
+
+
 def test_the_trainer_trains_on_packed_rows():
     model = ml.get_peft_model(llama(), ml.LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False))
     train, val = pack(instructions(24), T), pack(instructions(8, seed=1), T)

@@ -111,10 +111,38 @@ def _place(packed: dict[str, torch.Tensor], row: int, start: int, ids: torch.Ten
 
 
 def check_model(model: nn.Module) -> None:
-    """Refuse a model that would not keep packed examples apart (see the module docstring)."""
+    """Refuse a model that would not keep packed examples apart (see the module docstring): one whose
+    attention implementation ignores the position ids, or one that, tried on two short examples
+    packed in one row, does not give the second the logits it gets alone (a model that builds its
+    own mask, or its positions, from the attention mask alone: OPT, for one)."""
     hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     implementation = getattr(getattr(hf, "config", None), "_attn_implementation", None)
     if implementation not in ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"):
         raise ValueError(f"--pack needs an attention implementation that keeps packed examples apart (eager, sdpa, "
                          f"flex_attention, flash_attention_2); this model uses {implementation!r}: train without "
                          "--pack")
+    leak = packing_error(hf)
+    if leak > PROBE_TOLERANCE[hf.dtype == torch.float32]:
+        raise ValueError(f"--pack: {type(hf).__name__} does not keep packed examples apart (an example's logits "
+                         f"change by {leak:.2g} of their size when another example precedes it in the row; it "
+                         "builds its mask or positions without the position ids): train without --pack")
+
+
+PROBE_TOLERANCE = {True: 1e-4, False: 2e-2}  # fp32, half precision: rounding only; a leak moves logits by O(1)
+
+
+@torch.no_grad()
+def packing_error(model: nn.Module) -> float:
+    """max |logits packed − logits alone| / max |logits alone| of a 4-token example that follows a 3-token
+    one in a packed row, in eval mode."""
+    device = next(model.parameters()).device
+    ids = (torch.arange(7, device=device) * 37 + 5) % model.config.vocab_size  # any tokens
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(input_ids=ids[None], position_ids=positions, use_cache=False).logits[0, 3:].float()
+        alone = model(input_ids=ids[None, 3:], use_cache=False).logits[0].float()  # (4, V)
+    finally:
+        model.train(was_training)
+    return ((packed - alone).abs().max() / alone.abs().max().clamp(min=1e-12)).item()
