@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from .data import IGNORE, model_inputs
 
@@ -164,6 +165,13 @@ def transformers_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
 
 
+def unsharded_class(module: nn.Module) -> type:
+    """The module's class, or the class FSDP2's `fully_shard` derived FSDP<Class> from."""
+    if isinstance(module, FSDPModule):
+        return type(module).__bases__[-1]
+    return type(module)
+
+
 def unavailable(model: nn.Module) -> Optional[str]:
     """Why the chunked loss cannot run on this model (None: it can)."""
     hf = transformers_model(model)
@@ -173,7 +181,7 @@ def unavailable(model: nn.Module) -> Optional[str]:
     if hasattr(head, "base_layer"):
         return "the LM head carries an adapter (LoRA or trainable tokens): its logits are not W h + b"
     head = getattr(head, "active_module", head)  # a head trained in full: the copy in use
-    if type(head) is not nn.Linear:
+    if unsharded_class(head) is not nn.Linear:
         return f"the LM head is a {type(head).__name__}, not a plain nn.Linear (a 4-bit head, for one)"
     if getattr(hf, "base_model", hf) is hf:
         return f"{type(hf).__name__} has no backbone (base_model) whose output the head reads"
