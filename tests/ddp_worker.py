@@ -1,10 +1,12 @@
 """One process of a data-parallel fine-tune (run by torchrun), or the single-process reference.
 
-    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT [checkpointing]   per-process batch 2
-    python tests/ddp_worker.py OUT [checkpointing]                                     one process, batch 4
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT [checkpointing packed]   per-process batch 2
+    python tests/ddp_worker.py OUT [checkpointing packed]                                     one process, batch 4
 
 Both see the same global batch of 4 rows per step, the loss chunked (the trainer's default), with
-activation checkpointing if asked; each process writes its adapter to OUT/rank<r>.safetensors.
+activation checkpointing and packed rows (packing.py: position ids restarting at each of the
+examples, here text windows of varied lengths) if asked; each process writes its adapter to
+OUT/rank<r>.safetensors.
 """
 
 import os
@@ -19,12 +21,13 @@ from minilora import LoraConfig, get_peft_model
 from minilora.experiments.corpus import DOMAIN, GENERAL, generate
 from minilora.train.data import load_tokenizer, text_windows
 from minilora.train.distributed import teardown
+from minilora.train.packing import pack
 from minilora.train.trainer import Trainer, TrainConfig
 
 GLOBAL_BATCH = 4
 
 
-def train(out: Path, checkpointing: bool) -> None:
+def train(out: Path, checkpointing: bool, packed: bool) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=256, n_positions=32, resid_pdrop=0.0,
@@ -34,10 +37,16 @@ def train(out: Path, checkpointing: bool) -> None:
     data = text_windows(generate(DOMAIN, 150, 0), tokens, 32)
     val = text_windows(generate(DOMAIN, 20, 1), tokens, 32)
     retain = text_windows(generate(GENERAL, 20, 2), tokens, 32)
+    if packed:  # windows cut to 8–31 tokens, several to a row
+        lengths = 8 + torch.arange(len(data)) * 7 % 24
+        data.tensors["attention_mask"] = (torch.arange(32) < lengths[:, None]).long()
+        data.tensors["labels"] = data.tensors["labels"].masked_fill(data.tensors["attention_mask"] == 0, -100)
+        data = pack(data, 32)
     config = TrainConfig(steps=6, batch_size=GLOBAL_BATCH // world, lr=1e-2, eval_every=3, progressbar=False,
                          gradient_checkpointing=checkpointing)
     trainer = Trainer(model, config, data, val, retain, log=lambda line: None)
     assert trainer.chunked and model.get_base_model().is_activation_checkpointing == checkpointing
+    assert ("position_ids" in trainer.train_set.tensors) == packed
     first_grads = {}
     step = trainer.optimizer.step
 
@@ -57,4 +66,4 @@ def train(out: Path, checkpointing: bool) -> None:
 
 
 if __name__ == "__main__":
-    train(Path(sys.argv[1]), checkpointing=sys.argv[2:] == ["checkpointing"])
+    train(Path(sys.argv[1]), checkpointing="checkpointing" in sys.argv[2:], packed="packed" in sys.argv[2:])

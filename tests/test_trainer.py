@@ -295,7 +295,7 @@ def test_every_task_lowers_its_validation_loss(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-@pytest.mark.parametrize("option", [[], ["checkpointing"]], ids=["default", "checkpointing"])
+@pytest.mark.parametrize("option", [[], ["checkpointing", "packed"]], ids=["default", "checkpointing_packed"])
 def test_two_processes_train_the_adapter_a_single_process_would(option, tmp_path):
     import subprocess
     import sys
