@@ -8,8 +8,11 @@ down_proj (and nothing else). Peers, measured in the same run on the same model 
   frozen_base     no adapter; the backward pass runs through every layer to the input embeddings
                   (the least any adapter's step can cost)
   peft            PEFT's `target_parameters`: ΔW = s·B·A formed for every expert in each forward
-  minilora_delta  minilora's LoraExperts as it stands: the same dense ΔW for every expert, handed to
-                  the experts' own forward (`torch.func.functional_call`)
+  minilora_delta  minilora's dense route (LoraExperts.dense_delta_forward): the same dense ΔW for
+                  every expert, handed to the experts' own forward (`torch.func.functional_call`);
+                  what minilora did before the routed route, kept as a named baseline
+  minilora        minilora's default, the routed route (minilora/routed.py): each expert's low-rank
+                  terms on the tokens routed to it, grouped matmuls, no ΔW
 
 Step: forward + backward of the mean next-token loss on rows × seq tokens; time is the median over
 --repeats interleaved rounds; peak memory is counted storage by storage (fsdp_memory.LiveBytes),
@@ -21,6 +24,7 @@ benchmarks/results/moe_lora.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 
 import peft
@@ -29,6 +33,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen
 from transformers.utils import logging as hf_logging
 
 import minilora
+from minilora import routed
 from _common import RESULTS, interleaved_medians, write_results
 from fsdp_memory import LiveBytes
 
@@ -54,16 +59,29 @@ def peers(kind: str, experts: int, args) -> dict:
     theirs = peft.get_peft_model(base(kind, experts, args.hidden, args.intermediate), peft.LoraConfig(**lora))
     ours = minilora.get_peft_model(base(kind, experts, args.hidden, args.intermediate), minilora.LoraConfig(**lora))
     minilora.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))  # the same factors
-    return {"frozen_base": frozen, "peft": theirs.train(), "minilora_delta": ours.train()}
+    return {"frozen_base": frozen, "peft": theirs.train(), "minilora_delta": ours.train(), "minilora": ours}
 
 
-def step(model, ids: torch.Tensor):
+def step(model, ids: torch.Tensor, dense: bool = False):
     def run() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with dense_route(dense):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         model.zero_grad(set_to_none=True)
         return loss.item()
     return run
+
+
+@contextlib.contextmanager
+def dense_route(on: bool):
+    """With `on`, LoraExperts takes its dense ΔW route (routed.understands says no to every module)."""
+    understands = routed.understands
+    if on:
+        routed.understands = lambda experts: False
+    try:
+        yield
+    finally:
+        routed.understands = understands
 
 
 def peak_step_bytes(model, run) -> int:
@@ -91,10 +109,11 @@ def main() -> None:
     for kind in args.kinds:
         for experts in args.experts:
             models = peers(kind, experts, args)
-            runs = {name: step(model, ids) for name, model in models.items()}
+            runs = {name: step(model, ids, dense=name == "minilora_delta") for name, model in models.items()}
             losses = {name: run() for name, run in runs.items()}
-            gap = abs(losses["minilora_delta"] - losses["peft"]) / abs(losses["peft"])
-            assert gap < 1e-5, f"{kind}, {experts} experts: minilora's loss {losses['minilora_delta']} vs PEFT's {losses['peft']}"
+            for name in ("minilora_delta", "minilora"):
+                gap = abs(losses[name] - losses["peft"]) / abs(losses["peft"])
+                assert gap < 1e-5, f"{kind}, {experts} experts: {name}'s loss {losses[name]} vs PEFT's {losses['peft']}"
             memory = {name: peak_step_bytes(models[name], run) for name, run in runs.items()}
             seconds = interleaved_medians(runs, args.repeats)
             data["results"][f"{kind}/{experts}"] = {"seconds": seconds, "peak_step_bytes": memory, "loss": losses}

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import renamed
+from . import renamed, routed
 from .adapter_layer import AdapterLayer, AdapterState
 from .lora import LoraPart
 from .roles import FULL
@@ -144,6 +144,13 @@ class LoraExperts(AdapterLayer):
         names = [] if state.disabled else [n for n in state.active if n in self.lora_A and n not in self.merged_adapters]
         if not names:
             return self.base_layer(*args, **kwargs)
+        if routed.understands(self.base_layer):  # the low-rank terms on the routed tokens only (routed.py)
+            return routed.experts_forward(self, names, *routed.routing_arguments(args, kwargs))
+        return self.dense_delta_forward(names, *args, **kwargs)
+
+    def dense_delta_forward(self, names: list[str], *args, **kwargs):
+        """The experts' own forward on W + ΔW, ΔW formed for every expert (PEFT's way; for experts
+        modules `routed.py` does not understand)."""
         targeted = dict.fromkeys(p for n in names for p in self.parts[n])
         weights = {p: self.adapted_weight(p, names) for p in targeted}
         return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 from zoo import MOE, build, ids, output
 
 from minilora import LoraConfig, LoraModel, get_peft_model
+from minilora import routed
 from minilora.experts import LoraExperts
 from minilora.roles import parameter_sites, supported_roles
 
@@ -219,6 +220,54 @@ def test_an_experts_lora_gets_gradient_only_from_the_tokens_routed_to_it(case):
     assert any(not torch.equal(g[2], first[name][2]) for name, g in second.items())
 
 
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements of any new tensor (not a view of an op's inputs) an op creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves
+
+        def storages(tree):
+            return {t.untyped_storage().data_ptr() for t in leaves(tree) if isinstance(t, torch.Tensor)}
+
+        inputs = storages((args, kwargs))
+        sizes = [t.untyped_storage().nbytes() // t.element_size() for t in leaves(out)
+                 if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+@pytest.mark.parametrize("case", MOE)
+def test_the_routed_forward_equals_the_dense_delta_and_forms_no_delta(case):
+    """The low-rank terms on the routed tokens (routed.py) give the outputs and gradients of W + ΔW, and
+    no tensor as large as an expert stack exists in the forward or the backward pass."""
+    pm = adapted(case, ["gate", "up", "down"])
+    layer = experts_of(pm)
+    assert routed.understands(layer.base_layer)
+    d = pm.get_base_model().config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(9, d, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)])  # top-2 of 4 experts
+    weights = torch.rand(9, 2, generator=g)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    results, largest = {}, {}
+    for route, forward in (("routed", layer), ("dense", lambda *a: layer.dense_delta_forward(["default"], *a))):
+        x = tokens.clone().requires_grad_(True)
+        with _LargestTensor() as mode:
+            out = forward(x, index, weights)
+            grads = torch.autograd.grad((out * out.detach().sin()).sum(), [x, *params])
+        results[route], largest[route] = (out, grads), mode.largest
+    torch.testing.assert_close(results["routed"][0], results["dense"][0], rtol=1e-5, atol=1e-6)
+    for got, expected in zip(results["routed"][1], results["dense"][1]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    stack = layer.weight_of("gate_up_proj").numel()  # (E, 2·d_ff, d)
+    assert largest["dense"] >= stack > 2 * largest["routed"]
+
+
 def test_all_linear_says_it_leaves_the_experts_out():
     with pytest.warns(UserWarning, match="'all-linear' adapts Linear layers only; the experts' 3-D weights"):
         pm = get_peft_model(build("mixtral"), LoraConfig(r=2, target_modules="all-linear"))
@@ -243,6 +292,24 @@ def test_expert_lora_traces_as_one_graph():
     explained = dynamo.explain(lambda x: pm(input_ids=x).logits)(ids())
     dynamo.reset()
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_expert_lora_compiles_as_one_graph_forward_and_backward():
+    torch.manual_seed(0)
+    pm = get_peft_model(build("gpt_oss", num_hidden_layers=1, layer_types=["full_attention"]),  # interleaved, biases
+                        LoraConfig(r=2, target_modules=["gate", "up", "down"], init_lora_weights=False)).train()
+    x = ids()
+    params = [p for p in pm.parameters() if p.requires_grad]
+
+    def step(model):  # the forward as one graph; its backward the graph AOTAutograd derived from it
+        loss = model(input_ids=x, labels=x).loss
+        return (loss, *torch.autograd.grad(loss, params))
+
+    dynamo.reset()
+    compiled = step(torch.compile(pm, backend="aot_eager", fullgraph=True))
+    dynamo.reset()
+    for got, expected in zip(compiled, step(pm)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_combining_expert_adapters_is_refused_with_the_reason():
