@@ -27,6 +27,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+try:  # transformers' grouped matmul over experts' runs of tokens (grouped_mm, or its own operator)
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:  # a transformers without the experts interface: every experts module takes the dense route
+    _grouped_linear = None
+
 ROUTING = ("hidden_states", "top_k_index", "top_k_weights")  # the experts interface's forward arguments
 
 
@@ -34,15 +39,7 @@ def understands(experts: nn.Module) -> bool:
     """Whether `experts` is a transformers experts-interface module whose layout this file computes."""
     return (all(hasattr(experts, flag) for flag in ("is_transposed", "has_gate", "has_bias", "num_experts"))
             and hasattr(type(experts), "_apply_gate") and not getattr(experts, "_is_expert_parallel", False)
-            and grouped_linear_available())
-
-
-def grouped_linear_available() -> bool:
-    try:
-        from transformers.integrations.moe import _grouped_linear  # noqa: F401
-    except ImportError:
-        return False
-    return True
+            and _grouped_linear is not None)
 
 
 def routing_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,8 +71,6 @@ def experts_forward(layer, names: list[str], hidden_states: torch.Tensor, top_k_
 def adapted_linear(layer, names: list[str], parameter: str, x: torch.Tensor, expert_ids: torch.Tensor,
                    offsets: torch.Tensor) -> torch.Tensor:
     """W_e x + b_e + Σ s·B_e(A_e x) for the sorted rows x (S, d_in), e each row's expert: (S, d_out)."""
-    from transformers.integrations.moe import _grouped_linear
-
     experts = layer.base_layer
     weight = getattr(experts, parameter)  # stored (E, d_out, d_in), or (E, d_in, d_out) transposed
     bias = getattr(experts, f"{parameter}_bias")[expert_ids] if experts.has_bias else None
