@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+from pathlib import Path
 
 import peft
 import torch
@@ -102,6 +103,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=RESULTS / "moe_lora")
     args = p.parse_args()
     hf_logging.set_verbosity_error()
     ids = torch.randint(0, VOCAB, (args.rows, args.seq), generator=torch.Generator().manual_seed(1))
@@ -127,7 +129,7 @@ def main() -> None:
              f"fp32 on the CPU, medians of {args.repeats}", "",
              "| model | experts | peer | step (s) | × frozen base | × PEFT | peak step memory (MiB) | × frozen base |",
              "|---|---|---|---|---|---|---|---|", *rows]
-    write_results(RESULTS / "moe_lora", table, data)
+    write_results(args.out, table, data)
 
 
 if __name__ == "__main__":
