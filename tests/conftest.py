@@ -168,3 +168,21 @@ def instruction_files(folder):
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "general.txt").write_text(generate(GENERAL, 40, 0))
     return folder / "train.jsonl", folder / "general.txt"
+
+
+def tiny_gpt2(vocab: int, positions: int = 64):
+    """A 2-layer GPT-2 (learned absolute positions, tied head) without dropout, seed 0."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=positions,
+                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+
+
+def tiny_llama(vocab: int):
+    """A 2-layer LLaMA (rotary positions, grouped KV heads), seed 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))

@@ -4,8 +4,9 @@ refuses and why, and the trainer's losses with it and without it."""
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 import pytest
+
+from conftest import tiny_gpt2, tiny_llama
 
 import minilora as ml
 from minilora.train import chunked_loss
@@ -57,15 +58,11 @@ def test_no_tensor_of_all_logits_is_kept_for_the_backward_pass():
 
 
 def gpt2():
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32, resid_pdrop=0,
-                                      embd_pdrop=0, attn_pdrop=0))
+    return tiny_gpt2(V, positions=32)
 
 
 def llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    return tiny_llama(V)
 
 
 MODELS = {

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from conftest import tiny_gpt2, tiny_llama
 
 import minilora as ml
 from minilora.train.data import IGNORE, Examples, model_inputs
@@ -20,15 +21,11 @@ V, T = 64, 24
 
 
 def gpt2():
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=64, resid_pdrop=0,
-                                      embd_pdrop=0, attn_pdrop=0))
+    return tiny_gpt2(V, positions=64)
 
 
 def llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    return tiny_llama(V)
 
 
 def instructions(n=9, seed=0):
