@@ -170,7 +170,7 @@ def instruction_files(folder):
     return folder / "train.jsonl", folder / "general.txt"
 
 
-def tiny_gpt2(vocab: int, positions: int = 64):
+def gpt2_of_vocab(vocab: int, positions: int = 64):
     """A 2-layer GPT-2 (learned absolute positions, tied head) without dropout, seed 0."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -179,7 +179,7 @@ def tiny_gpt2(vocab: int, positions: int = 64):
                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
 
 
-def tiny_llama(vocab: int):
+def llama_of_vocab(vocab: int):
     """A 2-layer LLaMA (rotary positions, grouped KV heads), seed 0."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import pytest
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import gpt2_of_vocab, llama_of_vocab
 
 import minilora as ml
 from minilora.train import chunked_loss
@@ -58,11 +58,11 @@ def test_no_tensor_of_all_logits_is_kept_for_the_backward_pass():
 
 
 def gpt2():
-    return tiny_gpt2(V, positions=32)
+    return gpt2_of_vocab(V, positions=32)
 
 
 def llama():
-    return tiny_llama(V)
+    return llama_of_vocab(V)
 
 
 MODELS = {

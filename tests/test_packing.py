@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import gpt2_of_vocab, llama_of_vocab
 
 import minilora as ml
 from minilora.train.data import IGNORE, Examples, model_inputs
@@ -21,11 +21,11 @@ V, T = 64, 24
 
 
 def gpt2():
-    return tiny_gpt2(V, positions=64)
+    return gpt2_of_vocab(V, positions=64)
 
 
 def llama():
-    return tiny_llama(V)
+    return llama_of_vocab(V)
 
 
 def instructions(n=9, seed=0):
