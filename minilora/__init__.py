@@ -6,6 +6,7 @@ from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeat
                    AutoPeftModelForTokenClassification)
 from .config import Band, LoraConfig
 from .exporting import export
+from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .kbit import prepare_model_for_kbit_training
 from .lora import LoraLinear
 from .model import LoraModel, get_base_model_state_dict, get_peft_model, set_base_model_state_dict
@@ -39,8 +40,10 @@ __all__ = [
     "format_breakdown",
     "get_base_model_state_dict",
     "get_peft_model",
+    "hotswap_adapter",
     "load_quantized",
     "memory_report",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "presets",
     "prune",

@@ -27,7 +27,7 @@ routing), read in every forward pass, and PEFT's per-layer flags.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,7 @@ class AdapterState:
     active: list[str] = field(default_factory=list)  # adapters applied, in this order
     disabled: bool = False  # True inside LoraModel.disable_adapter(): the base model alone
     routing: Optional[mixing.Routing] = None  # this call's choice of several adapters, or None
+    hotswap: Optional[Any] = None  # hotswap.Hotswap once prepared for compiled hotswap: slots and stacks
 
 
 class AdapterLayer(nn.Module):

@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import hotswap_forward
 from . import renamed
 from . import mixing
 from . import named_init
@@ -94,6 +95,7 @@ class LoraLinear(AdapterLayer):
         self.parts: dict[str, dict[str, LoraPart]] = {}  # adapter -> {part name -> columns, rank, alpha}
         self.scaling: dict[str, float | dict[str, float]] = {}  # adapter -> alpha / r, or {part name -> alpha / r}
 
+    serves_hotswap = True  # hotswap.py can stack its adapters into slots
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")  # PEFT's: the tables of trained modules
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")  # PEFT's: the other per-adapter tables
 
@@ -231,6 +233,8 @@ class LoraLinear(AdapterLayer):
         state = self.state
         if state.disabled:
             return y
+        if state.hotswap is not None:  # prepared for compiled hotswap: slots read from tensors (hotswap.py)
+            return hotswap_forward.forward(self, y, x, state.hotswap, state.routing)
         if state.routing is not None:  # several adapters in this one call (adapter_names=, ...)
             if state.routing.weights is None:
                 self._refuse_variants_in_mixed_batches(state.routing.rows or state.routing.mixture.adapters)
@@ -291,6 +295,9 @@ class LoraLinear(AdapterLayer):
         `safe_merge`: first check that W + ΔW is finite; if not, raise ValueError and change nothing."""
         chosen = self.active_adapters if adapter_names is None else adapter_names  # [] merges nothing
         names = [n for n in chosen if n in self.lora_A and n not in self.merged_adapters]
+        if names and self.state.hotswap is not None:
+            raise ValueError("a model prepared for compiled hotswap keeps its adapters unmerged (every slot is served "
+                             "from its stacks); merge a copy of the model that was not prepared")
         weight = self.base_layer.weight
         if names and not weight.is_floating_point() and not bnb_layers.is_bnb(weight):
             raise TypeError(

@@ -49,6 +49,7 @@ class Routing:
     row_index: dict = field(default_factory=dict, compare=False)  # per call: adapter set -> row indices
     weights: Optional[dict[str, float]] = None  # adapter -> weight of its low-rank path
     mixture: Optional[Mixture] = None  # weights per row or token, from a router
+    slots: Optional[torch.Tensor] = None  # rows of a model prepared for hotswap: (B,) int64, a slot per row
 
 
 def apply(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -131,11 +132,18 @@ def add_rows(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch
         if idx is None:
             index = {n: i for i, (n, _) in enumerate(entries, start=1)}
             idx = routing.row_index[entries] = torch.tensor([index.get(n, 0) for n in rows], device=x.device)  # (B,)
-        h = torch.bmm(x3, A_stack[idx].transpose(1, 2))  # (B, T, d_in) @ (B, d_in, r) -> (B, T, r)
-        delta = torch.bmm(h, B_stack[idx].transpose(1, 2)).to(y3.dtype)  # (B, T, r) @ (B, r, d_part)
-        part_view = like.rows(y3)  # (B, T, blocks, d_part / blocks), a view of y3
-        part_view += delta.view(part_view.shape)
+        add_gathered(y3, x3, A_stack, B_stack, idx, like)
     return y3.view(y.shape)  # y itself when contiguous; the copy reshape made otherwise
+
+
+def add_gathered(y3: torch.Tensor, x3: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor,
+                 idx: torch.Tensor, rows) -> None:
+    """y3 (B, T, d_out), in place: the `rows` part of each row b gains (x3[b] A_stack[idx[b]]ᵀ) B_stack[idx[b]]ᵀ.
+    A_stack (n, r, d_in), B_stack (n, d_part, r) with the scale folded in, idx (B,) int64."""
+    h = torch.bmm(x3, A_stack[idx].transpose(1, 2))  # (B, T, d_in) @ (B, d_in, r) -> (B, T, r)
+    delta = torch.bmm(h, B_stack[idx].transpose(1, 2)).to(y3.dtype)  # (B, T, r) @ (B, r, d_part)
+    part_view = rows.rows(y3)  # (B, T, blocks, d_part / blocks), a view of y3
+    part_view += delta.view(part_view.shape)
 
 
 def add_mixture(layer, y: torch.Tensor, x: torch.Tensor, mixture: Mixture) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import combine, mixing
+from . import combine, hotswap, mixing
 from .config import LoraConfig
 from .families import DEFAULT_TARGETS
 from .adapter_layer import AdapterLayer, AdapterState
@@ -126,6 +126,11 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
         with self.routed(self._routing(adapter_names, adapter_weights, args, kwargs)):
             return self.model(*args, **kwargs)
 
+    def compile(self, *args, **kwargs) -> None:
+        """nn.Module.compile on the HF model inside: this wrapper's Python (per-call adapter_names made
+        slot tensors, checks) runs before the graph, so no name specialises it (hotswap.py)."""
+        self.model.compile(*args, **kwargs)
+
     def generate(self, *args, adapter_names: Optional[list[str]] = None,
                  adapter_weights: Optional[dict[str, float]] = None, **kwargs):
         """The HF model's generate, with the same per-row / weighted adapter choice as forward."""
@@ -149,12 +154,13 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
         """The Routing for one call's `adapter_names` / `adapter_weights`, checked; None if neither."""
         if adapter_names is None and adapter_weights is None:
             return None
-        if any(layer.merged for layer in self._lora_layers().values()):
+        if self._state.hotswap is None and any(layer.merged for layer in self._lora_layers().values()):
             raise ValueError("adapters are merged into the weights; call unmerge_adapter() before choosing adapters per call")
         ids = kwargs.get("input_ids", args[0] if args else None)
         rows = ids.shape[0] if isinstance(ids, torch.Tensor) else None
-        return mixing.routing_for(adapter_names, adapter_weights, set(self.peft_config), self.training, rows,
-                                  self.mixed_batch_method)
+        routing = mixing.routing_for(adapter_names, adapter_weights, set(self.peft_config), self.training, rows,
+                                     self.mixed_batch_method)
+        return routing if self._state.hotswap is None else hotswap.row_routing(self, routing)  # names as slots
 
     def __getattr__(self, name: str):
         try:
@@ -233,6 +239,8 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
         """The one way an adapter comes to exist (added, loaded or combined): `plan` carried out
         (LoRA layers, trained copies, trainable tokens) and requires_grad set. Its cost does not
         grow with the number of adapters already loaded."""
+        if self._state.hotswap is not None:  # a compiled graph serves it only at the shapes prepared
+            hotswap.check_new(self, name, config, plan)
         layers, copies = apply_plan(self.model, plan, name, config, self._state)
         if not self.peft_config:  # the first adapter freezes the base
             for p in self.model.parameters():
@@ -240,11 +248,15 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
         self.peft_config[name] = config
         self._params[name] = [p for layer in layers for p in layer.adapter_parameters(name)]
         self._params[name] += [p for wrapper in copies for p in wrapper.modules_to_save[name].parameters()]
+        if self._state.hotswap is not None:
+            hotswap.store(self, name)
         self._update_trainable([name])
 
     def _update_trainable(self, names: list[str], frozen: bool = False) -> None:
         """requires_grad for the parameters of adapters `names` (active and not inference_mode), and
-        for the base biases that the first active adapter trains (its `bias`). `frozen`: none trains."""
+        for the base biases that the first active adapter trains (its `bias`). `frozen`: none trains,
+        nor does any adapter of a model prepared for compiled hotswap (it serves them, hotswap.py)."""
+        frozen = frozen or self._state.hotswap is not None
         for name in names:
             trainable = name in self._state.active and not self.peft_config[name].inference_mode and not frozen
             for p in self._params[name]:
@@ -285,6 +297,8 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
             raise ValueError(f"Only one adapter can be set at a time for a module trained in full (modules_to_save): "
                              f"adapters {names} each have a copy of {shared}; activate one of them")
         changed = list(dict.fromkeys([n for n in self._state.active if n not in names] + names))
+        if self._state.hotswap is not None:  # one slot index written in place; adapters stay frozen
+            return hotswap.point(self, names)
         self._state.active[:] = names
         for name in names:
             self.peft_config[name].inference_mode = inference_mode
@@ -301,6 +315,9 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
         enable_adapter_layers or delete_adapter sets them from the active adapters again."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._check_exists(names)
+        if requires_grad and self._state.hotswap is not None:
+            raise ValueError("a model prepared for compiled hotswap serves its adapters from stacked copies and does not "
+                             "train them; train the adapter on a model that was not prepared, then load it here")
         for name in names:
             for p in self._params[name]:
                 p.requires_grad_(requires_grad)
@@ -311,7 +328,11 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
         for layer in self._adapter_modules(adapter_name).values():
             layer.delete_adapter(adapter_name)
         del self.peft_config[adapter_name], self._params[adapter_name]
-        self._state.active[:] = [n for n in self._state.active if n != adapter_name] or list(self.peft_config)[:1]
+        active = [n for n in self._state.active if n != adapter_name] or list(self.peft_config)[:1]
+        if self._state.hotswap is not None:
+            hotswap.forget(self, adapter_name)
+            hotswap.point(self, active)
+        self._state.active[:] = active
         self._update_trainable(self.active_adapters)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,

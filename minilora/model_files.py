@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from . import adapter_files, convert
 from . import named_init
+from . import hotswap as hotswap_module
 from .config import LoraConfig
 from .state_names import LoadResult
 from .surgery import TASK_HEADS, has_module, peft_reads_targets_alike, trained_biases
@@ -67,14 +68,22 @@ class AdapterFiles:
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
                      config: Optional[LoraConfig] = None, torch_device: Optional[str] = None,
                      autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
-                     low_cpu_mem_usage: bool = False) -> "LoadResult":
+                     low_cpu_mem_usage: bool = False, hotswap: bool = False) -> "LoadResult":
         """Add the adapter saved in `model_id` under `adapter_name`; active adapters don't change.
         All or nothing: a file that does not fit leaves the model as it was, so the result PEFT
         returns (missing and unexpected keys) is always empty here, as PEFT's is for a file that fits.
         `torch_device`: where the adapter goes (default: beside its base layer, as PEFT).
         `autocast_adapter_dtype`, `ephemeral_gpu_offload`, `low_cpu_mem_usage`: PEFT's; the adapter is
         created in fp32 beside its base, then filled (PEFT's defaults), and `autocast_adapter_dtype=False`
-        is refused (keeping a half-precision adapter in half precision is not built)."""
+        is refused (keeping a half-precision adapter in half precision is not built).
+        `hotswap=True`: replace the existing adapter `adapter_name` instead, keeping which adapter is
+        active; a model prepared for compiled hotswap does so without recompiling (hotswap.py)."""
+        if hotswap:
+            hotswap_module.replace_adapter(self, model_id, adapter_name, is_trainable=is_trainable, config=config,
+                                           torch_device=torch_device, low_cpu_mem_usage=low_cpu_mem_usage,
+                                           ephemeral_gpu_offload=ephemeral_gpu_offload,
+                                           autocast_adapter_dtype=autocast_adapter_dtype)
+            return LoadResult(missing_keys=[], unexpected_keys=[])
         if not autocast_adapter_dtype:
             raise ValueError("autocast_adapter_dtype=False keeps a half-precision adapter in half precision; minilora "
                              "trains and loads adapters in fp32: leave it at True")
