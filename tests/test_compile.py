@@ -23,7 +23,7 @@ CASES = {
 
 def lora_model(family, targets, quantized=False):
     torch.manual_seed(0)
-    base = make(family)
+    base = make(family, n_layer=2)  # two layers show what four do: dynamo traces each layer alike
     if quantized:
         quantize_model(base, NF4Config(blocksize=64, double_quant=True), skip_modules=["lm_head"])
     return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
@@ -119,7 +119,7 @@ def test_peft_peer_compiles_to_one_graph_too():
     import peft
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(make("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(make("llama", n_layer=2), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     ids = torch.randint(1, 128, (2, 8))
     assert graphs_and_breaks(model, input_ids=ids) == (1, 0, [])
 
@@ -129,7 +129,7 @@ def test_dora_compiles_as_one_graph_and_matches_eager(family, targets):
     """DoRA's row norms come from a cache kept outside the graph in eager mode; inside a graph they
     are computed in it, so every layer traces into the same one graph."""
     torch.manual_seed(0)
-    model = get_peft_model(make(family), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True,
+    model = get_peft_model(make(family, n_layer=2), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True,
                                                     init_lora_weights=False)).eval()
     ids = torch.randint(1, 128, (2, 8))
     assert graphs_and_breaks(model, input_ids=ids) == (1, 0, [])
@@ -161,7 +161,7 @@ def test_gpt2_with_labels_compiles_as_one_graph_and_peft_needs_the_loss_named():
     torch.testing.assert_close(compiled(), eager_loss)
 
     torch.manual_seed(0)
-    theirs = peft.get_peft_model(make("gpt2"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    theirs = peft.get_peft_model(make("gpt2", n_layer=2), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
     theirs.base_model.model.loss_type = None  # as transformers leaves it for GPT-2
     if graphs_and_breaks(lambda: theirs(input_ids=ids, labels=ids).loss)[1] > 0:  # transformers >= 5.25
         theirs.base_model.model.loss_type = "ForCausalLM"  # the fix the README gives PEFT users
