@@ -30,6 +30,8 @@ from . import merge_methods
 from .config import LoraConfig
 from .lora import LoraPart, LoraLinear
 from .merge_methods import MergeOptions
+from .modules_to_save import ModulesToSave
+from .surgery import plan_adapter
 
 COMBINATIONS = ("cat", "linear", "svd", *merge_methods.FACTOR_METHODS, *merge_methods.SVD_METHODS)
 SAME_RANK = ("linear", *merge_methods.FACTOR_METHODS)  # made on the factors: every adapter needs one rank
@@ -124,3 +126,34 @@ def combined_config(first: LoraConfig, plan: dict[str, dict[str, LoraPart]]) -> 
         lora_alpha=first.lora_alpha, target_modules=first.target_modules, task_type=first.task_type,
         inference_mode=True, bias="none",
     )
+
+
+def add_weighted(model, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str,
+                 svd_rank: Optional[int], options: MergeOptions) -> dict[str, float]:
+    """LoraModel.add_weighted_adapter: adapter `adapter_name` ≈ Σ wᵢ adapters[i], layer by layer
+    (`combine_layer`), registered on `model`; returns the energy each "*svd" layer keeps."""
+    model._check_exists(adapters)
+    model._check_new(adapter_name)
+    check_request([model.peft_config[a] for a in adapters], weights, combination_type, options)
+    shared = model._shared_copies(adapters)
+    if shared:
+        raise ValueError(f"Cannot add weighted adapters if they target the same module with modules_to_save: "
+                         f"several of {adapters} have a trained copy of {shared}, which has no weighted form")
+    plan, factors, energies = {}, {}, {}
+    for path, layer in model._lora_layers().items():
+        layer.check_combinable(adapters, path)
+        parts, pairs, kept = combine_layer(layer, adapters, weights, combination_type, svd_rank, path, options)
+        if parts:
+            plan[path], factors[path] = parts, pairs
+            energies.update({f"{path}:{part}": e for part, e in kept.items()})
+    config = combined_config(model.peft_config[adapters[0]], plan)
+    config.modules_to_save = sorted({m for a in adapters for m in model.peft_config[a].modules_to_save or []}) or None
+    model._register(adapter_name, config, plan_adapter(model.model, config, targets=plan))
+    for path, pairs in factors.items():
+        for part, (A, B) in pairs.items():
+            model.model.get_submodule(path).set_factors(adapter_name, part, A, B)
+    for wrapper in model._adapter_modules(adapter_name).values():
+        if isinstance(wrapper, ModulesToSave):  # the one adapter that trains it gives its copy
+            owner = next(a for a in adapters if a in wrapper.modules_to_save)
+            wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[owner].state_dict())
+    return energies

@@ -348,34 +348,24 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
         change nothing in the truncated result and are accepted as such.
         A module trained in full (modules_to_save) by one of the adapters is copied, trained weights
         and all, into the new adapter; a module that several of them train cannot be combined."""
-        self._check_exists(adapters)
-        self._check_new(adapter_name)
-        options = MergeOptions(density=density, majority_sign_method=majority_sign_method, seed=seed,
-                               svd_clamp=svd_clamp)
-        combine.check_request([self.peft_config[a] for a in adapters], weights, combination_type, options)
-        shared = self._shared_copies(adapters)
-        if shared:
-            raise ValueError(f"Cannot add weighted adapters if they target the same module with modules_to_save: "
-                             f"several of {adapters} have a trained copy of {shared}, which has no weighted form")
-        plan, factors, energies = {}, {}, {}
-        for path, layer in self._lora_layers().items():
-            layer.check_combinable(adapters, path)
-            parts, pairs, kept = combine.combine_layer(layer, adapters, weights, combination_type, svd_rank, path,
-                                                       options)
-            if parts:
-                plan[path], factors[path] = parts, pairs
-                energies.update({f"{path}:{part}": e for part, e in kept.items()})
-        config = combine.combined_config(self.peft_config[adapters[0]], plan)
-        config.modules_to_save = sorted({m for a in adapters for m in self.peft_config[a].modules_to_save or []}) or None
-        self._register(adapter_name, config, plan_adapter(self.model, config, targets=plan))
-        for path, pairs in factors.items():
-            for part, (A, B) in pairs.items():
-                self.model.get_submodule(path).set_factors(adapter_name, part, A, B)
-        for wrapper in self._adapter_modules(adapter_name).values():
-            if isinstance(wrapper, ModulesToSave):  # the one adapter that trains it gives its copy
-                owner = next(a for a in adapters if a in wrapper.modules_to_save)
-                wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[owner].state_dict())
-        return energies
+        return combine.add_weighted(self, adapters, weights, adapter_name, combination_type, svd_rank,
+                                    MergeOptions(density=density, majority_sign_method=majority_sign_method,
+                                                 seed=seed, svd_clamp=svd_clamp))
+
+    @contextlib.contextmanager
+    def adapters_acting(self, names: list[str]) -> Iterator[None]:
+        """Inside this block exactly adapters `names` act, as after set_adapter(names), and nothing
+        else changes (which parameters train, the configs): a reference policy read from another
+        adapter of the same model (train/reference.py) computes what that adapter alone computes."""
+        self._check_exists(names)
+        if self._state.hotswap is not None:
+            raise ValueError("a model prepared for compiled hotswap switches adapters with set_adapter only")
+        before = list(self._state.active)
+        self._state.active[:] = names
+        try:
+            yield
+        finally:
+            self._state.active[:] = before
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

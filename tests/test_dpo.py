@@ -154,6 +154,81 @@ def test_a_model_without_an_adapter_has_no_reference_to_switch_off(tmp_path):
     Trainer(gpt2().requires_grad_(True), config(loss="simpo", beta=2.0), ex, ex, log=quiet)
 
 
+# ---------------------------------------------------------------------------------------------- a named adapter as reference
+def sft_model(quantized=False):
+    """A GPT-2 with a fine-tuned-looking adapter "sft" (B ≠ 0), and that SFT model's own copy."""
+    base = gpt2()
+    if quantized:
+        quantize_model(base, NF4Config(blocksize=32, double_quant=True), skip_modules=["lm_head"])
+    model = nonzero_b(get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"]), "sft"))
+    return model, copy.deepcopy(model).eval()
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
+@pytest.mark.parametrize("policy", ["copy", "stack"])
+def test_the_adapter_reference_is_the_sft_models_exactly(tmp_path, quantized, policy):
+    ex = examples(tmp_path, n=6)
+    model, sft = sft_model(quantized)
+    objective = PreferenceObjective(model, config(reference="adapter:sft", policy=policy), Processes())
+    ref, _ = reference_logps(model, ex.tensors, policy="adapter:sft")
+    with torch.no_grad():
+        expected, _ = sequence_logps(sft, ex.tensors)
+    assert torch.equal(ref, expected)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains and all(".policy." in n for n in trains)  # only the policy adapter trains
+    assert model.active_adapters == (["policy"] if policy == "copy" else ["sft", "policy"])
+    with torch.no_grad():  # the policy starts where the reference is: the loss is log 2
+        loss = objective.summed(ex.tensors).item() / 6
+    assert loss == pytest.approx(math.log(2), abs=1e-6)
+    with torch.no_grad():
+        with_base = reference_logps(model, ex.tensors)[0]
+    assert (with_base - expected).abs().max() > 1e-3  # "adapter off" is another model: the one before SFT
+
+
+@pytest.mark.parametrize("policy", ["copy", "stack"])
+def test_alignment_after_sft_trains_the_policy_and_leaves_the_sft_adapter(tmp_path, policy):
+    model, sft = sft_model()
+    train, val = examples(tmp_path, n=32), examples(tmp_path, 8, seed=1, name="val.jsonl")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".sft." in n}
+    result = Trainer(model, config(steps=8, batch_size=4, eval_every=8, lr=3e-2, reference="adapter:sft",
+                                   policy=policy), train, val, out=tmp_path / "run", log=quiet).train()
+    assert result.history[0]["kl"] == 0.0 and result.history[0]["val_loss"] == pytest.approx(math.log(2))
+    assert result.val_loss_after < result.val_loss_before - 0.01 and result.history[-1]["kl"] > 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if ".sft." in n)
+    saved = sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir() if p.is_dir())
+    assert saved == (["policy"] if policy == "copy" else ["policy", "sft"])
+    if policy == "stack":  # the two adapters as one that PEFT loads: "cat" is exact
+        model.add_weighted_adapter(["sft", "policy"], [1.0, 1.0], "aligned", combination_type="cat")
+        x = val.tensors["input_ids"][:, 0]
+        with torch.no_grad():
+            stacked = model(input_ids=x).logits
+            model.set_adapter("aligned")
+            torch.testing.assert_close(model(input_ids=x).logits, stacked, rtol=1e-5, atol=1e-5)
+
+
+def test_a_base_an_init_rewrote_is_refused_as_the_reference(tmp_path):
+    ex = examples(tmp_path, n=8)
+    model = get_peft_model(gpt2(), LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match="rewrote the base.*reference='adapter:default'"):
+        Trainer(model, config(), ex, ex, log=quiet)
+    trainer = Trainer(model, config(reference="adapter:default"), ex, ex, log=quiet)  # the adapter as it starts
+    ref = reference_logps(model, ex.tensors, policy="adapter:default")[0]
+    with torch.no_grad():
+        original, _ = sequence_logps(gpt2().eval(), ex.tensors)
+    torch.testing.assert_close(ref, original, rtol=1e-4, atol=1e-4)  # W_res + ΔW₀ = W, to fp32 rounding
+    assert trainer.preference.settings.reference == "adapter:default"
+
+
+def test_a_reference_adapter_the_model_lacks_or_a_bad_policy_is_refused(tmp_path):
+    ex = examples(tmp_path, n=8)
+    with pytest.raises(ValueError, match="holds no adapter 'sft'.*load_adapter"):
+        Trainer(lora(gpt2()), config(reference="adapter:sft"), ex, ex, log=quiet)
+    with pytest.raises(ValueError, match="'base'.*'adapter:NAME'"):
+        Trainer(lora(gpt2()), config(reference="sft"), ex, ex, log=quiet)
+    with pytest.raises(ValueError, match="'copy'.*'stack'"):
+        Trainer(lora(gpt2()), config(reference="adapter:default", policy="both"), ex, ex, log=quiet)
+
+
 # ---------------------------------------------------------------------------------------------- oracle: TRL
 def _word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -168,10 +243,12 @@ def _word_tokenizer():
                                    unk_token="<unk>")
 
 
+@pytest.mark.parametrize("reference", ["base", "adapter:sft"])
 @pytest.mark.parametrize("loss_type, ours", [("sigmoid", "dpo"), ("ipo", "ipo")])
-def test_the_loss_of_a_batch_equals_trls_dpo_trainer(tmp_path, loss_type, ours):
-    """TRL is given the PEFT model and a frozen copy of the base as its reference (what it does for a
-    model it does not recognise); minilora loads the same adapter and switches it off instead."""
+def test_the_loss_of_a_batch_equals_trls_dpo_trainer(tmp_path, loss_type, ours, reference):
+    """TRL is given the PEFT model and a frozen copy of its reference model (what it does for a model
+    it does not recognise): the base, or the SFT model (base + an SFT adapter, merged). minilora loads
+    the same adapters into one model and switches the adapter off, or to the SFT adapter, instead."""
     import peft
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -185,20 +262,30 @@ def test_the_loss_of_a_batch_equals_trls_dpo_trainer(tmp_path, loss_type, ours):
                                                                       target_modules=["q_proj", "v_proj"]))
     nonzero_b(theirs)
     theirs.save_pretrained(tmp_path / "adapter")
+    reference_model = copy.deepcopy(base)
+    if reference == "adapter:sft":  # an SFT adapter of its own, and TRL's reference is the SFT model
+        sft = nonzero_b(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])), seed=2)
+        sft.save_pretrained(tmp_path / "sft")
+        reference_model = sft.merge_and_unload()
     rows = [{"prompt": "tell me about cat", "chosen": " cat is big", "rejected": " no"},
             {"prompt": "tell me about the red dog", "chosen": " yes", "rejected": " the dog is small and blue"},
             {"prompt": "owl", "chosen": " a fox", "rejected": " a red owl is a bird"}]
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, loss_type=[loss_type], report_to="none",
                      use_cpu=True, per_device_train_batch_size=3, max_length=None, bf16=False)
-    trainer = DPOTrainer(model=theirs, ref_model=copy.deepcopy(base), args=args, train_dataset=Dataset.from_list(rows),
+    trainer = DPOTrainer(model=theirs, ref_model=reference_model.eval(), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, batch).item()
 
-    mine = LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+    if reference == "base":
+        mine = LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+    else:  # the policy as the run starting from it would hold it: "policy", beside the frozen "sft"
+        mine = LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "sft", adapter_name="sft")
+        mine.load_adapter(tmp_path / "adapter", "policy")
     pairs_ = preference_rows(Path("pairs.jsonl"), list(enumerate(rows, 1)), Tokens(tok), 16)
-    objective = PreferenceObjective(mine, config(beta=0.3, loss=ours), Processes())
+    objective = PreferenceObjective(mine, config(beta=0.3, loss=ours, reference=reference), Processes())
     with torch.no_grad():
         loss = objective.summed(pairs_.tensors).item() / len(rows)
     assert abs(trl_loss - math.log(2)) > 1e-3  # the adapter moved the policy away from the reference
@@ -345,6 +432,29 @@ def test_finetune_task_preference_from_the_command_line(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(data), "--task", "preference",
                  "--beta", "0", "--tokenizer", "bytes", "--out", str(tmp_path / "o2")]) == 2
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["fp32", "nf4"])
+def test_sft_then_dpo_against_the_sft_adapter_from_the_command_line(tmp_path, qlora):
+    """SFT gives an adapter; DPO starts from it (--adapter), measures against it (--reference) and
+    saves the aligned policy as its own adapter, with no merge, on a full-precision or 4-bit base."""
+    from minilora.cli import main
+
+    gpt2().save_pretrained(tmp_path / "model")
+    text = tmp_path / "domain.txt"
+    text.write_text(" ".join(r["prompt"] + r["chosen"] for r in pairs(60, 2)))
+    data = write(tmp_path / "pairs.jsonl", pairs(40, 0))
+    common = ["--model", str(tmp_path / "model"), "--tokenizer", "bytes", "--seq-len", str(T), "--steps", "4",
+              "--eval-every", "4", "--lr", "1e-2", "--no-progressbar"] + (["--qlora"] if qlora else [])
+    assert main(["finetune", *common, "--data", str(text), "--out", str(tmp_path / "sft")]) == 0
+    assert main(["finetune", *common, "--data", str(data), "--task", "preference", "--adapter",
+                 str(tmp_path / "sft" / "adapter"), "--reference", "adapter:sft", "--out", str(tmp_path / "dpo")]) == 0
+    history = json.loads((tmp_path / "dpo" / "result.json").read_text())["history"]
+    assert history[0]["kl"] == 0.0 and history[0]["val_loss"] == pytest.approx(math.log(2))  # starts at the SFT model
+    assert history[-1]["kl"] > 0
+    assert (tmp_path / "dpo" / "adapter" / "policy" / "adapter_model.safetensors").is_file()
+    assert main(["finetune", *common, "--data", str(data), "--task", "preference", "--adapter",
+                 str(tmp_path / "nowhere"), "--out", str(tmp_path / "o3")]) == 2
 
 
 # ---------------------------------------------------------------------------------------------- bad input

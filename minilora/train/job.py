@@ -5,7 +5,8 @@
        steps 2 to 4 has passed; a non-empty directory that holds no run is never used)
     2. tokenizer (the model's own, or bytes) → rows for the task (data.py)
     3. model: from_pretrained, or with --qlora its linear layers stored in NF4 (quantized while
-       loading where the checkpoint is safetensors), then LoRA from --config / --preset / default
+       loading where the checkpoint is safetensors), then LoRA from --config / --preset / default, or
+       the adapter --adapter DIR holds (the SFT adapter a DPO run measures against: --reference)
     4. Trainer: forgetting monitor on --retain, replay, checkpoints, resume (trainer.py)
     5. <out>/adapter (PEFT format), metrics.jsonl, curves.png, result.json
 """
@@ -24,7 +25,7 @@ from ..files import atomic_write, read_json_object
 from ..adapter_files import read_config_file
 from .. import hf_dir, presets
 from . import packing
-from ..model import get_peft_model
+from ..model import LoraModel, get_peft_model
 from ..params import format_trainable
 from ..surgery import TASK_HEADS
 from ..quant import NF4Config, load_quantized, quantize_model
@@ -51,6 +52,8 @@ class JobSettings:
     replay: Optional[str] = None  # text mixed into training batches; default: the retain file
     config: Optional[str] = None  # a LoraConfig as JSON (minilora's or PEFT's adapter_config.json)
     preset: Optional[str] = None  # a plan of minilora.presets ("article")
+    adapter: Optional[str] = None  # start from this adapter directory (PEFT format), e.g. the SFT adapter that
+    # --reference adapter:NAME names (it is loaded under NAME); otherwise --config / --preset / the default
     qlora: bool = False  # store the base in 4-bit NF4 (double-quantized scales)
     tokenizer: str = "auto"  # auto: the model's own | bytes: 256 byte values
     seq_len: int = 128  # tokens per example
@@ -74,8 +77,11 @@ def check(s: JobSettings, t: TrainConfig) -> None:
         raise ValueError(f"unknown preset {s.preset!r}; choose from {', '.join(presets.PRESETS)} (or pass --config)")
     if s.pack and t.task not in packing.PACKABLE_TASKS:
         raise ValueError(f"--pack packs {', '.join(packing.PACKABLE_TASKS)} rows, not --task {t.task}: drop --pack")
-    if s.preset and s.config:
-        raise ValueError("--preset and --config both choose the adapters: pass one of them")
+    if sum(x is not None for x in (s.preset, s.config, s.adapter)) > 1:
+        raise ValueError("--preset, --config and --adapter each choose the adapters: pass one of them")
+    if s.adapter is not None and not Path(s.adapter).is_dir():
+        raise DataError(f"--adapter {s.adapter}: no such directory; pass an adapter directory saved by "
+                        "save_pretrained (adapter_config.json and adapter_model.safetensors)")
     if s.preset == "article" and not task_named(t.task).causal_lm:
         raise ValueError(f"--preset article trains an LM head: it fits domain and instruction tuning, not "
                          f"{t.task}; pass --config instead")
@@ -183,7 +189,12 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
                         "use the model's own tokenizer")
     if s.pack:
         packing.check_model(model)
-    model = get_peft_model(model, lora_config(s, t.task))
+    if s.adapter is not None:  # the adapter to start from, under the name the reference gives it
+        reference = getattr(t.task_settings, "reference", "base")
+        name = reference.partition(":")[2] if reference.startswith("adapter:") else "default"
+        model = LoraModel.from_pretrained(model, s.adapter, adapter_name=name, is_trainable=True).train()
+    else:
+        model = get_peft_model(model, lora_config(s, t.task))
     log(format_trainable(*model.get_nb_trainable_parameters()))
     trainer = Trainer(model, t, train, val, retain, replay, out=out, log=log, processes=procs)
 

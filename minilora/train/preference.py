@@ -1,11 +1,12 @@
 """Preference tuning (`task="preference"`): DPO, IPO or SimPO on pairs of answers to one prompt.
 
-The reference policy of DPO and IPO is not a second model. The base is frozen and the adapter is
-all that trains, so the model at the start of training is the same model with its adapter
-switched off:
+The reference policy of DPO and IPO is not a second model: it is the same model with other adapters
+acting (reference.py), under torch.no_grad() and in eval mode (no dropout: one fixed function):
 
-    log π_ref(y|x) = log π(y|x) computed inside `model.disable_adapter()`, under torch.no_grad(),
-                     in eval mode (no dropout: the reference is one fixed function)
+    reference="base"          log π_ref(y|x) = log π(y|x) inside `model.disable_adapter()`: the
+                              model before training, when the adapter starts from zero
+    reference="adapter:NAME"  log π_ref(y|x) = log π(y|x) with adapter NAME alone: the fine-tuned
+                              (SFT) model; a copy of NAME, or a new adapter on top of it, trains
 
 either in every step, beside the policy's forward pass, or once for the whole training set before
 the first step (`precompute_ref`). A sequence's log-probability sums the response tokens only
@@ -34,7 +35,6 @@ log π_ref) for DPO and IPO, β·log π / |y| for SimPO):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import chunked_loss
+from . import reference as reference_policy
 from .chunked_loss import causal_lm_hidden
 from .data import IGNORE, DataError, Examples, Tokens, model_inputs
 from .distributed import Processes, all_reduce_sum
@@ -66,11 +67,14 @@ class PreferenceSettings:
     label_smoothing: float = 0.0  # dpo: the probability ε that a pair's label is flipped (conservative DPO)
     simpo_gamma: float = 0.5  # simpo: γ, the target reward margin
     precompute_ref: bool = False  # reference log-probs computed once before training, not in every step
+    reference: str = "base"  # base: the adapters off | adapter:NAME: the frozen adapter NAME (reference.py)
+    policy: str = "copy"  # with adapter:NAME, what trains: copy (a copy of NAME) | stack (a new adapter on top)
 
     def check(self) -> None:
         if self.loss not in PREFERENCE_LOSSES:
             raise ValueError(f"unknown preference loss {self.loss!r}; choose from {', '.join(PREFERENCE_LOSSES)}")
         check_numbers(self, RANGES)
+        reference_policy.check(self.reference, self.policy)
 
 
 RANGES = {  # as TrainConfig's RANGES: (lowest, highest, (lowest allowed?, highest allowed?), what it is)
@@ -214,23 +218,16 @@ def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits
     return token_logps, scored, kept
 
 
-@contextlib.contextmanager
-def as_reference(model: nn.Module):
-    """The reference policy: the same model with its adapter switched off, in eval mode, without
-    gradients. Exactly the base model's numbers."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), model.disable_adapter():
-            yield
-    finally:
-        model.train(was_training)
+def as_reference(model: nn.Module, policy: str = "base"):
+    """The reference policy `policy` ("base": the adapters switched off; "adapter:NAME": adapter NAME
+    alone), in eval mode, without gradients (reference.py)."""
+    return reference_policy.acting(model, policy)
 
 
 def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool = False,
-                    chunked: bool = False):
-    """`sequence_logps` of the reference policy (`as_reference`)."""
-    with as_reference(model):
+                    chunked: bool = False, policy: str = "base"):
+    """`sequence_logps` of the reference policy `policy` (`as_reference`)."""
+    with as_reference(model, policy):
         return sequence_logps(model, batch, keep_logits, chunked)  # chunked: the head in use, the original
 
 
@@ -243,6 +240,8 @@ class PreferenceObjective:
         self.settings: PreferenceSettings = config.task_settings
         self.uses_reference = self.settings.loss not in REFERENCE_FREE
         self.chunked = config.chunked_loss and chunked_loss.unavailable(model) is None  # no (S·T, V) logits
+        if self.uses_reference:
+            reference_policy.set_up(model, self.settings.reference, self.settings.policy)  # before the trainer lists what trains
         if self.uses_reference and not callable(getattr(model, "disable_adapter", None)):
             raise ValueError(f"--task preference with loss {self.settings.loss!r} needs a model with an adapter: its reference "
                              "policy is the model with the adapter switched off, and this model has none to switch "
@@ -264,7 +263,7 @@ class PreferenceObjective:
         for i in range(0, len(rows), self.config.eval_batch_size):
             index = rows[i:i + self.config.eval_batch_size]
             batch = {k: v.to(self.procs.device) for k, v in examples.rows(index).items()}
-            with as_reference(self.model):
+            with as_reference(self.model, self.settings.reference):
                 token_logps = token_logprobs(self.model, batch, chunked=self.chunked)[0]
             per_row = token_logps.view(len(index), -1) if packed else pair_sums(batch, token_logps)
             ref[index.to(self.procs.device)] = per_row
@@ -284,7 +283,7 @@ class PreferenceObjective:
         reference = None  # the reference first: its forward pass's memory is free again before the policy's
         stored = "ref_logps" in batch or "ref_token_logps" in batch
         if self.uses_reference and (not stored or keep_logits):
-            reference = reference_logps(self.model, batch, keep_logits, self.chunked)
+            reference = reference_logps(self.model, batch, keep_logits, self.chunked, cfg.reference)
         policy = sequence_logps(self.model, batch, keep_logits, self.chunked)
         logps, counts = policy[0], policy[1]
         if cfg.loss == "simpo":

@@ -108,6 +108,7 @@ class Trainer:
         self.sharded = config.parallel == "fsdp"
         if self.sharded:
             fsdp.shard_model(model, self.procs)
+        self.objective = task_named(config.task).objective(model, config, self.procs)  # may add the policy adapter
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise ValueError("the model has no trainable parameters: add an adapter (get_peft_model) or unfreeze "
@@ -118,7 +119,6 @@ class Trainer:
         self.chunked = reason is None  # a causal LM's loss without all its logits (chunked_loss.py)
         if reason is not None and config.chunked_loss and self.task.causal_lm:
             log(f"the plain loss, with every logit at once: {reason}")
-        self.objective = task_named(config.task).objective(model, config, self.procs)  # preference: the pairs' loss
         if self.objective is not None:
             train = self.train_set = self.objective.prepare(train)
         self.global_batch = config.batch_size * config.grad_accum * self.procs.world
@@ -424,7 +424,7 @@ class Trainer:
     def _save_trained(self) -> None:
         """The kept adapter in PEFT's format; a plain model's trainable weights as safetensors."""
         if isinstance(self.model, LoraModel):
-            self.model.save_pretrained(self.out / "adapter")
+            self.model.save_pretrained(self.out / "adapter", selected_adapters=list(self.model.active_adapters))
         else:
             from safetensors.torch import save_file
 
