@@ -3,6 +3,7 @@ the same adapter weights, data and seed give the same losses (1e-5) step by step
 policy is the adapter switched off (no second model is loaded), and `peft_config=` takes a
 minilora LoraConfig."""
 
+import math
 import warnings
 
 import peft
@@ -143,3 +144,17 @@ def test_peft_config_takes_a_minilora_config(name, tmp_path):
     with pytest.raises(TypeError, match="peft_config. must be a .peft.PeftConfig"):
         trl.SFTTrainer(model=base(kind), args=trl.SFTConfig(**common(tmp_path / "x")), train_dataset=data(),
                        processing_class=tokenizer(), peft_config=["not", "a", "config"])
+
+
+def test_a_reference_taken_from_a_rewritten_base_is_refused_and_the_wrapped_model_is_its_own(tmp_path):
+    """PiSSA rewrites the base: TRL's adapter-off reference for an adapter it creates would be no
+    trained model. Refused; wrapped first, TRL's reference is the starting adapter (the original model)."""
+    config = minilora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa",
+                                 task_type="CAUSAL_LM")
+    args = trl.DPOConfig(**{**common(tmp_path), "max_steps": 1}, beta=0.1)
+    with pytest.raises(ValueError, match="rewrites the base.*get_peft_model"):
+        minilora_trl.DPOTrainer(model=base(), args=args, train_dataset=pairs(), processing_class=tokenizer(),
+                                peft_config=config)
+    trainer = run(minilora_trl.DPOTrainer, model=minilora.get_peft_model(base(), config), args=args,
+                  train_dataset=pairs(), processing_class=tokenizer())
+    assert losses(trainer)[0].item() == pytest.approx(math.log(2), abs=1e-4)  # policy = reference at the start

@@ -36,6 +36,7 @@ import importlib
 import trl
 from accelerate.utils import extract_model_from_parallel
 
+from .. import named_init
 from ..adapter_layer import AdapterLayer
 from ..config import LoraConfig
 from ..model import LoraModel, get_peft_model as minilora_get_peft_model
@@ -84,6 +85,14 @@ class LoraTrlMixin(LoraTrainerMixin):
 
     def __init__(self, *args, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
+        config = kwargs.get("peft_config")
+        if (isinstance(self, (trl.DPOTrainer, trl.GRPOTrainer)) and isinstance(config, LoraConfig)
+                and named_init.changes_base(config.init_lora_weights) and kwargs.get("ref_model") is None):
+            raise ValueError(f"peft_config has init_lora_weights={config.init_lora_weights!r}, which rewrites the base "
+                             "into a residual, and TRL takes the reference policy of an adapter it creates from that "
+                             "adapter switched off: no trained model at all. Wrap the model first "
+                             "(minilora.get_peft_model(model, config)) and pass it as model=: TRL then keeps a frozen "
+                             "copy of the starting adapter as the reference, which is the original model")
         if isinstance(model, LoraModel):
             head = model.get_base_model().get_output_embeddings()
             if isinstance(head, AdapterLayer):  # LoRA, or trainable tokens of a tied head
