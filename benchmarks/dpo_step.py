@@ -13,6 +13,9 @@ Peers, all measured in the same run:
                     rows detached
   precomputed       the reference log-probs read from a table computed before training (the step
                     runs the policy only; the table costs one forward pass per pair, once)
+  adapter_copy      alignment after SFT (train/reference.py): the reference is a fine-tuned adapter
+                    "sft" (reference="adapter:sft"), the policy a trainable copy of it; chunked
+  adapter_stack     the same reference, the policy a new adapter acting on top of "sft"; chunked
 
 Step time: medians over --repeats rounds, the peers interleaved in a new shuffled order each round,
 all in this process. Peak memory: each peer in a fresh process (`--memory PEER`), which builds its
@@ -40,13 +43,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 import minilora
+from minilora.train import reference as reference_policy
 from minilora.train.data import IGNORE
 from minilora.train.loss import dpo_loss
 from minilora.train.preference import reference_logps, sequence_logps
 from _common import RESULTS, interleaved_medians, rss_mb, write_results
 from fsdp_memory import LiveBytes
 
-PEERS = ("disabled_adapter", "chunked", "frozen_copy", "mixed_batch", "precomputed")
+PEERS = ("disabled_adapter", "chunked", "frozen_copy", "mixed_batch", "precomputed", "adapter_copy", "adapter_stack")
 BETA = 0.1
 
 
@@ -84,12 +88,16 @@ def build(peer: str, args):
     """The step function of one peer (and the models it holds, kept alive by the closure)."""
     base = base_model(args)
     reference = copy.deepcopy(base).requires_grad_(False).eval() if peer == "frozen_copy" else None
+    sft = peer.startswith("adapter_")
     model = minilora.get_peft_model(base, minilora.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
-                                                              target_modules=["q", "k", "v", "o"]))
-    with torch.no_grad():  # a trained-looking adapter: the policy differs from the reference
+                                                              target_modules=["q", "k", "v", "o"]),
+                                    "sft" if sft else "default")
+    with torch.no_grad():  # a trained-looking adapter: the policy differs from the reference (or: the SFT adapter)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
+    if sft:  # the policy beside the frozen SFT adapter, as the trainer sets it up
+        reference_policy.set_up(model, "adapter:sft", peer.removeprefix("adapter_"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = pairs(args)
     table = reference_logps(model, batch)[0] if peer == "precomputed" else None
@@ -101,9 +109,10 @@ def build(peer: str, args):
         if peer == "mixed_batch":
             policy, ref = mixed_logps(model, batch)
         else:
-            chunked = peer == "chunked"
-            if peer in ("disabled_adapter", "chunked"):  # the reference first, as the trainer does (its memory
-                ref = reference_logps(model, batch, chunked=chunked)[0]  # is free again)
+            chunked = peer == "chunked" or sft
+            if peer in ("disabled_adapter", "chunked") or sft:  # the reference first, as the trainer does (its
+                ref = reference_logps(model, batch, chunked=chunked,  # memory is free again)
+                                      policy="adapter:sft" if sft else "base")[0]
             elif peer == "frozen_copy":
                 with torch.no_grad():
                     ref = sequence_logps(reference, batch)[0]
@@ -171,23 +180,24 @@ def main() -> None:
                               check=True)
         memory[peer] = json.loads(done.stdout.strip().splitlines()[-1])
     steps = {peer: build(peer, args) for peer in PEERS}
-    adapter = {peer: [p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n]
+    adapter = {peer: [p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n and p.requires_grad]
                for peer, (_, model, _) in steps.items()}
     first = {peer: fn() for peer, (fn, _, _) in steps.items()}  # the same loss from every way of getting the reference
     for peer, (_, model, _) in steps.items():  # and every way trains the adapter
-        after = [p for n, p in model.named_parameters() if "lora_B" in n]
+        after = [p for n, p in model.named_parameters() if "lora_B" in n and p.requires_grad]
         assert all(not torch.equal(a, b) for a, b in zip(adapter[peer], after)), f"{peer}: the adapter did not train"
     times = interleaved_medians({peer: fn for peer, (fn, _, _) in steps.items()}, repeats=args.repeats)
 
     peer0 = "frozen_copy"
     table = [f"One DPO step, LLaMA-style hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, LoRA r={args.r} "
              f"on q, k, v, o; {args.pairs} pairs of {args.seq} tokens; CPU, fp32; medians of {args.repeats}.", "",
-             "| reference | step time (× frozen_copy) | peak RSS MB | step memory MB (× frozen_copy) "
-             "| counted MB (× frozen_copy) | first loss |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| reference | step time (× frozen_copy) | step time (× chunked) | peak RSS MB "
+             "| step memory MB (× frozen_copy) | counted MB (× frozen_copy) | first loss |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for peer in PEERS:
         m = memory[peer]
-        table.append(f"| {peer} | {times[peer] / times[peer0]:.2f} | {m['peak_rss_mb']:.0f} | {m['step_mb']:.0f} "
+        table.append(f"| {peer} | {times[peer] / times[peer0]:.2f} | {times[peer] / times['chunked']:.2f} "
+                     f"| {m['peak_rss_mb']:.0f} | {m['step_mb']:.0f} "
                      f"({m['step_mb'] / memory[peer0]['step_mb']:.2f}) | {m['counted_mb']:.0f} "
                      f"({m['counted_mb'] / memory[peer0]['counted_mb']:.2f}) | {first[peer]:.6f} |")
     write_results(args.out, table, {"settings": vars(args), "seconds": times, "memory": memory, "first_loss": first,

@@ -53,6 +53,17 @@ def test_finetune_writes_a_report_and_learns_the_domain(tmp_path):
     for key in ("domain_loss_before", "domain_loss_after", "retain_loss_before", "retain_loss_after"):
         assert again["lora_article"][key] == report["lora_article"][key]
 
+    # alignment after SFT with no merge: DPO against lora_article's adapter, and qlora_article's on its NF4 base
+    settings.overwrite, settings.strategies = False, ("lora_article_dpo_adapter", "qlora_article_dpo_adapter")
+    aligned = run(settings, log=logs.append)
+    for name, after in (("lora_article_dpo_adapter", "lora_article"), ("qlora_article_dpo_adapter", "qlora_article")):
+        row = aligned[name]
+        assert row["dpo_loss_before"] == pytest.approx(0.6931, abs=1e-4)  # the policy starts as the SFT model
+        assert row["domain_loss_before"] == pytest.approx(report[after]["domain_loss_after"], abs=1e-5)
+        assert row["reward_accuracy_after"] > row["reward_accuracy_before"]
+        assert (tmp_path / name / "adapter" / "policy" / "adapter_model.safetensors").is_file()
+
+    settings.strategies = ("lora_article",)
     settings.overwrite, settings.finetune_steps = False, 79
     with pytest.raises(RunDirectoryError, match="differ in: finetune_steps"):
         run(settings)

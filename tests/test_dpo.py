@@ -529,4 +529,4 @@ def test_the_generated_finance_pairs_fit_the_embedded_defaults_windows(tmp_path)
     lengths = [len((r["prompt"] + r[k]).encode()) for r in records for k in ("chosen", "rejected")]
     assert max(lengths) <= 64 and (answer_tokens > 0).all()
     with pytest.raises(ValueError, match="starts from the lora_article adapter.*--strategies lora_article,lora_article_dpo"):
-        sft_model(gpt2(), tmp_path, quiet)
+        sft_model("lora_article_dpo", gpt2(), tmp_path, quiet)

@@ -20,6 +20,8 @@ Strategies:
     lora_article_dpo  lora_article's model, then DPO on finance preference pairs (answers with
                   figures preferred to vague ones), the reference being that model with the new
                   adapter switched off; reward accuracy before/after (dpo.py; not run by default)
+    lora_article_dpo_adapter, qlora_article_dpo_adapter  the same without a merge: the reference
+                  is lora_article's (qlora_article's, on its NF4 base) adapter itself, a copy trains
 
 `--experiment minilm` runs the same comparison on a pretrained model and real text instead: the
 sentence encoder all-MiniLM-L6-v2 learning which part of the standard library a docstring comes
@@ -48,7 +50,7 @@ from ..quant import NF4Config, quantize_model
 from ..train import checkpoint
 from ..train.data import ByteTokenizer, Tokens, text_windows
 from .corpus import DOMAIN, GENERAL, generate
-from .dpo import run_dpo
+from .dpo import STARTS as DPO_STRATEGIES, run_dpo
 from ..train.trainer import Interrupted, Trainer, TrainConfig
 from .settings import ALL_STRATEGIES, REPLAY_RATIO, DemoSettings, check_out, peak_rss_mb, reset_peak_rss, write_report
 
@@ -132,9 +134,9 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
         if name in report:
             log(f"{name:>13}: finished by an earlier run with these settings ({run_dir})")
             continue
-        if name == "lora_article_dpo":  # preference tuning after lora_article: its own module
+        if name in DPO_STRATEGIES:  # preference tuning after lora_article / qlora_article: its own module
             reset_peak_rss()
-            report[name], curves[name] = run_dpo(s, base, domain_val, retain, log)
+            report[name], curves[name] = run_dpo(name, s, base, domain_val, retain, log)
             report[name]["peak_rss_mb"] = peak_rss_mb()
             write_report(out, report, curves, log)
             continue
