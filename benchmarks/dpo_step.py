@@ -16,6 +16,8 @@ Peers, all measured in the same run:
   adapter_copy      alignment after SFT (train/reference.py): the reference is a fine-tuned adapter
                     "sft" (reference="adapter:sft"), the policy a trainable copy of it; chunked
   adapter_stack     the same reference, the policy a new adapter acting on top of "sft"; chunked
+  *_checkpointed    chunked and frozen_copy with activation checkpointing on the policy's pass (the
+                    trainer's --gradient-checkpointing): each layer keeps its input only
 
 Step time: medians over --repeats rounds, the peers interleaved in a new shuffled order each round,
 all in this process. Peak memory: each peer in a fresh process (`--memory PEER`), which builds its
@@ -44,13 +46,15 @@ from transformers.utils import logging as hf_logging
 
 import minilora
 from minilora.train import reference as reference_policy
+from minilora.train.trainer import enable_checkpointing
 from minilora.train.data import IGNORE
 from minilora.train.loss import dpo_loss
 from minilora.train.preference import reference_logps, sequence_logps
 from _common import RESULTS, interleaved_medians, rss_mb, write_results
 from fsdp_memory import LiveBytes
 
-PEERS = ("disabled_adapter", "chunked", "frozen_copy", "mixed_batch", "precomputed", "adapter_copy", "adapter_stack")
+PEERS = ("disabled_adapter", "chunked", "frozen_copy", "mixed_batch", "precomputed", "adapter_copy", "adapter_stack",
+         "chunked_checkpointed", "frozen_copy_checkpointed")
 BETA = 0.1
 
 
@@ -86,6 +90,8 @@ def mixed_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build(peer: str, args):
     """The step function of one peer (and the models it holds, kept alive by the closure)."""
+    checkpointed = peer.endswith("_checkpointed")
+    peer = peer.removesuffix("_checkpointed")
     base = base_model(args)
     reference = copy.deepcopy(base).requires_grad_(False).eval() if peer == "frozen_copy" else None
     sft = peer.startswith("adapter_")
@@ -98,6 +104,8 @@ def build(peer: str, args):
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
     if sft:  # the policy beside the frozen SFT adapter, as the trainer sets it up
         reference_policy.set_up(model, "adapter:sft", peer.removeprefix("adapter_"))
+    if checkpointed:
+        enable_checkpointing(model.train())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = pairs(args)
     table = reference_logps(model, batch)[0] if peer == "precomputed" else None
