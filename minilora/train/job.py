@@ -30,6 +30,7 @@ from ..params import format_trainable
 from ..surgery import TASK_HEADS
 from ..quant import NF4Config, load_quantized, quantize_model
 from . import checkpoint
+from . import reference as reference_policy
 from .distributed import barrier, setup
 from .data import DataError, load_tokenizer
 from .tasks import load_examples, retain_examples, task_named
@@ -190,8 +191,7 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
     if s.pack:
         packing.check_model(model)
     if s.adapter is not None:  # the adapter to start from, under the name the reference gives it
-        reference = getattr(t.task_settings, "reference", "base")
-        name = reference.partition(":")[2] if reference.startswith("adapter:") else "default"
+        name = reference_policy.adapter_of(getattr(t.task_settings, "reference", "base")) or "default"
         model = LoraModel.from_pretrained(model, s.adapter, adapter_name=name, is_trainable=True).train()
     else:
         model = get_peft_model(model, lora_config(s, t.task))
