@@ -106,8 +106,9 @@ def _finetune(parser: argparse.ArgumentParser, given: dict) -> int:
         if wrong:
             parser.error(f"{_flag(wrong[0])} belongs to the embedded default; with --model, the model and "
                          "--steps/--lr decide")
-        if "data" not in given:
-            parser.error("--model needs --data FILE (.txt or .jsonl): the text to fine-tune on")
+        if "data" not in given and "adapters" not in given:
+            parser.error("--model needs --data FILE (.txt or .jsonl): the text to fine-tune on (or --adapters "
+                         "NAME=FILE,NAME=FILE: one adapter per file, trained together)")
         task = given.get("task", TrainConfig.task)
         for name, settings_class in TASK_SETTINGS.items():
             flags = _read_by(settings_class, given)
@@ -124,7 +125,10 @@ def _finetune(parser: argparse.ArgumentParser, given: dict) -> int:
             print(f"interrupted at step {result.steps_done}; checkpoint in {job.out}: add --resume to continue",
                   file=sys.stderr)
             return 130
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and job.adapters is not None:
+            print(f"adapters: {job.out}/adapters/<name>   router: {job.out}/adapters/routing.json   "
+                  f"metrics: {job.out}/metrics.jsonl")
+        elif os.environ.get("RANK", "0") == "0":
             print(f"adapter: {job.out}/adapter   metrics: {job.out}/metrics.jsonl   curves: {job.out}/curves.png")
         return 0
     given.pop("resume", None)  # the embedded default always continues a run with the same settings

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .checkpointed_routing import enable_checkpointing
 from .model import LoraModel
 from .quant import Linear4bit
 from .quant.bnb_layers import is_bnb
@@ -62,7 +63,10 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
     if kwargs.get("use_reentrant", True):
         enable_input_grads(hf_model)
-    enable_checkpointing(hf_model, kwargs)
+    if isinstance(model, LoraModel):  # its routed calls (adapter_names=) kept for the recomputation
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        enable_checkpointing(hf_model, kwargs)
     return model
 
 
@@ -76,13 +80,3 @@ def enable_input_grads(model: nn.Module) -> None:
                         "gradient_checkpointing_kwargs={'use_reentrant': False}, which needs no input gradients")
     model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
 
-
-def enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
-    """transformers' switch: `activation_checkpointing_enable` (v5), `gradient_checkpointing_enable` before."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise TypeError(f"{type(model).__name__} has no gradient checkpointing switch (a transformers "
-                        "PreTrainedModel has one); pass use_gradient_checkpointing=False")

@@ -236,8 +236,8 @@ class LoraLinear(AdapterLayer):
         if state.hotswap is not None:  # prepared for compiled hotswap: slots read from tensors (hotswap.py)
             return hotswap_forward.forward(self, y, x, state.hotswap, state.routing)
         if state.routing is not None:  # several adapters in this one call (adapter_names=, ...)
-            if state.routing.weights is None:
-                self._refuse_variants_in_mixed_batches(state.routing.rows or state.routing.mixture.adapters)
+            if state.routing.mixture is not None:  # per-row adapters run variants on their own paths (mixing.py)
+                self._refuse_variants_in_mixture(state.routing.mixture.adapters)
             return mixing.apply(self, y, x, state.routing)
         for name in state.active:
             if name in self.lora_A and name not in self.merged_adapters:
@@ -262,12 +262,12 @@ class LoraLinear(AdapterLayer):
         path = next((v for v in variants if v.replaces_path), PLAIN)
         return [path, *(v for v in variants if not v.replaces_path)]
 
-    def _refuse_variants_in_mixed_batches(self, names) -> None:
+    def _refuse_variants_in_mixture(self, names) -> None:
         for name in (n for n in names if self.has_adapter(n)):
             used = [variant.label for variant in self.variants_of(name)]
             if used:
-                raise ValueError(f"adapter {name!r} uses {', '.join(used)}, which mixed batches (adapter_names=) and "
-                                 "routers do not support: run its rows in a call of their own after set_adapter")
+                raise ValueError(f"adapter {name!r} uses {', '.join(used)}, which a router's mixture of adapters does "
+                                 "not support: route it with one adapter per row (adapter_names=) instead")
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, name: str, part: str) -> torch.Tensor:

@@ -112,6 +112,8 @@ def add_rows(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch
     if not used:
         return y
     x3 = x.reshape(batch, -1, layer.in_features)  # (B, T, d_in)
+    if own_paths(layer, used):
+        return add_own_paths(layer, y.reshape(batch, -1, layer.out_features), x3, routing, used).view(y.shape)
     y3 = y.reshape(batch, -1, layer.out_features)  # (B, T, d_out), added to in place (eval mode)
     if routing.method == "segments":  # the alternative: each adapter's rows as one segment, its own matmuls
         for name in used:
@@ -134,6 +136,34 @@ def add_rows(layer, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch
             idx = routing.row_index[entries] = torch.tensor([index.get(n, 0) for n in rows], device=x.device)  # (B,)
         add_gathered(y3, x3, A_stack, B_stack, idx, like)
     return y3.view(y.shape)  # y itself when contiguous; the copy reshape made otherwise
+
+
+def own_paths(layer, used: list[str]) -> bool:
+    """Whether each adapter's rows must run through the adapter's own path (`add_own_paths`): in
+    training (its dropout acts, its gradients flow), when gradients reach an adapter, and for an
+    adapter with a variant (DoRA, lora_bias), whose change the stacked matmuls do not express."""
+    if layer.training or any(layer.variants_of(n) for n in used):
+        return True
+    return torch.is_grad_enabled() and any(p.requires_grad for n in used for p in layer.adapter_parameters(n))
+
+
+def add_own_paths(layer, y3: torch.Tensor, x3: torch.Tensor, routing: Routing, used: list[str]) -> torch.Tensor:
+    """y3 (B, T, d_out) with each adapter's rows replaced by what the layer gives those rows with that
+    adapter alone (`layer.add_lora`: dropout, DoRA, lora_bias included), out of place:
+
+        out[rows(a)] = add_lora(y3[rows(a)], x3[rows(a)], a)       for each adapter a in the batch
+
+    The same numbers as running each adapter's rows in a call of their own, and differentiable: a
+    row's loss reaches its own adapter's weights and no other's (adapter a's weights only ever see
+    rows(a)). The low-rank work is one segment per adapter; the base ran once for every row."""
+    out = y3
+    for name in used:
+        idx = routing.row_index.get(name)  # the same for every layer of this call
+        if idx is None:
+            idx = routing.row_index[name] = torch.tensor([i for i, n in enumerate(routing.rows) if n == name],
+                                                         device=x3.device)  # (b,)
+        out = out.index_copy(0, idx, layer.add_lora(y3[idx], x3[idx], name))  # (b, T, d_out) into its rows
+    return out
 
 
 def add_gathered(y3: torch.Tensor, x3: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor,
@@ -169,8 +199,7 @@ def add_mixture(layer, y: torch.Tensor, x: torch.Tensor, mixture: Mixture) -> to
     return out.view(y.shape)
 
 
-def routing_for(adapter_names, adapter_weights, known: set[str], training: bool, rows: Optional[int],
-                method: str) -> Routing:
+def routing_for(adapter_names, adapter_weights, known: set[str], rows: Optional[int], method: str) -> Routing:
     """The Routing of one call's `adapter_names` (one adapter, or BASE, per batch row) or
     `adapter_weights` ({adapter: weight}), every value checked against the `known` adapters and
     the batch's `rows` (None: unknown)."""
@@ -191,8 +220,6 @@ def routing_for(adapter_names, adapter_weights, known: set[str], training: bool,
         if bad:
             raise ValueError(f"adapter_weights must map adapter names to finite numbers, got {bad}")
         return Routing(weights={n: float(w) for n, w in adapter_weights.items() if n != BASE})
-    if training:
-        raise ValueError("mixed batches (adapter_names) run in eval mode: call model.eval() first")
     if rows is not None and rows != len(chosen):
         raise ValueError(f"adapter_names has {len(chosen)} entries but the batch has {rows} rows: give one per row")
     return Routing(rows=tuple(chosen), method=method)

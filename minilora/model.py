@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import combine, hotswap, mixing
+from . import checkpointed_routing, combine, hotswap, mixing
 from .config import LoraConfig
 from .families import DEFAULT_TARGETS
 from .adapter_layer import AdapterLayer, AdapterState
@@ -117,8 +117,8 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
     # ------------------------------------------------------------------ passthrough
     def forward(self, *args, labels=None, adapter_names: Optional[list[str]] = None,
                 adapter_weights: Optional[dict[str, float]] = None, **kwargs):
-        """The HF model's forward. `adapter_names`: one adapter (or "__base__") per batch row, in
-        eval mode. `adapter_weights`: {adapter: weight}, the weighted sum of their low-rank paths.
+        """The HF model's forward. `adapter_names`: one adapter (or "__base__") per batch row, each
+        row's loss reaching its own adapter only (in training too). `adapter_weights`: {adapter: weight}, the weighted sum of their low-rank paths.
         `labels` is named because transformers' Trainer finds label names in the class's forward;
         each instance's forward shows the HF model's own signature (see signature.py)."""
         if labels is not None:
@@ -150,6 +150,10 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
         finally:
             self._state.routing = previous
 
+    def adapters_per_row(self, adapter_names: list[str]):
+        """A block in which every call runs row b with adapter adapter_names[b] (as forward's adapter_names=)."""
+        return self.routed(self._routing(adapter_names, None, (), {}))
+
     def _routing(self, adapter_names, adapter_weights, args, kwargs) -> Optional[mixing.Routing]:
         """The Routing for one call's `adapter_names` / `adapter_weights`, checked; None if neither."""
         if adapter_names is None and adapter_weights is None:
@@ -158,8 +162,9 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
             raise ValueError("adapters are merged into the weights; call unmerge_adapter() before choosing adapters per call")
         ids = kwargs.get("input_ids", args[0] if args else None)
         rows = ids.shape[0] if isinstance(ids, torch.Tensor) else None
-        routing = mixing.routing_for(adapter_names, adapter_weights, set(self.peft_config), self.training, rows,
-                                     self.mixed_batch_method)
+        routing = mixing.routing_for(adapter_names, adapter_weights, set(self.peft_config), rows, self.mixed_batch_method)
+        if self.training:  # a checkpointed layer must recompute with this call's adapters
+            checkpointed_routing.check(self.model)
         return routing if self._state.hotswap is None else hotswap.row_routing(self, routing)  # names as slots
 
     def __getattr__(self, name: str):

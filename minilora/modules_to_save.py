@@ -1,7 +1,8 @@
 """modules_to_save (PEFT's): modules trained in full, each adapter with its own copy.
 
 The original module stays frozen at `<path>.original_module`; adapter `a` trains the copy at
-`<path>.modules_to_save.a`, which is what runs while `a` is the first active adapter that has one.
+`<path>.modules_to_save.a`, which is what runs while `a` is the first active adapter that has one
+(with adapter_names=, each row's adapter's copy runs on that row).
 The copy has storage of its own, so a head tied to the input embeddings is untied (with a
 warning) and the embeddings stay frozen. PEFT's file keys: `<path>.<parameter>` of the copy.
 
@@ -49,8 +50,23 @@ class ModulesToSave(nn.Module):
     def weight(self):  # code that reads `lm_head.weight` sees the module in use
         return self.active_module.weight
 
-    def forward(self, *args, **kwargs):
-        return self.active_module(*args, **kwargs)
+    def forward(self, x, *args, **kwargs):
+        routing = self.state.routing
+        if routing is not None and routing.rows is not None and not self.state.disabled:
+            return self._per_row(routing.rows, x, *args, **kwargs)
+        return self.active_module(x, *args, **kwargs)
+
+    def _per_row(self, rows: tuple[str, ...], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """adapter_names=: row b through adapter rows[b]'s copy (the original for "__base__" or an adapter
+        without one), out of place, so each row's loss reaches its own copy only. x (B, ...)."""
+        out = None
+        for name in dict.fromkeys(rows):
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+            y = module(x[index], *args, **kwargs)  # (b, ...)
+            out = y.new_zeros((len(rows), *y.shape[1:])) if out is None else out
+            out = out.index_copy(0, index, y)
+        return out
 
     def has_adapter(self, name: str) -> bool:
         return name in self.modules_to_save

@@ -14,16 +14,19 @@ the model sees the tag it was trained with.
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from . import mixing
+from .files import atomic_write, read_json_object
 from .mixing import BASE
 
 
@@ -43,6 +46,23 @@ class TagRouter:
             raise ValueError(f"the tag pattern needs a group named 'name', e.g. {TagRouter.pattern!r}")
         if self.default != BASE and self.default not in self.adapters:
             raise ValueError(f"default {self.default!r} is not one of the adapters {self.adapters} (or '{BASE}')")
+
+    def save(self, path) -> None:
+        """Write this router as JSON (atomically): its adapters, tag pattern, strip and default."""
+        config = {"adapters": list(self.adapters), "pattern": self.pattern, "strip": self.strip, "default": self.default}
+        atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+
+    @classmethod
+    def load(cls, path) -> "TagRouter":
+        """The router `save` wrote: a routing.json, or the folder that holds it (a run's <out>/adapters)."""
+        path = Path(path)
+        path = path / "routing.json" if path.is_dir() else path
+        config = read_json_object(path, "a tag router's config", "write it with TagRouter.save", ValueError)
+        unknown = sorted(config.keys() - {"adapters", "pattern", "strip", "default"})
+        if unknown or not isinstance(config.get("adapters"), list):
+            raise ValueError(f"{path}: a tag router's config has a list 'adapters' and optionally 'pattern', 'strip' "
+                             f"and 'default'{f'; unknown keys {unknown}' if unknown else ''}")
+        return cls(**config)
 
     def route(self, texts: list[str]) -> tuple[list[str], list[str]]:
         """(adapter name per text, the texts as the model should see them)."""

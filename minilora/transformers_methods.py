@@ -8,9 +8,12 @@ model, which holds no PEFT adapter and answers "No adapter loaded".
     model.active_adapters()           the active adapters' names; `model.active_adapters` (PEFT's
                                       property) is the same list
     model.set_adapter(name)           LoraModel's own
+    model.activation_checkpointing_enable(...) / gradient_checkpointing_enable(...)
+                                      the transformers model's, with the per-call routing kept for
+                                      the recomputation (checkpointed_routing.py)
 
 A mixin of LoraModel (model.py), which gives it `disable_adapter_layers`, `enable_adapter_layers`
-and `active_adapter`.
+`active_adapter`, `model` and `_state`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from . import checkpointed_routing
 from .peft_functions import get_peft_model_state_dict
 
 
@@ -47,3 +51,13 @@ class TransformersAdapterMethods:
         if not isinstance(name, str):
             raise ValueError(f"several adapters are active ({name}): pass adapter_name= to choose one")
         return get_peft_model_state_dict(self, state_dict, adapter_name=name)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs) -> None:
+        """transformers' activation checkpointing on the wrapped model, non-reentrant unless asked,
+        with adapter_names= / adapter_weights= kept for the recomputation (checkpointed_routing.py)."""
+        kept = checkpointed_routing.with_keeper(activation_checkpointing_kwargs, self._state)
+        checkpointed_routing.enable_checkpointing(self.model, kept, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs) -> None:
+        """transformers' earlier name of activation_checkpointing_enable."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)

@@ -231,15 +231,18 @@ def test_a_sliced_dora_adapter_saves_as_whole_layer_dora_that_peft_computes_alik
         LoraModel.from_pretrained(based("gpt2"), tmp_path)
 
 
-def test_mixed_batches_refuse_dora_and_adapter_weights_scale_its_change():
+def test_mixed_batches_run_dora_exactly_and_adapter_weights_scale_its_change():
     base = make("llama")
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)).eval()
     randomize(model)
     model.add_adapter("plain", LoraConfig(r=4, target_modules=["q_proj"]))
     inputs = batch("llama")
-    with pytest.raises(ValueError, match="adapter 'default' uses DoRA \(use_dora=True\), which mixed batches \(adapter_names=\)"):
-        model(**inputs, adapter_names=["default", "plain"])
     with torch.no_grad():
+        mixed = model(**inputs, adapter_names=["default", "plain"]).logits  # each row: its adapter alone
+        for row, name in enumerate(["default", "plain"]):
+            with model.adapters_acting([name]):
+                one = model(**{k: v[row:row + 1] for k, v in inputs.items()}).logits
+            torch.testing.assert_close(mixed[row:row + 1], one, rtol=1e-5, atol=1e-6)
         assert torch.equal(model(**inputs, adapter_weights={"default": 1.0}).logits, logits(model, inputs))
         assert torch.equal(model(**inputs, adapter_weights={"default": 0.0}).logits, logits(base, inputs))
     with pytest.raises(ValueError, match="cannot combine DoRA adapters"):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,9 +33,12 @@ from ..quant import NF4Config, load_quantized, quantize_model
 from . import checkpoint
 from . import reference as reference_policy
 from .distributed import barrier, setup
-from .data import DataError, load_tokenizer
+from .data import DataError, existing, load_tokenizer
+from ..mixing import BASE
+from ..state_names import check_adapter_name
 from .tasks import load_examples, retain_examples, task_named
 from .train_config import TrainConfig, check_batch
+from .together import AdapterData, TogetherResult, TogetherTrainer
 from .trainer import Trainer, TrainResult
 
 POSITION_KEYS = ("n_positions", "max_position_embeddings")  # config.json's longest sequence, by family
@@ -45,7 +49,9 @@ class JobSettings:
     """What to fine-tune on what; the training settings are TrainConfig's."""
 
     model: str  # a local Hugging Face model directory: config.json, weights, tokenizer
-    data: str  # training data: .txt (domain) or .jsonl (any task)
+    data: Optional[str] = None  # training data: .txt (domain) or .jsonl (any task)
+    adapters: Optional[str] = None  # NAME=DATA[,NAME=DATA...]: one adapter per data file, trained together
+    # in one pass over the base (together.py), instead of --data
     out: str = "runs/job"  # checkpoints, metrics, curves and the adapter go here
     val: Optional[str] = None  # validation data; default: val_fraction of the training data held out
     val_fraction: float = 0.1
@@ -66,6 +72,15 @@ class JobSettings:
 def check(s: JobSettings, t: TrainConfig) -> None:
     """Every input problem that can be found before loading anything, with what to do."""
     t.check()
+    if (s.data is None) == (s.adapters is None):
+        raise ValueError("pass --data FILE (one adapter) or --adapters NAME=FILE,NAME=FILE (one adapter per file, "
+                         "trained together), not both")
+    if s.adapters is not None:
+        for flag, value in (("--val", s.val), ("--adapter", s.adapter), ("--replay", s.replay)):
+            if value is not None:
+                raise ValueError(f"{flag} is not used with --adapters: each adapter holds out --val-fraction of its "
+                                 "own file and starts fresh; drop it")
+        adapter_files(s.adapters)
     directory = Path(s.model)
     if not directory.is_dir():
         raise DataError(f"--model {s.model}: no such directory; pass a local Hugging Face model directory")
@@ -102,6 +117,23 @@ def check(s: JobSettings, t: TrainConfig) -> None:
     if limit is not None and s.seq_len > limit:
         raise ValueError(f"--seq-len {s.seq_len} is longer than the model reads: {directory / 'config.json'} has "
                          f"{key} = {limit}; lower --seq-len to at most {limit}")
+
+
+def adapter_files(spec: str) -> dict[str, Path]:
+    """--adapters "NAME=FILE,NAME=FILE" as {name: path}, each name a valid adapter name, each file there."""
+    out = {}
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--adapters {spec!r}: {item!r} is not NAME=FILE; write e.g. finance=finance.txt,law=law.txt")
+        name = name.strip()
+        check_adapter_name(name, reserved=BASE)
+        if name in out:
+            raise ValueError(f"--adapters names {name!r} twice: give each adapter one data file")
+        out[name] = existing(path.strip())
+    if not out:
+        raise ValueError("--adapters is empty: write NAME=FILE,NAME=FILE")
+    return out
 
 
 def position_limit(directory: Path) -> tuple[Optional[str], Optional[int]]:
@@ -154,15 +186,9 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
     tokenizer and the Trainer's own checks. Only then is an old run deleted (--overwrite) and this
     one recorded, so a run refused for any reason leaves the directory as it found it."""
     check(s, t)
-    out = Path(s.out)
-    run = {**{k: v for k, v in asdict(s).items() if k not in ("resume", "overwrite")},
-           **t.settings()}
-    procs = setup()
-    if procs.is_main:  # one process reads the directory (and later prepares it); the others wait for it
-        checkpoint.check_directory(out, run, s.resume, s.overwrite)
-    else:
-        log = _silent
-    barrier(procs)
+    if s.adapters is not None:
+        return run_together(s, t, log)
+    out, run, procs, log = _open(s, t, log)
     tokens = load_tokenizer(s.model, s.tokenizer)
     train = load_examples(s.data, t.task, tokens, s.seq_len)
     labels = train.label_names
@@ -172,7 +198,7 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
         train, val = train.split(s.val_fraction, seed=t.seed)
         log(f"validation: {len(val)} of the {len(train) + len(val)} examples of {s.data} held out")
     if s.pack:  # the batch counts packed rows
-        train, val = packing.pack(train, s.seq_len, tokens.pad_id or 0), packing.pack(val, s.seq_len, tokens.pad_id or 0)
+        train, val = _packed(train, tokens, s.seq_len), _packed(val, tokens, s.seq_len)
         width = train.tensors["input_ids"].shape[-1]  # preference: 2 · --seq-len, what one padded pair takes
         log(f"packed: {len(train)} rows of {width} tokens hold the training examples")
     check_batch(t, len(train), procs.world)
@@ -180,16 +206,10 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
     replay_file = s.replay or s.retain
     replay = retain_examples(replay_file, t.task, tokens, s.seq_len, labels) if t.replay_ratio > 0 else None
     if replay is not None and s.pack:
-        replay = packing.pack(replay, s.seq_len, tokens.pad_id or 0)  # rows of the training rows' kind
+        replay = _packed(replay, tokens, s.seq_len)  # rows of the training rows' kind
 
     torch.manual_seed(t.seed)  # a new head and the adapters start the same in every run and every process
-    model = load_model(s, t.task, len(labels) if labels else None, log)
-    vocab = model.get_input_embeddings().num_embeddings
-    if tokens.vocab_size > vocab:
-        raise DataError(f"the tokenizer has {tokens.vocab_size} tokens but the model's embedding only {vocab}; "
-                        "use the model's own tokenizer")
-    if s.pack:
-        packing.check_model(model)
+    model = _base_model(s, t, tokens, len(labels) if labels else None, log)
     if s.adapter is not None:  # the adapter to start from, under the name the reference gives it
         name = reference_policy.adapter_of(getattr(t.task_settings, "reference", "base")) or "default"
         model = LoraModel.from_pretrained(model, s.adapter, adapter_name=name, is_trainable=True).train()
@@ -197,13 +217,75 @@ def run_job(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) 
         model = get_peft_model(model, lora_config(s, t.task))
     log(format_trainable(*model.get_nb_trainable_parameters()))
     trainer = Trainer(model, t, train, val, retain, replay, out=out, log=log, processes=procs)
+    _record(out, run, s, procs, labels)
+    return trainer.train(resume=s.resume)
 
-    if procs.is_main:  # every check passed: now the old run may go (--overwrite) and this one is recorded
+
+def run_together(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = print) -> TogetherResult:
+    """--adapters NAME=FILE,...: one adapter per file, trained together in one pass (together.py). Each
+    adapter starts as a run of its own on its file would (the same seed, the same initial weights),
+    holds out --val-fraction of its file, and is watched on the shared --retain set."""
+    out, run, procs, log = _open(s, t, log)
+    tokens = load_tokenizer(s.model, s.tokenizer)
+    retain = retain_examples(s.retain, t.task, tokens, s.seq_len) if s.retain else None
+    domains = {}
+    for name, path in adapter_files(s.adapters).items():
+        train, val = load_examples(path, t.task, tokens, s.seq_len).split(s.val_fraction, seed=t.seed)
+        if s.pack:
+            train, val = _packed(train, tokens, s.seq_len), _packed(val, tokens, s.seq_len)
+        log(f"adapter {name}: {len(train)} training and {len(val)} validation examples from {path}")
+        domains[name] = AdapterData(train, val, retain)
+    torch.manual_seed(t.seed)
+    model = _base_model(s, t, tokens, None, log)
+    config, start = lora_config(s, t.task), torch.get_rng_state()
+    first, *others = domains
+    model = get_peft_model(model, copy.deepcopy(config), adapter_name=first)
+    for name in others:
+        torch.set_rng_state(start)  # each adapter's initial weights are those of a run of its own
+        model.add_adapter(name, copy.deepcopy(config))
+    log(format_trainable(*model.get_nb_trainable_parameters()))
+    trainer = TogetherTrainer(model, t, domains, out=out, log=log, processes=procs)
+    _record(out, run, s, procs, None)
+    return trainer.train(resume=s.resume)
+
+
+def _open(s: JobSettings, t: TrainConfig, log: Callable[[str], None]):
+    """(out, the run's recorded settings, processes, log): the output directory checked, read only."""
+    out = Path(s.out)
+    run = {**{k: v for k, v in asdict(s).items() if k not in ("resume", "overwrite")},
+           **t.settings()}
+    procs = setup()
+    if procs.is_main:  # one process reads the directory (and later prepares it); the others wait for it
+        checkpoint.check_directory(out, run, s.resume, s.overwrite)
+    else:
+        log = _silent
+    barrier(procs)
+    return out, run, procs, log
+
+
+def _packed(examples, tokens, seq_len: int):
+    return packing.pack(examples, seq_len, tokens.pad_id or 0)
+
+
+def _base_model(s: JobSettings, t: TrainConfig, tokens, n_labels: Optional[int], log):
+    """The transformers model, checked against the tokenizer (and, with --pack, against packing)."""
+    model = load_model(s, t.task, n_labels, log)
+    vocab = model.get_input_embeddings().num_embeddings
+    if tokens.vocab_size > vocab:
+        raise DataError(f"the tokenizer has {tokens.vocab_size} tokens but the model's embedding only {vocab}; "
+                        "use the model's own tokenizer")
+    if s.pack:
+        packing.check_model(model)
+    return model
+
+
+def _record(out: Path, run: dict, s: JobSettings, procs, labels) -> None:
+    """Every check passed: now the old run may go (--overwrite) and this one is recorded."""
+    if procs.is_main:
         checkpoint.prepare(out, run, s.resume, s.overwrite)
         if labels:  # class index -> name, for whoever uses the adapter
             atomic_write(out / "labels.json", lambda p: Path(p).write_text(json.dumps(labels)))
     barrier(procs)
-    return trainer.train(resume=s.resume)
 
 
 def _silent(line: str) -> None:

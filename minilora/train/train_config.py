@@ -19,6 +19,7 @@ from .tasks import FILE_TASKS, TASKS, task_named
 OPTIMIZERS = ("adamw", "paged_adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
+ADAPTER_MIXES = ("proportional", "equal")
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TrainConfig:
     seed: int = 0
     chunked_loss: bool = True  # a causal LM's loss over chunks of tokens, never all logits at once (chunked_loss.py)
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass (non-reentrant)
+    adapter_mix: str = "proportional"  # adapters trained together (--adapters): each one's rows per step,
+    # proportional to its training examples | equal
     # the settings only the task has: its settings class (a dict of its fields is taken too), e.g.
     # PreferenceSettings(loss="ipo", beta=0.5) for task="preference"; None: the class's defaults
     task_settings: Any = None
@@ -121,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.adapter_mix not in ADAPTER_MIXES:
+            raise ValueError(f"unknown adapter_mix {self.adapter_mix!r}; choose from {', '.join(ADAPTER_MIXES)}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"unknown parallel {self.parallel!r}; choose from {', '.join(PARALLEL)}")
         if self.parallel == "fsdp" and not task_named(self.task).runs_under_fsdp:

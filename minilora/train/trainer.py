@@ -79,7 +79,7 @@ def enable_checkpointing(model: nn.Module) -> None:
     if not getattr(hf, "supports_gradient_checkpointing", False):
         raise ValueError(f"gradient_checkpointing: {type(hf).__name__} has no gradient_checkpointing_enable; "
                          "train without --gradient-checkpointing")
-    kbit.enable_checkpointing(hf, {"use_reentrant": False})
+    kbit.enable_checkpointing(model, {"use_reentrant": False})  # a LoraModel's keeps per-call adapters too
 
 
 class Trainer:
