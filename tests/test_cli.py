@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import gpt2_model_dir, instruction_files
+from conftest import gpt2_model_dir, gpt2_of_vocab, instruction_files
 from minilora.cli import main
 
 SMALL = ["--layers", "2", "--width", "64", "--seq-len", "32", "--batch-size", "8", "--pretrain-steps", "150",
@@ -249,3 +249,62 @@ def test_ctrl_c_then_resume_from_the_command_line(tmp_path):
     args[args.index("100000")] = "10"
     shorter = subprocess.run([*args, "--resume"], capture_output=True, text=True)
     assert shorter.returncode == 2 and "differ in: steps" in shorter.stderr
+
+
+def test_adapters_trained_together_from_the_command_line_equal_runs_of_their_own(tmp_path, capsys):
+    import peft
+    import torch
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    from minilora import LoraModel
+    from minilora.routing import TagRouter
+
+    model, (shout, general) = tmp_path / "model", instruction_files(tmp_path)
+    gpt2_of_vocab(256).save_pretrained(model)  # without dropout: runs of their own draw no other masks
+    words = ["Cat", "Dog", "Owl", "Fox", "Hen"]
+    whisper = tmp_path / "whisper.jsonl"
+    whisper.write_text("".join(json.dumps({"instruction": "Whisper the word", "input": w, "output": w.lower() + "..."})
+                               + "\n" for w in words * 8))
+    common = ["finetune", "--model", str(model), "--task", "instruction", "--tokenizer", "bytes", "--retain",
+              str(general), "--seq-len", "64", "--steps", "24", "--eval-every", "8", "--lr", "1e-2", "--no-progressbar"]
+    together = tmp_path / "together"
+    assert main([*common, "--adapters", f"shout={shout},whisper={whisper}", "--batch-size", "4",
+                 "--adapter-mix", "equal", "--out", str(together)]) == 0
+    result = json.loads((together / "result.json").read_text())
+    for name in ("shout", "whisper"):
+        row = result["adapters"][name]
+        assert row["stop_reason"] == "completed" and row["val_loss_after"] < row["val_loss_before"]
+        assert row["retain_loss_before"] is not None
+    router = TagRouter.load(together / "adapters")
+    assert router.route(["<domain=whisper> Owl"]) == (["whisper"], ["Owl"])
+
+    for name, data in (("shout", shout), ("whisper", whisper)):  # each equals a run of its own on its file
+        alone = tmp_path / name
+        assert main([*common, "--data", str(data), "--batch-size", "2", "--out", str(alone)]) == 0
+        mine = load_file(together / "adapters" / name / "adapter_model.safetensors")
+        theirs = load_file(alone / "adapter" / "adapter_model.safetensors")
+        assert mine.keys() == theirs.keys() and mine
+        for key in mine:
+            assert (mine[key] - theirs[key]).norm() <= 1e-5 * theirs[key].norm(), key
+
+    # each saved adapter loads in PEFT and serves its rows of a mixed batch as minilora does
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    ours = LoraModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model), together / "adapters" / "shout",
+                                     adapter_name="shout")
+    ours.load_adapter(together / "adapters" / "whisper", adapter_name="whisper")
+    with torch.no_grad():
+        mixed = ours.eval()(input_ids=ids, adapter_names=["whisper", "shout"]).logits
+        for row, name in enumerate(["whisper", "shout"]):
+            peer = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model), together / "adapters" / name)
+            torch.testing.assert_close(mixed[row], peer.eval()(input_ids=ids[row:row + 1]).logits[0], atol=1e-5, rtol=1e-5)
+
+    capsys.readouterr()
+    for extra, message in (([f"--data={shout}", f"--adapters=shout={shout}"], "not both"),
+                           ([f"--adapters=shout{shout}"], "is not NAME=FILE"),
+                           ([f"--adapters=a={shout},a={whisper}"], "names 'a' twice"),
+                           ([f"--adapters=__base__={shout}"], "reserved"),
+                           ([f"--adapters=a={tmp_path / 'missing.jsonl'}"], "missing.jsonl")):
+        assert main([*common, *extra, "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

@@ -295,34 +295,41 @@ def test_every_task_lowers_its_validation_loss(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-@pytest.mark.parametrize("option", [[], ["checkpointing", "packed"]], ids=["default", "checkpointing_packed"])
-def test_two_processes_train_the_adapter_a_single_process_would(option, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """tests/ddp_worker.py's three runs under torchrun (2 processes) and in one process: their folders."""
     import subprocess
     import sys
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     worker = Path(__file__).parent / "ddp_worker.py"
+    root = tmp_path_factory.mktemp("ddp")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    (tmp_path / "ddp").mkdir()
-    (tmp_path / "single").mkdir()
+    (root / "ddp").mkdir()
+    (root / "single").mkdir()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(worker), str(tmp_path / "ddp"), *option], env=env, capture_output=True, text=True, timeout=300)
+                           str(worker), str(root / "ddp")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run([sys.executable, str(worker), str(tmp_path / "single"), *option], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, str(worker), str(root / "single")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    rank0, rank1 = (load_file(tmp_path / "ddp" / f"rank{r}.safetensors") for r in (0, 1))
-    single = load_file(tmp_path / "single" / "rank0.safetensors")
-    assert rank0.keys() == single.keys() and len(rank0) == 17  # 8 adapter tensors, their gradients, a loss
+    return root
+
+
+@pytest.mark.parametrize("run, tensors", [("default", 17), ("checkpointing_packed", 17), ("together", 33)])
+def test_two_processes_train_the_adapter_a_single_process_would(ddp_runs, run, tensors):
+    from safetensors.torch import load_file
+
+    rank0, rank1 = (load_file(ddp_runs / "ddp" / run / f"rank{r}.safetensors") for r in (0, 1))
+    single = load_file(ddp_runs / "single" / run / "rank0.safetensors")
+    assert rank0.keys() == single.keys() and len(rank0) == tensors  # adapter tensors, their gradients, a loss
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name  # the processes agree bit for bit
         error = (rank0[name] - single[name]).norm()  # = one process, same batch (up to summation order)
         assert error <= 1e-5 * single[name].norm() + 1e-12, (name, error)
     lora_b = [n for n in rank0 if "lora_B" in n and not n.startswith("grad.")]
-    assert all(rank0[n].abs().max() > 1e-3 for n in lora_b)  # the adapter trained
+    assert all(rank0[n].abs().max() > 1e-3 for n in lora_b)  # every adapter trained
 
 
 # ---------------------------------------------------------------------------------------------- a step
