@@ -9,13 +9,15 @@ Peers, all measured in the same run:
   frozen_copy       a second frozen copy of the base as the reference (what TRL does for a model it
                     does not recognise as PEFT's)
   mixed_batch       policy and reference rows in one forward pass (adapter_names with "__base__"
-                    rows, the "segments" method, which lets gradients reach the adapter), reference
-                    rows detached
+                    rows; each adapter's rows on its own path, which lets gradients reach it),
+                    reference rows detached
   precomputed       the reference log-probs read from a table computed before training (the step
                     runs the policy only; the table costs one forward pass per pair, once)
   adapter_copy      alignment after SFT (train/reference.py): the reference is a fine-tuned adapter
                     "sft" (reference="adapter:sft"), the policy a trainable copy of it; chunked
   adapter_stack     the same reference, the policy a new adapter acting on top of "sft"; chunked
+  adapter_mixed     adapter_copy with reference_pass="mixed": the policy's rows and the reference's in
+                    one forward pass (adapter_names=), the reference's detached; chunked
   *_checkpointed    chunked and frozen_copy with activation checkpointing on the policy's pass (the
                     trainer's --gradient-checkpointing): each layer keeps its input only
 
@@ -54,7 +56,7 @@ from _common import RESULTS, interleaved_medians, rss_mb, write_results
 from fsdp_memory import LiveBytes
 
 PEERS = ("disabled_adapter", "chunked", "frozen_copy", "mixed_batch", "precomputed", "adapter_copy", "adapter_stack",
-         "chunked_checkpointed", "frozen_copy_checkpointed")
+         "adapter_mixed", "chunked_checkpointed", "frozen_copy_checkpointed")
 BETA = 0.1
 
 
@@ -103,19 +105,20 @@ def build(peer: str, args):
             if "lora_B" in name:
                 p.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
     if sft:  # the policy beside the frozen SFT adapter, as the trainer sets it up
-        reference_policy.set_up(model, "adapter:sft", peer.removeprefix("adapter_"))
+        reference_policy.set_up(model, "adapter:sft", "copy" if peer == "adapter_mixed" else peer.removeprefix("adapter_"))
     if checkpointed:
         enable_checkpointing(model.train())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = pairs(args)
     table = reference_logps(model, batch)[0] if peer == "precomputed" else None
     if peer == "mixed_batch":
-        model.eval()  # mixed batches run in eval mode (no dropout here anyway)
-        model.mixed_batch_method = "segments"
+        model.eval()  # the reference rows without dropout (there is none here anyway)
 
     def step() -> float:
         if peer == "mixed_batch":
             policy, ref = mixed_logps(model, batch)
+        elif peer == "adapter_mixed":
+            (policy, _), (ref, _) = reference_policy.mixed_logps(model.train(), batch, "adapter:sft", True, sequence_logps)
         else:
             chunked = peer == "chunked" or sft
             if peer in ("disabled_adapter", "chunked") or sft:  # the reference first, as the trainer does (its

@@ -4,10 +4,12 @@ Mixed batch: row b of the batch uses adapter a(b) (or "__base__", no adapter):
 
     y_b = x_b Wᵀ + s_a(b) · (x_b A_a(b)ᵀ) B_a(b)ᵀ
 
-computed for all rows at once: the A and B of the adapters in the batch are stacked (ranks padded
-with zeros, scale folded into B, a zero entry for "__base__"), gathered per row, and applied with
-two batched matmuls, so the cost barely grows with the number of distinct adapters (the other
-way, "segments", runs each adapter's rows through their own matmuls; the benchmark measures both):
+computed in inference for all rows at once: the A and B of the adapters in the batch are stacked
+(ranks padded with zeros, scale folded into B, a zero entry for "__base__"), gathered per row, and
+applied with two batched matmuls, so the cost barely grows with the number of distinct adapters
+(the other way, "segments", runs each adapter's rows through their own matmuls; the benchmark
+measures both). In training (and for DoRA and lora_bias) each adapter's rows run through that
+adapter's own path instead (`add_own_paths`), so that each row's gradient reaches its own adapter:
 
     A_rows (B, r, d_in)  = A_stack[idx]        h = x · A_rowsᵀ   (B, T, d_in) @ (B, d_in, r) -> (B, T, r)
     B_rows (B, d, r)     = B_stack[idx]        y += h · B_rowsᵀ  (B, T, r) @ (B, r, d)    -> (B, T, d)
@@ -155,15 +157,34 @@ def add_own_paths(layer, y3: torch.Tensor, x3: torch.Tensor, routing: Routing, u
 
     The same numbers as running each adapter's rows in a call of their own, and differentiable: a
     row's loss reaches its own adapter's weights and no other's (adapter a's weights only ever see
-    rows(a)). The low-rank work is one segment per adapter; the base ran once for every row."""
-    out = y3
-    for name in used:
-        idx = routing.row_index.get(name)  # the same for every layer of this call
-        if idx is None:
-            idx = routing.row_index[name] = torch.tensor([i for i, n in enumerate(routing.rows) if n == name],
-                                                         device=x3.device)  # (b,)
-        out = out.index_copy(0, idx, layer.add_lora(y3[idx], x3[idx], name))  # (b, T, d_out) into its rows
-    return out
+    rows(a)). The low-rank work is one segment per adapter; the base ran once for every row. Rows
+    that come adapter by adapter (as the together trainer lays them out) are read as views and
+    joined by one concatenation; others are gathered, and put back in order by one index."""
+    segments, inverse = _segments(routing, x3.device)
+    pieces = [layer.add_lora(y3[rows], x3[rows], name) if name in used else y3[rows] for name, rows in segments]
+    out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (B, T, d_out), the rows grouped by adapter
+    return out if inverse is None else out[inverse]
+
+
+def _segments(routing: Routing, device) -> tuple[list, Optional[torch.Tensor]]:
+    """[(adapter, its rows: a slice, or an index tensor)] in the order the rows are grouped, and the
+    permutation that puts the grouped rows back (None when each adapter's rows are contiguous
+    already). The same for every layer of a call: computed once."""
+    key = ("segments", device)
+    if key not in routing.row_index:
+        names = routing.rows
+        groups = list(dict.fromkeys(names))
+        starts = [i for i in range(len(names)) if i == 0 or names[i] != names[i - 1]]
+        if len(starts) == len(groups):  # one run of rows per adapter: views
+            ends = starts[1:] + [len(names)]
+            routing.row_index[key] = ([(names[a], slice(a, b)) for a, b in zip(starts, ends)], None)
+        else:
+            order = sorted(range(len(names)), key=lambda i: groups.index(names[i]))  # stable: rows keep their order
+            segments = [(g, torch.tensor([i for i in order if names[i] == g], device=device)) for g in groups]
+            inverse = torch.empty(len(names), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(names))
+            routing.row_index[key] = (segments, inverse.to(device))
+    return routing.row_index[key]
 
 
 def add_gathered(y3: torch.Tensor, x3: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor,

@@ -186,3 +186,26 @@ def llama_of_vocab(vocab: int):
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2))
+
+
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory):
+    """tests/ddp_worker.py's runs under torchrun (2 processes) and in one process: their folders (one
+    launch for the trainer's, the together trainer's and DPO's data-parallel tests)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "ddp_worker.py"
+    root = tmp_path_factory.mktemp("ddp")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    (root / "ddp").mkdir()
+    (root / "single").mkdir()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(root / "ddp")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, str(worker), str(root / "single")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root

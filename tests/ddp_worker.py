@@ -6,8 +6,9 @@
 Both see the same global batch of 4 rows per step, the loss chunked (the trainer's default), in
 three runs: "default"; "checkpointing_packed", with activation checkpointing and packed rows
 (packing.py: position ids restarting at each of the examples, here text windows of varied
-lengths); "together", two adapters trained in one pass (together.py), two rows each per step.
-Each process writes each run's adapters to OUT/<run>/rank<r>.safetensors.
+lengths); "together", two adapters trained in one pass (together.py), two rows each per step;
+"dpo", preference tuning (dpo_ddp_worker.py). Each process writes each run's adapters to
+OUT/<run>/rank<r>.safetensors.
 """
 
 import os
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import dpo_ddp_worker
 from minilora import LoraConfig, get_peft_model
 from minilora.experiments.corpus import DOMAIN, GENERAL, generate
 from minilora.train.data import load_tokenizer, text_windows
@@ -84,4 +86,6 @@ if __name__ == "__main__":
     train(out)
     train(out, checkpointing=True, packed=True)
     train(out, together=True)
+    (out / "dpo").mkdir(exist_ok=True)
+    dpo_ddp_worker.train(out / "dpo")
     teardown()

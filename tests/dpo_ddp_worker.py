@@ -1,20 +1,16 @@
-"""One process of a data-parallel DPO run (run by torchrun), or the single-process reference.
-
-    torchrun --standalone --nproc_per_node=2 tests/dpo_ddp_worker.py OUT      per-process batch 2
-    python tests/dpo_ddp_worker.py OUT                                        one process, batch 4
+"""One process of a data-parallel DPO run, or the single-process reference: one of the runs
+tests/ddp_worker.py makes (under torchrun, and in one process).
 
 Both see the same global batch of 4 pairs per step; each process writes its adapter (and its last
 evaluation's reward accuracy and validation loss) to OUT/rank<r>.safetensors.
 """
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from minilora.train.distributed import teardown
 from minilora.train.trainer import Trainer
 
 from test_dpo import config, examples, gpt2, lora
@@ -35,8 +31,3 @@ def train(out: Path) -> None:
     state["reward_accuracy"] = torch.tensor(result.history[-1]["reward_accuracy"], dtype=torch.float64)
     state["val_loss_after"] = torch.tensor(result.val_loss_after, dtype=torch.float64)
     save_file(state, out / f"rank{rank}.safetensors")
-    teardown()
-
-
-if __name__ == "__main__":
-    train(Path(sys.argv[1]))

@@ -6,10 +6,7 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -198,12 +195,48 @@ def test_alignment_after_sft_trains_the_policy_and_leaves_the_sft_adapter(tmp_pa
     saved = sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir() if p.is_dir())
     assert saved == (["policy"] if policy == "copy" else ["policy", "sft"])
     if policy == "stack":  # the two adapters as one that PEFT loads: "cat" is exact
+        import peft
+
         model.add_weighted_adapter(["sft", "policy"], [1.0, 1.0], "aligned", combination_type="cat")
         x = val.tensors["input_ids"][:, 0]
         with torch.no_grad():
             stacked = model(input_ids=x).logits
             model.set_adapter("aligned")
             torch.testing.assert_close(model(input_ids=x).logits, stacked, rtol=1e-5, atol=1e-5)
+            model.save_pretrained(tmp_path / "aligned", selected_adapters=["aligned"])
+            theirs = peft.PeftModel.from_pretrained(gpt2(), tmp_path / "aligned" / "aligned").eval()
+            assert theirs.peft_config["default"].r == 16  # sft's rank 8 + policy's rank 8
+            torch.testing.assert_close(theirs(input_ids=x).logits, stacked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
+def test_the_mixed_reference_pass_gives_the_separate_passes_losses_and_gradients(tmp_path, quantized):
+    ex = examples(tmp_path, n=8)
+    grads, losses = {}, {}
+    for reference_pass in ("separate", "mixed"):
+        model, _ = sft_model(quantized)
+        trainer = Trainer(model, config(steps=1, max_grad_norm=0, reference="adapter:sft", reference_pass=reference_pass),
+                          ex, ex, log=quiet)
+        model.train()
+        per_pair = trainer.objective.per_pair(ex.tensors)[0]
+        per_pair.sum().backward()
+        losses[reference_pass] = per_pair.detach()
+        grads[reference_pass] = {n: p.grad.clone() for n, p in trainer.named}
+    torch.testing.assert_close(losses["mixed"], losses["separate"], rtol=1e-6, atol=1e-6)
+    assert grads["mixed"].keys() == grads["separate"].keys() and len(grads["mixed"]) == 8
+    for name, g in grads["separate"].items():
+        assert g.abs().max() > 0 and (grads["mixed"][name] - g).norm() <= 1e-5 * g.norm(), name
+
+
+def test_the_mixed_reference_pass_refuses_what_it_cannot_compute_exactly(tmp_path):
+    ex = examples(tmp_path, n=8)
+    with pytest.raises(ValueError, match="policy='copy'"):
+        Trainer(sft_model()[0], config(reference="adapter:sft", policy="stack", reference_pass="mixed"), ex, ex, log=quiet)
+    with pytest.raises(ValueError, match="reference='adapter:NAME'"):
+        Trainer(lora(gpt2()), config(reference_pass="mixed"), ex, ex, log=quiet)
+    model = nonzero_b(get_peft_model(gpt2(), LoraConfig(r=8, target_modules=["q", "v"], lora_dropout=0.1), "sft"))
+    with pytest.raises(ValueError, match="drops out activations"):
+        Trainer(model, config(reference="adapter:sft", reference_pass="mixed"), ex, ex, log=quiet)
 
 
 def test_a_base_an_init_rewrote_is_refused_as_the_reference(tmp_path):
@@ -392,20 +425,11 @@ def test_qlora_with_paged_adamw_trains_against_the_quantized_base(tmp_path):
     assert result.history[-1]["reward_accuracy"] > 0.5
 
 
-def test_two_processes_train_the_adapter_a_single_process_would(tmp_path):
+def test_two_processes_train_the_adapter_a_single_process_would(ddp_runs):
     from safetensors.torch import load_file
 
-    worker = Path(__file__).parent / "dpo_ddp_worker.py"
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    for name, launcher in (("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
-                           ("single", [])):
-        (tmp_path / name).mkdir()
-        done = subprocess.run([sys.executable, *launcher, str(worker), str(tmp_path / name)], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-    rank0, rank1 = (load_file(tmp_path / "ddp" / f"rank{r}.safetensors") for r in (0, 1))
-    single = load_file(tmp_path / "single" / "rank0.safetensors")
+    rank0, rank1 = (load_file(ddp_runs / "ddp" / "dpo" / f"rank{r}.safetensors") for r in (0, 1))
+    single = load_file(ddp_runs / "single" / "dpo" / "rank0.safetensors")
     assert rank0.keys() == single.keys() and len(rank0) == 10  # 8 adapter tensors, the reward accuracy, a loss
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name

@@ -75,6 +75,23 @@ def test_four_adapters_together_equal_four_separate_runs(family):
         assert any(not torch.equal(got[k], weights_of(start, name)[k]) for k in got)  # it did train
 
 
+def test_adapters_with_their_own_head_equal_separate_runs():
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    start = get_peft_model(make("llama"), copy.deepcopy(config), adapter_name="finance")
+    start.add_adapter("law", copy.deepcopy(config))
+    data, together = domains(NAMES[:2]), copy.deepcopy(start)
+    TogetherTrainer(together, settings(steps=8, adapter_mix="equal", batch_size=4), data, log=lambda _: None).train()
+    for name in NAMES[:2]:
+        alone = copy.deepcopy(start)
+        alone.set_adapter(name)
+        Trainer(alone, settings(steps=8, batch_size=2), data[name].train, data[name].val, log=lambda _: None).train()
+        mine, theirs = weights_of(together, name), weights_of(alone, name)
+        assert any("modules_to_save" in k for k in mine)  # the head's copy trained too
+        for key in mine:
+            assert close(mine[key], theirs[key]), key
+
+
 def test_an_adapter_that_stops_keeps_its_best_while_the_others_go_on():
     start, data = with_adapters("llama", NAMES[:2]), domains(NAMES[:2])
     data["law"].retain = examples(30, 6)  # law is watched for forgetting, with no budget to spare

@@ -2,7 +2,6 @@
 resume, Ctrl-C, non-finite losses, and a fine-tune of every task that lowers its loss."""
 
 import json
-import os
 import random
 import signal
 
@@ -295,28 +294,6 @@ def test_every_task_lowers_its_validation_loss(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-@pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    """tests/ddp_worker.py's three runs under torchrun (2 processes) and in one process: their folders."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    worker = Path(__file__).parent / "ddp_worker.py"
-    root = tmp_path_factory.mktemp("ddp")
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    (root / "ddp").mkdir()
-    (root / "single").mkdir()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(worker), str(root / "ddp")], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run([sys.executable, str(worker), str(root / "single")], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root
-
-
 @pytest.mark.parametrize("run, tensors", [("default", 17), ("checkpointing_packed", 17), ("together", 33)])
 def test_two_processes_train_the_adapter_a_single_process_would(ddp_runs, run, tensors):
     from safetensors.torch import load_file

@@ -69,12 +69,14 @@ class PreferenceSettings:
     precompute_ref: bool = False  # reference log-probs computed once before training, not in every step
     reference: str = "base"  # base: the adapters off | adapter:NAME: the frozen adapter NAME (reference.py)
     policy: str = "copy"  # with adapter:NAME, what trains: copy (a copy of NAME) | stack (a new adapter on top)
+    reference_pass: str = "separate"  # with adapter:NAME: separate (a no-grad pass, then the policy's) | mixed
+    # (policy and reference rows in one forward, adapter_names=; policy copy, no dropout; reference.py)
 
     def check(self) -> None:
         if self.loss not in PREFERENCE_LOSSES:
             raise ValueError(f"unknown preference loss {self.loss!r}; choose from {', '.join(PREFERENCE_LOSSES)}")
         check_numbers(self, RANGES)
-        reference_policy.check(self.reference, self.policy)
+        reference_policy.check(self.reference, self.policy, self.reference_pass)
 
 
 RANGES = {  # as TrainConfig's RANGES: (lowest, highest, (lowest allowed?, highest allowed?), what it is)
@@ -242,6 +244,9 @@ class PreferenceObjective:
         self.chunked = config.chunked_loss and chunked_loss.unavailable(model) is None  # no (S·T, V) logits
         if self.uses_reference:
             reference_policy.set_up(model, self.settings.reference, self.settings.policy)  # before the trainer lists what trains
+        self.mixed = self.uses_reference and self.settings.reference_pass == "mixed"
+        if self.mixed:
+            reference_policy.check_mixed(model)
         if self.uses_reference and not callable(getattr(model, "disable_adapter", None)):
             raise ValueError(f"--task preference with loss {self.settings.loss!r} needs a model with an adapter: its reference "
                              "policy is the model with the adapter switched off, and this model has none to switch "
@@ -282,9 +287,13 @@ class PreferenceObjective:
         cfg = self.settings
         reference = None  # the reference first: its forward pass's memory is free again before the policy's
         stored = "ref_logps" in batch or "ref_token_logps" in batch
-        if self.uses_reference and (not stored or keep_logits):
-            reference = reference_logps(self.model, batch, keep_logits, self.chunked, cfg.reference)
-        policy = sequence_logps(self.model, batch, keep_logits, self.chunked)
+        if self.mixed and not stored and not keep_logits:  # one forward: the policy's rows, then the reference's
+            policy, reference = reference_policy.mixed_logps(self.model, batch, cfg.reference, self.chunked,
+                                                             sequence_logps)
+        else:
+            if self.uses_reference and (not stored or keep_logits):
+                reference = reference_logps(self.model, batch, keep_logits, self.chunked, cfg.reference)
+            policy = sequence_logps(self.model, batch, keep_logits, self.chunked)
         logps, counts = policy[0], policy[1]
         if cfg.loss == "simpo":
             loss = simpo_loss(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1], cfg.beta, cfg.simpo_gamma)

@@ -12,6 +12,12 @@ One model, one base, on a 4-bit base too: π_ref is the same weights with other 
 (LoraModel.adapters_acting), in eval mode and without gradients, so its log-probs are exactly the
 SFT model's, with no merge and no second copy of the base.
 
+reference_pass="mixed" computes π_ref's rows in the policy's forward instead: the pairs twice, the
+first copy's rows with "policy", the second's with NAME (adapter_names=, mixing.add_own_paths), the
+reference's log-probs detached. One forward of 2P pairs instead of two of P; the backward runs
+through all 2P (zero gradient on the reference's), and their activations are kept. Exact only
+without dropout (the pass is in train mode), so a model with any is refused.
+
 Why "adapter off" is wrong after SFT: it is the model before SFT, so DPO would be held close to a
 model the pipeline already moved away from. After a PiSSA, OLoRA, orthogonal or LoftQ start it is
 no trained model at all: those starts rewrite the base into a residual W_res = W − ΔW₀, and the
@@ -30,9 +36,11 @@ from torch import nn
 
 from .. import named_init
 from ..peft_functions import get_peft_model_state_dict, set_peft_model_state_dict
+from .packing import SEQUENCE
 
 POLICY = "policy"  # the adapter a reference="adapter:NAME" run trains
 POLICIES = ("copy", "stack")
+PASSES = ("separate", "mixed")  # how π_ref's log-probs are computed beside the policy's
 
 
 def adapter_of(reference: str) -> Optional[str]:
@@ -46,11 +54,40 @@ def adapter_of(reference: str) -> Optional[str]:
     return name
 
 
-def check(reference: str, policy: str) -> None:
-    adapter_of(reference)
+def check(reference: str, policy: str, reference_pass: str = "separate") -> None:
+    name = adapter_of(reference)
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: choose 'copy' (train a copy of the reference adapter) or 'stack' (train "
                          "a new adapter on top of it)")
+    if reference_pass not in PASSES:
+        raise ValueError(f"reference_pass={reference_pass!r}: choose {' or '.join(map(repr, PASSES))}")
+    if reference_pass == "mixed" and (name is None or policy != "copy"):
+        raise ValueError("reference_pass='mixed' runs the policy's rows and the reference's in one forward, one adapter "
+                         "per row: it needs reference='adapter:NAME' and policy='copy' (a stack puts two adapters on "
+                         "a row); use reference_pass='separate'")
+
+
+def check_mixed(model: nn.Module) -> None:
+    """The mixed pass runs in train mode: the reference rows would meet dropout, and π_ref would not be
+    one fixed function. Refused for a model with any dropout."""
+    dropped = next((n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0), None)
+    if dropped is not None:
+        raise ValueError(f"reference_pass='mixed' computes the reference rows in train mode, and {dropped} drops out "
+                         "activations there; set the model's and the adapters' dropout to 0, or use "
+                         "reference_pass='separate'")
+
+
+def mixed_logps(model: nn.Module, batch: dict, reference: str, chunked: bool, sequence_logps) -> tuple:
+    """(the policy's `sequence_logps`, the reference's, detached) from one forward of 2P pairs: the batch
+    twice, its first copy's rows with the adapter "policy", the second's with adapter NAME.
+    Padded pairs only: packed rows hold several pairs, and their order is the packing's."""
+    if SEQUENCE in batch:
+        raise ValueError("reference_pass='mixed' takes padded pairs; packed rows (--pack) use reference_pass='separate'")
+    pairs, rows = batch["input_ids"].shape[0], batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
+    doubled = {k: torch.cat([v, v]) for k, v in batch.items()}  # (2P, 2, T)
+    with model.adapters_per_row([POLICY] * rows + [adapter_of(reference)] * rows):
+        logps, counts = sequence_logps(model, doubled, chunked=chunked)  # (2P, 2)
+    return (logps[:pairs], counts[:pairs]), (logps[pairs:].detach(), counts[pairs:])
 
 
 def set_up(model: nn.Module, reference: str, policy: str) -> None:

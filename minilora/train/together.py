@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from torch import nn
 
 from .. import mixing
 from ..files import atomic_write
@@ -121,6 +122,8 @@ class TogetherTrainer(Trainer):
                                  "examples: add data, lower --batch-size, or use adapter_mix='proportional'")
         self.samplers = {f"train:{a}": Sampler(len(d.train), config.seed) for a, d in domains.items()}
         self.adapter_params = {a: list(model._params[a]) for a in domains}
+        below = {id(p) for p in top_of(model).parameters()}
+        self.above_top = {id(p) for a in domains for p in self.adapter_params[a] if id(p) not in below}
         self.owner = {n: a for a in domains for n, p in self.named if any(p is q for q in model._params[a])}
         self.monitor = Monitors({a: Monitor(config.patience, config.min_delta, config.forgetting_budget)
                                  for a in domains})
@@ -167,6 +170,10 @@ class TogetherTrainer(Trainer):
             total += summed.detach()
         params = [p for a in running for p in self.adapter_params[a]]
         all_reduce_gradients(params, self.procs)
+        for a in running:  # weights above the last hidden states (an adapter's copy of the head): 1 / N_a now
+            for p in self.adapter_params[a]:
+                if id(p) in self.above_top and p.grad is not None:
+                    p.grad.mul_(scale[a])
         loss = _all_reduce(total, self.procs).item() / max(1, sum(int(n) for n in tokens.values()))
         norms = {}
         for a in running:
@@ -278,6 +285,17 @@ class Monitors:
             m.load_state_dict(state[a])
 
 
+def top_of(model) -> nn.Module:
+    """The module whose output is the last hidden states the head reads: the base model (the decoder
+    of an encoder-decoder). Refused for a model without one."""
+    hf = transformers_model(model)
+    top = hf.get_decoder() if getattr(hf.config, "is_encoder_decoder", False) else hf.base_model
+    if top is hf:
+        raise ValueError(f"{type(hf).__name__} has no base model under its head to scale each row's gradient at; "
+                         "train its adapters one at a time")
+    return top
+
+
 @contextlib.contextmanager
 def rows_scaled(model, weights: torch.Tensor) -> Iterator[None]:
     """In this block's backward passes, the gradient reaching the last hidden states (B, T, H) of
@@ -286,12 +304,9 @@ def rows_scaled(model, weights: torch.Tensor) -> Iterator[None]:
     The scale goes in where a run of its own divides its loss by N: at the top of the backward
     pass, before any layer's. The layers then see the gradients such a run sees, bit for bit where the
     loss hands its gradient on with one multiplication (the chunked loss), instead of gradients
-    divided after the sum."""
-    hf = transformers_model(model)
-    top = hf.get_decoder() if getattr(hf.config, "is_encoder_decoder", False) else hf.base_model
-    if top is hf:
-        raise ValueError(f"{type(hf).__name__} has no base model under its head to scale each row's gradient at; "
-                         "train its adapters one at a time")
+    divided after the sum. Weights above those states (an adapter's own copy of the head) are not
+    reached by it; the trainer multiplies their gradients by 1 / N_a after the backward pass."""
+    top = top_of(model)
 
     def scale(module, args, out):
         hidden = out[0]  # (B, T, H): a ModelOutput's first field, or a tuple's
