@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from torch import nn
 
 from .. import mixing
 from ..files import atomic_write
 from ..model import LoraModel
+from ..modules_to_save import ModulesToSave
 from ..routing import TagRouter
 from .batches import Sampler
 from .chunked_loss import transformers_model
@@ -122,9 +122,11 @@ class TogetherTrainer(Trainer):
                                  "examples: add data, lower --batch-size, or use adapter_mix='proportional'")
         self.samplers = {f"train:{a}": Sampler(len(d.train), config.seed) for a, d in domains.items()}
         self.adapter_params = {a: list(model._params[a]) for a in domains}
-        below = {id(p) for p in top_of(model).parameters()}
-        self.above_top = {id(p) for a in domains for p in self.adapter_params[a] if id(p) not in below}
         self.owner = {n: a for a in domains for n, p in self.named if any(p is q for q in model._params[a])}
+        head = transformers_model(model).get_output_embeddings()
+        if self.chunked and isinstance(head, ModulesToSave):  # each row's own head copy: the chunked loss
+            self.chunked = False  # runs one head over every row, so the logits are formed here
+            log("the plain loss, with every logit at once: the adapters train their own copies of the head")
         self.monitor = Monitors({a: Monitor(config.patience, config.min_delta, config.forgetting_budget)
                                  for a in domains})
 
@@ -164,16 +166,12 @@ class TogetherTrainer(Trainer):
         for m in self._micro_batches(rows):
             names = m.pop("adapter")
             weights = torch.stack([scale[a] for a in names])  # (b,): each row's 1 / N_a
-            with self._autocast(), self.model.adapters_per_row(names), rows_scaled(self.model, weights):
+            with self._autocast(), self.model.adapters_per_row(names), rows_scaled(self.model, weights, self.chunked):
                 summed = task.summed_loss(self.model, m, self.chunked)
             summed.backward()
             total += summed.detach()
         params = [p for a in running for p in self.adapter_params[a]]
         all_reduce_gradients(params, self.procs)
-        for a in running:  # weights above the last hidden states (an adapter's copy of the head): 1 / N_a now
-            for p in self.adapter_params[a]:
-                if id(p) in self.above_top and p.grad is not None:
-                    p.grad.mul_(scale[a])
         loss = _all_reduce(total, self.procs).item() / max(1, sum(int(n) for n in tokens.values()))
         norms = {}
         for a in running:
@@ -285,35 +283,31 @@ class Monitors:
             m.load_state_dict(state[a])
 
 
-def top_of(model) -> nn.Module:
-    """The module whose output is the last hidden states the head reads: the base model (the decoder
-    of an encoder-decoder). Refused for a model without one."""
-    hf = transformers_model(model)
-    top = hf.get_decoder() if getattr(hf.config, "is_encoder_decoder", False) else hf.base_model
-    if top is hf:
-        raise ValueError(f"{type(hf).__name__} has no base model under its head to scale each row's gradient at; "
-                         "train its adapters one at a time")
-    return top
-
-
 @contextlib.contextmanager
-def rows_scaled(model, weights: torch.Tensor) -> Iterator[None]:
-    """In this block's backward passes, the gradient reaching the last hidden states (B, T, H) of
-    `model` is multiplied row by row by `weights` (B,): the loss as Σ_b w_b · (row b's summed loss).
+def rows_scaled(model, weights: torch.Tensor, chunked: bool) -> Iterator[None]:
+    """In this block's backward passes, the gradient where the loss hands it to the model is multiplied
+    row by row by `weights` (B,): the loss as Σ_b w_b · (row b's summed loss). That place is the
+    logits (B, T, V), the head's output, or with the chunked loss (which forms no logits; its head is
+    the model's own, never an adapter's copy) the last hidden states (B, T, H) the head reads.
 
-    The scale goes in where a run of its own divides its loss by N: at the top of the backward
-    pass, before any layer's. The layers then see the gradients such a run sees, bit for bit where the
-    loss hands its gradient on with one multiplication (the chunked loss), instead of gradients
-    divided after the sum. Weights above those states (an adapter's own copy of the head) are not
-    reached by it; the trainer multiplies their gradients by 1 / N_a after the backward pass."""
-    top = top_of(model)
+    The scale goes in where a run of its own divides its loss by N, before any weight's gradient is
+    formed, and it is one multiplication of what the loss hands on, as that division is: so the two
+    compute the same numbers, instead of gradients divided after the sum."""
+    hf = transformers_model(model)
+    if chunked:
+        module = hf.get_decoder() if getattr(hf.config, "is_encoder_decoder", False) else hf.base_model
+    else:
+        module = hf.get_output_embeddings()
+    if module is None or module is hf:
+        raise ValueError(f"{type(hf).__name__} has no module whose output carries each row's loss to scale; train "
+                         "its adapters one at a time")
 
     def scale(module, args, out):
-        hidden = out[0]  # (B, T, H): a ModelOutput's first field, or a tuple's
-        if hidden.requires_grad:
-            hidden.register_hook(lambda g: g * weights.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
+        first = out if isinstance(out, torch.Tensor) else out[0]  # (B, T, ·): logits, or a ModelOutput's first field
+        if first.requires_grad:
+            first.register_hook(lambda g: g * weights.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
 
-    handle = top.register_forward_hook(scale)
+    handle = module.register_forward_hook(scale)
     try:
         yield
     finally:
