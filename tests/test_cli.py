@@ -308,3 +308,29 @@ def test_adapters_trained_together_from_the_command_line_equal_runs_of_their_own
         assert main([*common, *extra, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_embedded_domains_strategies_train_one_adapter_per_domain_together_and_one_by_one(tmp_path):
+    from minilora.experiments import DemoSettings, run
+    from minilora.routing import TagRouter
+
+    settings = DemoSettings(out=str(tmp_path), strategies=("lora_article_domains", "lora_article_domains_one_by_one"),
+                            layers=2, width=64, seq_len=32, batch_size=4, pretrain_steps=60, finetune_steps=30,
+                            eval_every=15, lr_full=3e-3, progressbar=False)
+    logs = []
+    report = run(settings, log=logs.append)
+    for strategy in settings.strategies:
+        for domain in ("finance", "medical", "legal"):
+            row = report[f"{strategy}/{domain}"]
+            assert row["domain_loss_after"] < row["domain_loss_before"] - 0.1, (strategy, domain)
+            assert row["retain_loss_before"] is not None and row["seconds"] > 0
+    for domain in ("finance", "medical", "legal"):  # the same adapters, the same data and starting weights
+        together, alone = report[f"lora_article_domains/{domain}"], report[f"lora_article_domains_one_by_one/{domain}"]
+        assert together["trainable_params"] == alone["trainable_params"]
+        assert together["domain_loss_before"] == pytest.approx(alone["domain_loss_before"], abs=1e-5)
+    saved = tmp_path / "lora_article_domains" / "adapters"
+    assert TagRouter.load(saved).adapters == ["finance", "medical", "legal"]
+    assert all((saved / d / "adapter_model.safetensors").is_file() for d in ("finance", "medical", "legal"))
+    again = []
+    run(settings, log=again.append)  # finished: reused
+    assert sum("finished by an earlier run" in line for line in again) == 2

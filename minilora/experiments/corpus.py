@@ -37,14 +37,41 @@ SLOTS = {
 }
 
 
-def generate(templates: list[str], n_sentences: int, seed: int) -> str:
+# Two more domains for the strategies that train one adapter per domain (domains.py), with slots of
+# their own (SLOTS stays as it is: the default's text, and so its numbers, do not change).
+MEDICAL = [
+    "Patients with {condition} received {drug} at {dose} mg, and {pct}% reported fewer symptoms.",
+    "The trial of {drug} for {condition} enrolled {amount} adults over {weeks} weeks.",
+    "Doctors prescribe {drug} for {condition} when first-line treatment fails after {weeks} weeks.",
+    "A dose of {dose} mg of {drug} lowered the risk of {condition} by {pct}% in {amount} patients.",
+    "Side effects of {drug} appeared in {pct}% of patients treated for {condition}.",
+]
+LEGAL = [
+    "The {court} ruled that the {party} breached the contract under section {section}.",
+    "Under section {section}, the {party} must give {weeks} weeks of notice before ending the lease.",
+    "The {court} awarded the {party} damages of ${amount} thousand for the delay.",
+    "An appeal to the {court} must be filed within {weeks} weeks of the judgment.",
+    "The {party} argued that section {section} did not apply to the agreement.",
+]
+DOMAIN_SLOTS = {
+    "condition": ["asthma", "migraine", "diabetes", "hypertension", "insomnia", "arthritis"],
+    "drug": ["lumavir", "cardiolex", "neuroprin", "glycotab", "respiran", "dolorex"],
+    "court": ["High Court", "Court of Appeal", "district court", "Supreme Court", "tribunal"],
+    "party": ["tenant", "landlord", "employer", "supplier", "buyer", "contractor"],
+}
+DOMAINS = {"finance": (DOMAIN, SLOTS), "medical": (MEDICAL, DOMAIN_SLOTS), "legal": (LEGAL, DOMAIN_SLOTS)}
+
+
+def generate(templates: list[str], n_sentences: int, seed: int, slots: dict = SLOTS) -> str:
     """`n_sentences` sentences, each a random template with random slot values."""
     rng = random.Random(seed)
     out = []
     for _ in range(n_sentences):
-        values = {k: rng.choice(v) for k, v in SLOTS.items()}
+        values = {k: rng.choice(v) for k, v in slots.items()}
         values["pct"] = str(rng.randint(2, 39))
         values["amount"] = str(rng.randint(12, 990))
+        if slots is not SLOTS:  # the default's draws stay exactly as they were
+            values.update(dose=str(rng.randint(5, 500)), weeks=str(rng.randint(2, 52)), section=str(rng.randint(1, 99)))
         out.append(rng.choice(templates).format(**values))
     return " ".join(out)
 

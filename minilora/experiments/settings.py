@@ -26,6 +26,8 @@ EXTRA_STRATEGIES = ("dora_article",)  # run when asked for by name
 ALL_STRATEGIES = STRATEGIES + EXTRA_STRATEGIES + tuple(f"{name}_replay" for name in STRATEGIES + EXTRA_STRATEGIES)
 ALL_STRATEGIES += ("lora_article_dpo",  # lora_article, then DPO on finance preference pairs (dpo.py); merged,
                    "lora_article_dpo_adapter", "qlora_article_dpo_adapter")  # or against the SFT adapter itself
+ALL_STRATEGIES += ("lora_article_domains",  # one lora_article adapter per domain, trained together (domains.py),
+                   "lora_article_domains_one_by_one")  # or one run each
 EXPERIMENTS = ("synthetic", "minilm")  # --experiment: the model and text the comparison runs on
 EXPERIMENT_DEFAULTS = {  # the settings left at None take their experiment's value
     "synthetic": {"out": "runs/finetune", "seq_len": 64, "finetune_steps": 200, "eval_every": 25, "lr_full": 3e-4,

@@ -22,6 +22,9 @@ Strategies:
                   adapter switched off; reward accuracy before/after (dpo.py; not run by default)
     lora_article_dpo_adapter, qlora_article_dpo_adapter  the same without a merge: the reference
                   is lora_article's (qlora_article's, on its NF4 base) adapter itself, a copy trains
+    lora_article_domains, lora_article_domains_one_by_one  one lora_article adapter per domain
+                  (finance, medical, legal), trained together in one pass or one run each; a row
+                  per domain (domains.py; not run by default)
 
 `--experiment minilm` runs the same comparison on a pretrained model and real text instead: the
 sentence encoder all-MiniLM-L6-v2 learning which part of the standard library a docstring comes
@@ -50,6 +53,7 @@ from ..quant import NF4Config, quantize_model
 from ..train import checkpoint
 from ..train.data import ByteTokenizer, Tokens, text_windows
 from .corpus import DOMAIN, GENERAL, generate
+from .domains import NAMES as DOMAIN_STRATEGIES, keys as domain_keys, run_domains
 from .dpo import STARTS as DPO_STRATEGIES, run_dpo
 from ..train.trainer import Interrupted, Trainer, TrainConfig
 from .settings import ALL_STRATEGIES, REPLAY_RATIO, DemoSettings, check_out, peak_rss_mb, reset_peak_rss, write_report
@@ -133,6 +137,16 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
         run_dir = out / name
         if name in report:
             log(f"{name:>13}: finished by an earlier run with these settings ({run_dir})")
+            continue
+        if name in DOMAIN_STRATEGIES:  # one adapter per domain, together or one by one: its own module
+            if all(key in report for key in domain_keys(name)):
+                log(f"{name:>13}: finished by an earlier run with these settings ({run_dir})")
+                continue
+            reset_peak_rss()
+            rows, histories = run_domains(name, s, base, retain, _train_config(s, s.finetune_steps, s.lr_lora), log)
+            report.update({key: {**row, "peak_rss_mb": peak_rss_mb()} for key, row in rows.items()})
+            curves.update(histories)
+            write_report(out, report, curves, log)
             continue
         if name in DPO_STRATEGIES:  # preference tuning after lora_article / qlora_article: its own module
             reset_peak_rss()
