@@ -7,7 +7,7 @@ adapter a's rows in the global batch:
 
     L      = Σ_b S_b / N_a(b)                     S_b: row b's summed loss, a(b) its adapter
     ∇θ_a L = Σ over a's rows of ∇θ_a S_b / N_a   adapter a's weights only ever see its own rows
-    clip ∇θ_a L to max_grad_norm, skip a's update if it is not finite; AdamW
+    clip ∇θ_a L to max_grad_norm, skip a's update if its norm is not finite; AdamW
 
 which is the gradient a run of adapter a alone takes on the same rows: the mean over its own
 tokens. Each row's 1 / N_a multiplies the gradient where the backward pass starts (`rows_scaled`),
@@ -46,10 +46,11 @@ from ..files import atomic_write
 from ..model import LoraModel
 from ..modules_to_save import ModulesToSave
 from ..routing import TagRouter
+from . import checkpoint
 from .batches import Sampler
 from .chunked_loss import transformers_model
 from .data import Examples
-from .distributed import all_reduce_gradients
+from .distributed import all_reduce_gradients, all_reduce_sum
 from .monitor import Monitor
 from .tasks import task_named
 from .trainer import Trainer, TrainResult
@@ -172,7 +173,7 @@ class TogetherTrainer(Trainer):
             total += summed.detach()
         params = [p for a in running for p in self.adapter_params[a]]
         all_reduce_gradients(params, self.procs)
-        loss = _all_reduce(total, self.procs).item() / max(1, sum(int(n) for n in tokens.values()))
+        loss = all_reduce_sum(total, self.procs).item() / max(1, sum(int(n) for n in tokens.values()))
         norms = {}
         for a in running:
             grads = [p.grad for p in self.adapter_params[a] if p.grad is not None]
@@ -182,13 +183,13 @@ class TogetherTrainer(Trainer):
             if not math.isfinite(norms[a]):
                 for p in self.adapter_params[a]:
                     p.grad = None  # this adapter's update is skipped
-        if math.isfinite(loss) and all(math.isfinite(v) for v in norms.values()):
+        if all(math.isfinite(v) for v in norms.values()):
             self.bad_steps = 0
         else:
             self.bad_steps += 1
-            self.log(f"step {self.step + 1}: loss {loss}, gradient norms {norms}: not finite, skipped where not")
-        if math.isfinite(loss):
-            self.optimizer.step()
+            self.log(f"step {self.step + 1}: gradient norms {norms}: the adapters whose norm is not finite skip "
+                     "this step, the others take it")
+        self.optimizer.step()  # a parameter without a gradient is left alone
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -216,8 +217,6 @@ class TogetherTrainer(Trainer):
                   "retain_loss": _mean(r["retain_loss"] for r in per_adapter.values()), "adapters": per_adapter}
         self.history.append(record)
         if self.procs.is_main:
-            from . import checkpoint
-
             checkpoint.append_metrics(self._path("metrics.jsonl"), record)
         return record
 
@@ -317,12 +316,6 @@ def rows_scaled(model, weights: torch.Tensor, chunked: bool) -> Iterator[None]:
 def _rows_of(rows: dict, adapter: str) -> dict:
     index = torch.tensor([i for i, n in enumerate(rows["adapter"]) if n == adapter])
     return {k: v[index] for k, v in rows.items() if k != "adapter"}
-
-
-def _all_reduce(value: torch.Tensor, procs) -> torch.Tensor:
-    from .distributed import all_reduce_sum
-
-    return all_reduce_sum(value, procs)
 
 
 def _mean(values) -> Optional[float]:
