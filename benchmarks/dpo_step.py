@@ -51,7 +51,7 @@ from minilora.train import reference as reference_policy
 from minilora.train.trainer import enable_checkpointing
 from minilora.train.data import IGNORE
 from minilora.train.loss import dpo_loss
-from minilora.train.preference import reference_logps, sequence_logps
+from minilora.train.preference import mixed_logps as preference_mixed_logps, reference_logps, sequence_logps
 from _common import RESULTS, interleaved_medians, rss_mb, write_results
 from fsdp_memory import LiveBytes
 
@@ -118,7 +118,7 @@ def build(peer: str, args):
         if peer == "mixed_batch":
             policy, ref = mixed_logps(model, batch)
         elif peer == "adapter_mixed":
-            (policy, _), (ref, _) = reference_policy.mixed_logps(model.train(), batch, "adapter:sft", True, sequence_logps)
+            (policy, _), (ref, _) = preference_mixed_logps(model.train(), batch, "adapter:sft", chunked=True)
         else:
             chunked = peer == "chunked" or sft
             if peer in ("disabled_adapter", "chunked") or sft:  # the reference first, as the trainer does (its

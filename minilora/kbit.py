@@ -63,10 +63,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
     if kwargs.get("use_reentrant", True):
         enable_input_grads(hf_model)
-    if isinstance(model, LoraModel):  # its routed calls (adapter_names=) kept for the recomputation
-        model.activation_checkpointing_enable(kwargs)
-    else:
-        enable_checkpointing(hf_model, kwargs)
+    enable_checkpointing(model, kwargs)  # a LoraModel's own switch keeps its routed calls' adapters too
     return model
 
 

@@ -160,13 +160,13 @@ def add_own_paths(layer, y3: torch.Tensor, x3: torch.Tensor, routing: Routing, u
     rows(a)). The low-rank work is one segment per adapter; the base ran once for every row. Rows
     that come adapter by adapter (as the together trainer lays them out) are read as views and
     joined by one concatenation; others are gathered, and put back in order by one index."""
-    segments, inverse = _segments(routing, x3.device)
+    segments, inverse = rows_by_adapter(routing, x3.device)
     pieces = [layer.add_lora(y3[rows], x3[rows], name) if name in used else y3[rows] for name, rows in segments]
     out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (B, T, d_out), the rows grouped by adapter
     return out if inverse is None else out[inverse]
 
 
-def _segments(routing: Routing, device) -> tuple[list, Optional[torch.Tensor]]:
+def rows_by_adapter(routing: Routing, device) -> tuple[list, Optional[torch.Tensor]]:
     """[(adapter, its rows: a slice, or an index tensor)] in the order the rows are grouped, and the
     permutation that puts the grouped rows back (None when each adapter's rows are contiguous
     already). The same for every layer of a call: computed once."""

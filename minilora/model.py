@@ -118,7 +118,8 @@ class LoraModel(AdapterFiles, MergeAndUnload, TransformersAdapterMethods, nn.Mod
     def forward(self, *args, labels=None, adapter_names: Optional[list[str]] = None,
                 adapter_weights: Optional[dict[str, float]] = None, **kwargs):
         """The HF model's forward. `adapter_names`: one adapter (or "__base__") per batch row, each
-        row's loss reaching its own adapter only (in training too). `adapter_weights`: {adapter: weight}, the weighted sum of their low-rank paths.
+        row's loss reaching its own adapter only (in training too). `adapter_weights`: {adapter:
+        weight}, the weighted sum of their low-rank paths.
         `labels` is named because transformers' Trainer finds label names in the class's forward;
         each instance's forward shows the HF model's own signature (see signature.py)."""
         if labels is not None:

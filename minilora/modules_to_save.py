@@ -18,6 +18,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from . import mixing
 from .adapter_layer import AdapterState
 from .roles import set_submodule
 
@@ -53,20 +54,17 @@ class ModulesToSave(nn.Module):
     def forward(self, x, *args, **kwargs):
         routing = self.state.routing
         if routing is not None and routing.rows is not None and not self.state.disabled:
-            return self._per_row(routing.rows, x, *args, **kwargs)
+            return self._per_row(routing, x, *args, **kwargs)
         return self.active_module(x, *args, **kwargs)
 
-    def _per_row(self, rows: tuple[str, ...], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _per_row(self, routing, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """adapter_names=: row b through adapter rows[b]'s copy (the original for "__base__" or an adapter
         without one), out of place, so each row's loss reaches its own copy only. x (B, ...)."""
-        out = None
-        for name in dict.fromkeys(rows):
-            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
-            y = module(x[index], *args, **kwargs)  # (b, ...)
-            out = y.new_zeros((len(rows), *y.shape[1:])) if out is None else out
-            out = out.index_copy(0, index, y)
-        return out
+        segments, inverse = mixing.rows_by_adapter(routing, x.device)
+        pieces = [self.modules_to_save[name](x[rows], *args, **kwargs) if name in self.modules_to_save
+                  else self.original_module(x[rows], *args, **kwargs) for name, rows in segments]
+        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (B, ...), the rows grouped by adapter
+        return out if inverse is None else out[inverse]
 
     def has_adapter(self, name: str) -> bool:
         return name in self.modules_to_save

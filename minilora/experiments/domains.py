@@ -24,11 +24,10 @@ import torch
 
 from .. import presets
 from ..files import atomic_write
-from ..model import get_peft_model
 from ..params import count_parameters
 from ..train import checkpoint
 from ..train.data import ByteTokenizer, Tokens, text_windows
-from ..train.together import AdapterData, TogetherTrainer
+from ..train.together import AdapterData, TogetherTrainer, one_adapter_each
 from ..train.trainer import Interrupted, Trainer, TrainConfig
 from .corpus import DOMAINS, generate
 
@@ -68,20 +67,9 @@ def run_domains(name: str, s, base, retain, config: TrainConfig, log: Callable[[
     return rows, curves
 
 
-def _adapters(base, names: list[str], seed: int):
-    """The base (a copy) with one `lora_article` adapter per name, each starting as a run of its own would."""
-    model = None
-    for domain in names:
-        torch.manual_seed(seed)
-        if model is None:
-            model = get_peft_model(copy.deepcopy(base), presets.article(), adapter_name=domain)
-        else:
-            model.add_adapter(domain, presets.article())
-    return model
-
-
 def _together(out: Path, s, base, data: dict, config: TrainConfig):
-    model = _adapters(base, list(data), s.seed)
+    torch.manual_seed(s.seed)
+    model = one_adapter_each(copy.deepcopy(base), list(data), presets.article())
     together = replace(config, batch_size=config.batch_size * len(data), adapter_mix="equal")
     resume = (out / "checkpoint.pt").is_file() and not s.overwrite
     checkpoint.prepare(out, {"strategy": NAMES[0], **together.settings()}, resume, overwrite=not resume)
@@ -97,7 +85,8 @@ def _together(out: Path, s, base, data: dict, config: TrainConfig):
 def _one_by_one(out: Path, s, base, data: dict, config: TrainConfig):
     results, sizes = {}, {}
     for domain, d in data.items():
-        model = _adapters(base, [domain], s.seed)
+        torch.manual_seed(s.seed)
+        model = one_adapter_each(copy.deepcopy(base), [domain], presets.article())
         run_dir = out / domain
         resume = (run_dir / "checkpoint.pt").is_file() and not s.overwrite
         checkpoint.prepare(run_dir, {"strategy": NAMES[1], "domain": domain, **config.settings()}, resume,

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..mixing import BASE
 from ..state_names import check_adapter_name
 from .tasks import load_examples, retain_examples, task_named
 from .train_config import TrainConfig, check_batch
-from .together import AdapterData, TogetherResult, TogetherTrainer
+from .together import AdapterData, TogetherResult, TogetherTrainer, one_adapter_each
 from .trainer import Trainer, TrainResult
 
 POSITION_KEYS = ("n_positions", "max_position_embeddings")  # config.json's longest sequence, by family
@@ -237,12 +236,7 @@ def run_together(s: JobSettings, t: TrainConfig, log: Callable[[str], None] = pr
         domains[name] = AdapterData(train, val, retain)
     torch.manual_seed(t.seed)
     model = _base_model(s, t, tokens, None, log)
-    config, start = lora_config(s, t.task), torch.get_rng_state()
-    first, *others = domains
-    model = get_peft_model(model, copy.deepcopy(config), adapter_name=first)
-    for name in others:
-        torch.set_rng_state(start)  # each adapter's initial weights are those of a run of its own
-        model.add_adapter(name, copy.deepcopy(config))
+    model = one_adapter_each(model, list(domains), lora_config(s, t.task))  # each starts as a run of its own
     log(format_trainable(*model.get_nb_trainable_parameters()))
     trainer = TogetherTrainer(model, t, domains, out=out, log=log, processes=procs)
     _record(out, run, s, procs, None)

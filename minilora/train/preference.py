@@ -233,6 +233,21 @@ def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], keep_logit
         return sequence_logps(model, batch, keep_logits, chunked)  # chunked: the head in use, the original
 
 
+def mixed_logps(model: nn.Module, batch: dict[str, torch.Tensor], reference: str, chunked: bool = False):
+    """(the policy's `sequence_logps`, the reference's, detached) from one forward of 2P pairs: the batch
+    twice, its first copy's rows with the adapter "policy", the second's with adapter NAME of
+    `reference` ("adapter:NAME"; reference_pass="mixed", reference.py). Padded pairs only: packed rows
+    hold several pairs, and their order is the packing's."""
+    if SEQUENCE in batch:
+        raise ValueError("reference_pass='mixed' takes padded pairs; packed rows (--pack) use reference_pass='separate'")
+    pairs, rows = batch["input_ids"].shape[0], batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
+    doubled = {k: torch.cat([v, v]) for k, v in batch.items()}  # (2P, 2, T)
+    names = [reference_policy.POLICY] * rows + [reference_policy.adapter_of(reference)] * rows
+    with model.adapters_per_row(names):
+        logps, counts = sequence_logps(model, doubled, chunked=chunked)  # (2P, 2)
+    return (logps[:pairs], counts[:pairs]), (logps[pairs:].detach(), counts[pairs:])
+
+
 # ---------------------------------------------------------------------------------------------- the objective
 class PreferenceObjective:
     """The loss of one micro-batch and the metrics of an evaluation, for the config's PreferenceSettings."""
@@ -288,8 +303,7 @@ class PreferenceObjective:
         reference = None  # the reference first: its forward pass's memory is free again before the policy's
         stored = "ref_logps" in batch or "ref_token_logps" in batch
         if self.mixed and not stored and not keep_logits:  # one forward: the policy's rows, then the reference's
-            policy, reference = reference_policy.mixed_logps(self.model, batch, cfg.reference, self.chunked,
-                                                             sequence_logps)
+            policy, reference = mixed_logps(self.model, batch, cfg.reference, self.chunked)
         else:
             if self.uses_reference and (not stored or keep_logits):
                 reference = reference_logps(self.model, batch, keep_logits, self.chunked, cfg.reference)

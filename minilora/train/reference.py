@@ -12,9 +12,9 @@ One model, one base, on a 4-bit base too: π_ref is the same weights with other 
 (LoraModel.adapters_acting), in eval mode and without gradients, so its log-probs are exactly the
 SFT model's, with no merge and no second copy of the base.
 
-reference_pass="mixed" computes π_ref's rows in the policy's forward instead: the pairs twice, the
-first copy's rows with "policy", the second's with NAME (adapter_names=, mixing.add_own_paths), the
-reference's log-probs detached. One forward of 2P pairs instead of two of P; the backward runs
+reference_pass="mixed" computes π_ref's rows in the policy's forward instead (preference.mixed_logps):
+the pairs twice, the first copy's rows with "policy", the second's with NAME (adapter_names=,
+mixing.add_own_paths), the reference's log-probs detached. One forward of 2P pairs instead of two of P; the backward runs
 through all 2P (zero gradient on the reference's), and their activations are kept. Exact only
 without dropout (the pass is in train mode), so a model with any is refused.
 
@@ -36,7 +36,6 @@ from torch import nn
 
 from .. import named_init
 from ..peft_functions import get_peft_model_state_dict, set_peft_model_state_dict
-from .packing import SEQUENCE
 
 POLICY = "policy"  # the adapter a reference="adapter:NAME" run trains
 POLICIES = ("copy", "stack")
@@ -75,19 +74,6 @@ def check_mixed(model: nn.Module) -> None:
         raise ValueError(f"reference_pass='mixed' computes the reference rows in train mode, and {dropped} drops out "
                          "activations there; set the model's and the adapters' dropout to 0, or use "
                          "reference_pass='separate'")
-
-
-def mixed_logps(model: nn.Module, batch: dict, reference: str, chunked: bool, sequence_logps) -> tuple:
-    """(the policy's `sequence_logps`, the reference's, detached) from one forward of 2P pairs: the batch
-    twice, its first copy's rows with the adapter "policy", the second's with adapter NAME.
-    Padded pairs only: packed rows hold several pairs, and their order is the packing's."""
-    if SEQUENCE in batch:
-        raise ValueError("reference_pass='mixed' takes padded pairs; packed rows (--pack) use reference_pass='separate'")
-    pairs, rows = batch["input_ids"].shape[0], batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
-    doubled = {k: torch.cat([v, v]) for k, v in batch.items()}  # (2P, 2, T)
-    with model.adapters_per_row([POLICY] * rows + [adapter_of(reference)] * rows):
-        logps, counts = sequence_logps(model, doubled, chunked=chunked)  # (2P, 2)
-    return (logps[:pairs], counts[:pairs]), (logps[pairs:].detach(), counts[pairs:])
 
 
 def set_up(model: nn.Module, reference: str, policy: str) -> None:

@@ -33,6 +33,7 @@ which `TagRouter.load` reads: texts tagged "<domain=NAME>" go to adapter NAME.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -40,10 +41,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from torch import nn
 
 from .. import mixing
 from ..files import atomic_write
-from ..model import LoraModel
+from ..model import LoraModel, get_peft_model
 from ..modules_to_save import ModulesToSave
 from ..routing import TagRouter
 from . import checkpoint
@@ -100,6 +102,19 @@ def rows_per_adapter(sizes: dict[str, int], global_batch: int, mix: str) -> dict
         largest = max(shares, key=shares.get)
         shares[largest] -= 1
     return shares
+
+
+def one_adapter_each(model: nn.Module, names: list[str], config) -> LoraModel:
+    """`model` (a transformers model) wrapped with an adapter of `config` under each name, every one
+    initialised from the random state at the call: the weights a run of its own would start from."""
+    start, wrapped = torch.get_rng_state(), None
+    for name in names:
+        torch.set_rng_state(start)
+        if wrapped is None:
+            wrapped = get_peft_model(model, copy.deepcopy(config), adapter_name=name)
+        else:
+            wrapped.add_adapter(name, copy.deepcopy(config))
+    return wrapped
 
 
 class TogetherTrainer(Trainer):
