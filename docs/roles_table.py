@@ -1,11 +1,11 @@
-"""Writes the README's families table from minilora's role tables, so it cannot go stale:
-one row per family, the model types it covers, its modules per role, each fused layer's layout and
-PEFT's default targets.
+"""Writes the families table of docs/fused-layers.md from minilora's role tables, so it cannot go
+stale: one row per family, the model types it covers, its modules per role, each fused layer's
+layout and PEFT's default targets.
 
-    python docs/roles_table.py                      print the table
-    python docs/roles_table.py --update README.md   rewrite the table between the markers
-                                                    <!-- roles-table --> and <!-- /roles-table -->
-    python docs/roles_table.py --check README.md    exit 1 if the table there is not this one
+    python docs/roles_table.py                  print the table
+    python docs/roles_table.py --update [FILE]  rewrite the table between the markers <!-- roles-table -->
+                                                and <!-- /roles-table --> (default: docs/fused-layers.md)
+    python docs/roles_table.py --check [FILE]   exit 1 if the table there is not this one
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ LAYOUT_WORDS = {  # how each fused layout places its parts, in the table's words
     "interleaved": "[g_0 u_0 g_1 u_1 …]",
 }
 BEGIN, END = "<!-- roles-table -->", "<!-- /roles-table -->"
+PAGE = Path(__file__).resolve().parent / "fused-layers.md"  # the page that shows the table
 
 
 def module_name(pattern: str) -> str:
@@ -66,7 +67,7 @@ def defaults(types: list[str]) -> str:
 
 
 def updated(text: str) -> str:
-    """`text` (a README) with the table between BEGIN and END replaced by the current one."""
+    """`text` (a page) with the table between BEGIN and END replaced by the current one."""
     if BEGIN not in text or END not in text:
         raise ValueError(f"the file has no {BEGIN} ... {END} markers; put them where the table goes")
     head, rest = text.split(BEGIN, 1)
@@ -83,8 +84,10 @@ def markdown() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--update", type=Path, help="rewrite the table between the markers in this file")
-    parser.add_argument("--check", type=Path, help="exit 1 if the table between the markers in this file is stale")
+    parser.add_argument("--update", type=Path, nargs="?", const=PAGE,
+                        help=f"rewrite the table between the markers in this file (default: {PAGE.name})")
+    parser.add_argument("--check", type=Path, nargs="?", const=PAGE,
+                        help=f"exit 1 if the table between the markers in this file is stale (default: {PAGE.name})")
     args = parser.parse_args(argv)
     if args.update is not None:
         text = updated(args.update.read_text())

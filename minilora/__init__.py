@@ -22,7 +22,7 @@ from .unload import requantization_report
 
 PeftModel = LoraModel  # PEFT's name for the wrapped model: minilora's LoraModel plays that part
 
-PEFT_NAMES = [  # PEFT's public names, with PEFT's behaviour (README "Moving from PEFT")
+PEFT_NAMES = [  # PEFT's public names, with PEFT's behaviour (docs/peft-users.md)
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering",
     "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "PeftConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",

@@ -205,11 +205,24 @@ def _export(given: dict) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command line's parser and its `finetune` subparser."""
     parser = argparse.ArgumentParser(prog="minilora", description="LoRA and QLoRA from scratch")
     sub = parser.add_subparsers(dest="command", required=True)
     finetune = _finetune_parser(sub)
     _export_parser(sub)
+    return parser, finetune
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the `minilora` command line (`finetune` and `export`), the one `main` reads its
+    arguments with; parsing checks the flags and their types, not what `main` checks after it (which
+    flags go together, the files)."""
+    return _parsers()[0]
+
+
+def main(argv=None) -> int:
+    parser, finetune = _parsers()
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 

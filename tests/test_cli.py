@@ -43,7 +43,7 @@ def test_finetune_writes_a_report_and_learns_the_domain(tmp_path):
     logs = []
     assert run(settings, log=logs.append)["lora_article"] == report["lora_article"]  # finished: reused
     assert logs[0].startswith("base model: loaded") and "finished by an earlier run" in logs[1]
-    table = logs[-1].splitlines()  # the comparison, printed as the README shows it
+    table = logs[-1].splitlines()  # the comparison, printed as docs/training-without-forgetting.md shows it
     assert table[0].startswith("| strategy | domain loss") and len(table) == 2 + 4
     assert table[2].startswith(f"| full | {report['full']['domain_loss_before']:.3f} → ")
 

@@ -165,5 +165,5 @@ def test_gpt2_with_labels_compiles_as_one_graph_and_peft_needs_the_loss_named():
     theirs = peft.get_peft_model(make("gpt2", n_layer=2), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
     theirs.base_model.model.loss_type = None  # as transformers leaves it for GPT-2
     if graphs_and_breaks(lambda: theirs(input_ids=ids, labels=ids).loss)[1] > 0:  # transformers >= 5.25
-        theirs.base_model.model.loss_type = "ForCausalLM"  # the fix the README gives PEFT users
+        theirs.base_model.model.loss_type = "ForCausalLM"  # the fix docs/compiling.md gives PEFT users
         assert graphs_and_breaks(lambda: theirs(input_ids=ids, labels=ids).loss)[1] == 0

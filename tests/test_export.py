@@ -46,7 +46,7 @@ def base_and_adapter(tmp_path, family):
 
 def logits(model, ids):
     """Logits with gradients enabled: bitsandbytes' CPU layer then takes its reference path (fp32
-    scales); under no_grad with AVX512-BF16 it repacks the scales into bfloat16 (see the README)."""
+    scales); under no_grad with AVX512-BF16 it repacks the scales into bfloat16 (see docs/after-fine-tuning.md)."""
     return model(input_ids=ids).logits.detach()
 
 

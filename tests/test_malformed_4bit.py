@@ -415,7 +415,7 @@ def scale_group(absmax2: float, seed: int = 0, exact: bool = False) -> torch.Ten
                                             (1.0, False), (1e3, False)])
 def test_scale_codes_are_bitsandbytes_wherever_its_reciprocal_is_finite(absmax2, exact):
     """absmax2 > 2^-128: bitsandbytes' fp32 1 / absmax2 is finite and its codes are minilora's, but
-    where its approximate search takes the farther neighbour (one code apart; README)."""
+    where its approximate search takes the farther neighbour (one code apart; docs/qlora.md)."""
     for seed in range(4):
         absmax = scale_group(absmax2, seed, exact)
         codes, stored_absmax2, _ = quantize_scales(absmax)

@@ -177,7 +177,7 @@ def test_a_group_of_equal_scales_is_stored_as_bitsandbytes_stores_it():
 def test_subnormal_scale_groups_keep_their_values_where_bitsandbytes_overflows():
     """Block scales whose centred values are subnormal (below 2.9e-39): bitsandbytes multiplies by
     1 / absmax2 = inf and writes codes 0 and 255 whatever the values; minilora divides and keeps
-    each scale within its 8-bit resolution. The README names this case."""
+    each scale within its 8-bit resolution. docs/qlora.md names this case."""
     scales = torch.tensor([1e-39, 3e-39, 5e-39, 2e-39, 4e-39, 6e-39])  # absmax2 ≈ 2.5e-39
     W = (torch.linspace(-1, 1, 64).unsqueeze(0) * scales.unsqueeze(1))  # (6, 64): block b has absmax scales[b]
     packed, state = nf4_quantize(W, 64, double_quant=True)

@@ -27,7 +27,7 @@ LoRA" on its ModelConv1D / ModelConv2D) is in scope: embeddings, MultiheadAttent
 LoftQ/PiSSA/OLoRA inits and target_parameters are not ported here (tests/test_dora.py,
 test_embedding_lora.py, test_init.py and test_moe.py hold them against PEFT), nor PEFT's other merge methods (ties, dare, magnitude_prune). Where minilora has no
 switch for a PEFT option (autocast_adapter_dtype=False, low_cpu_mem_usage, per-layer
-enable_adapters, push_to_hub) the case is not ported; see the README's "Moving from PEFT".
+enable_adapters, push_to_hub) the case is not ported; see docs/peft-users.md.
 """
 
 import copy

@@ -267,7 +267,7 @@ def written(folder) -> dict:
     """The files a snippet wrote: each adapter's tensors, its config's LoRA fields, the other file names."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and "run" not in p.relative_to(folder).parts
-                       and p.name != "minilora_config.json"):  # minilora's one file more (README: "Moving from PEFT")
+                       and p.name != "minilora_config.json"):  # minilora's one file more (docs/peft-users.md)
         key = str(path.relative_to(folder))
         if path.suffix == ".safetensors":
             files[key] = load_file(path)

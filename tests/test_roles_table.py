@@ -86,8 +86,8 @@ def test_no_target_modules_picks_peft_s_default_or_refuses_as_peft_does(model_ty
     assert mine.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
-# ---------------------------------------------------------------------------- the README table
-def test_the_readme_table_is_generated_from_the_role_tables(tmp_path):
+# ---------------------------------------------------------------------------- the families table of the docs
+def test_the_docs_table_is_generated_from_the_role_tables(tmp_path):
     sys.path.insert(0, str(DOCS))
     try:
         import roles_table
@@ -98,10 +98,11 @@ def test_the_readme_table_is_generated_from_the_role_tables(tmp_path):
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(FAMILIES)
     for layout, words in roles_table.LAYOUT_WORDS.items():
         assert words in table, layout
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{roles_table.BEGIN}\nold\n{roles_table.END}\nafter\n")
-    assert roles_table.main(["--check", str(readme)]) == 1
-    assert roles_table.main(["--update", str(readme)]) == 0
-    assert readme.read_text() == f"# x\n{roles_table.BEGIN}\n{table}{roles_table.END}\nafter\n"
-    assert roles_table.main(["--check", str(readme)]) == 0
-    assert roles_table.main(["--check", str(DOCS.parent / "README.md")]) == 0  # the real README is current
+    page = tmp_path / "page.md"
+    page.write_text(f"# x\n{roles_table.BEGIN}\nold\n{roles_table.END}\nafter\n")
+    assert roles_table.main(["--check", str(page)]) == 1
+    assert roles_table.main(["--update", str(page)]) == 0
+    assert page.read_text() == f"# x\n{roles_table.BEGIN}\n{table}{roles_table.END}\nafter\n"
+    assert roles_table.main(["--check", str(page)]) == 0
+    assert roles_table.PAGE == DOCS / "fused-layers.md"
+    assert roles_table.main(["--check"]) == 0  # the real page is current

@@ -60,7 +60,8 @@ class MissingPackage(FileNotFoundError):
 
 @dataclass(frozen=True)
 class MiniLMData:
-    """How much real text the experiment uses (the defaults are the README's run; tests shrink them)."""
+    """How much real text the experiment uses (the defaults: the run in docs/training-without-forgetting.md;
+    tests shrink them)."""
 
     per_family: int = 150  # docstrings drawn from each family
     n_val: int = 20  # of them held out per family, for domain loss and accuracy
@@ -253,7 +254,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print, sizes: MiniLMData =
 
 
 def report_table(report: dict) -> str:
-    """The comparison as a markdown table (the README's)."""
+    """The comparison as a markdown table (docs/training-without-forgetting.md's)."""
     k = next(iter(report.values()), {}).get("neighbours_k", "k")
     lines = ["| strategy | domain loss before → after | domain accuracy before → after "
              f"| retention cosine before → after | neighbour recall@{k} before → after | trainable / total params "

@@ -62,7 +62,7 @@ def _train_config(s: DemoSettings, steps: int, lr: float, paged: bool = False) -
     return TrainConfig(task="domain", steps=steps, batch_size=s.batch_size, lr=lr, eval_every=s.eval_every,
                        save_every=s.eval_every, optimizer="paged_adamw" if paged else "adamw",
                        forgetting_budget=s.forgetting_budget, progressbar=s.progressbar, seed=s.seed,
-                       chunked_loss=False)  # 256 byte tokens: no logits worth chunking; the README's numbers
+                       chunked_loss=False)  # 256 byte tokens: nothing to chunk; docs/training-without-forgetting.md
 
 
 def pretrained_base(s: DemoSettings, general, retain, log) -> GPT2LMHeadModel:
@@ -193,7 +193,7 @@ def run(s: DemoSettings, log: Callable[[str], None] = print) -> dict:
 
 
 def report_table(report: dict) -> str:
-    """The comparison as a markdown table (the README's)."""
+    """The comparison as a markdown table (docs/training-without-forgetting.md's)."""
     lines = ["| strategy | domain loss before → after | retain loss before → after | trainable / total params "
              "| seconds | peak RSS MB |", "|---|---|---|---|---:|---:|"]
     for name, r in report.items():

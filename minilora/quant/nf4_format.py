@@ -143,7 +143,7 @@ def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     Where the bytes are bitsandbytes' (its CPU quantize_4bit(compress_statistics=True), probed on
     0.50.2), one group of SCALE_BLOCK scales at a time:
       absmax2 > 2^-128 (≈ 2.938736e-39)  the same codes, but where bitsandbytes' approximate search
-                               misses the nearest entry: one code apart (~0.1 % of scales; README),
+                               misses the nearest entry: one code apart (~0.1 % of scales; docs/qlora.md),
                                up to four for centred values within 5.5e-6 · absmax2 of zero (a
                                scale equal to the mean: code 131, 2.1e-5 · absmax2, not 127, 0.0)
       absmax2 = 0 (all equal to their mean)  every code 0, as bitsandbytes writes (any code reads
