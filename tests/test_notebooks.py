@@ -80,16 +80,33 @@ def test_a_page_s_notebook_prints_what_the_page_shows(stem, tmp_path):
                                    "(run `python docs/build.py` and `python docs/notebooks.py`)"
 
 
-def test_every_worked_solution_passes_its_tests_in_a_kernel(tmp_path):
-    """Every solution notebook, its cells run one notebook after another in one kernel (a kernel per
-    notebook would cost seconds each); `%reset -f` between them, so none sees another's names."""
-    cells, names = [], notebooks.exercises()
-    for name in names:
-        nb = json.loads(GENERATED[notebooks.OUT / "exercises" / "solutions" / f"{name}.ipynb"])
-        cells += [notebooks.cell("code", "%reset -f", len(cells))]
-        cells += [c for c in nb["cells"] if c["cell_type"] == "code"]
+def exercise_notebooks(folder: Path) -> dict:
+    """The code cells of every exercise notebook in `folder`, one notebook after another in one
+    notebook (a kernel per notebook would cost seconds each), with `%reset -f` before each so that
+    none sees another's names."""
+    cells = []
+    for name in notebooks.exercises():
+        nb = json.loads(GENERATED[folder / f"{name}.ipynb"])
+        cells += [notebooks.cell("code", "%reset -f", 0)] + [c for c in nb["cells"] if c["cell_type"] == "code"]
     cells = [{**c, "id": f"cell-{n}"} for n, c in enumerate(cells)]  # ids unique in the joined notebook
-    run = execute({**notebooks.notebook([]), "cells": cells}, tmp_path)
+    return {**notebooks.notebook([]), "cells": cells}
+
+
+def test_every_untouched_stub_notebook_fails_its_tests(tmp_path):
+    """A student's notebook as handed out: its code cell runs (it only defines), its tests' cell
+    fails on the first test with the stub's NotImplementedError."""
+    names = notebooks.exercises()
+    node = nbformat.from_dict(exercise_notebooks(notebooks.OUT / "exercises"))
+    NotebookClient(node, timeout=900, kernel_name=KERNEL, allow_errors=True,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [out for c in node.cells for out in c.outputs if out.output_type == "error"]
+    assert [e.ename for e in errors] == ["NotImplementedError"] * len(names)
+    assert not any(line.startswith("passed:") for c in node.cells for line in printed(c).splitlines())
+
+
+def test_every_worked_solution_passes_its_tests_in_a_kernel(tmp_path):
+    names = notebooks.exercises()
+    run = execute(exercise_notebooks(notebooks.OUT / "exercises" / "solutions"), tmp_path)
     passed = [line for c in run.cells for line in printed(c).splitlines() if line.startswith("passed:")]
     expected = sum(1 for name in names for line in (DOCS / "exercises" / f"test_{name}.py").read_text().splitlines()
                    if line.startswith("def test_"))
