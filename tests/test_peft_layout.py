@@ -12,7 +12,7 @@ import minilora
 from conftest import batch, logits, make
 from minilora.lora import LoraLinear
 
-CASES = {  # family -> LoraConfig keywords, as the PEFT users write them
+CASES = {  # family -> LoraConfig keywords, as PEFT users write them
     "gpt2": dict(target_modules=["c_attn"], task_type="CAUSAL_LM"),
     "llama": dict(target_modules="all-linear", task_type="CAUSAL_LM"),
     "bert": dict(target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"),

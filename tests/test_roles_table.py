@@ -29,7 +29,7 @@ SEPARATE_QKV = sorted(t for t in FAMILY_CONFIGS  # q, k, v in modules of their o
                                    "deberta-v2"))
 
 
-def test_every_family_of_the_issue_has_a_table():
+def test_every_family_tested_has_a_role_table_and_the_other_way_round():
     assert sorted(ROLES) == sorted(FAMILY_CONFIGS)
 
 
