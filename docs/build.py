@@ -32,7 +32,6 @@ ROOT = DOCS.parent
 TUTORIAL = DOCS / "tutorial.md"
 README = ROOT / "README.md"
 NOT_RUN = ("exercises",)  # folders of docs/ whose python blocks are not run
-BLOCK = re.compile(r"```python\n(.*?)```\n(?:```output\n.*?```\n)?", re.S)  # a top-level block and its output
 OPEN = re.compile(r"^( *)(`{3,})([\w+-]*)[^`\n]*$")
 
 
@@ -85,7 +84,7 @@ def runs(page: Path) -> bool:
     return not (parts and parts[0] in NOT_RUN)
 
 
-def _pairs(text: str) -> list[tuple[Fence, Fence | None]]:
+def python_blocks(text: str) -> list[tuple[Fence, Fence | None]]:
     """Each python block with the output block right under it, if there is one."""
     blocks, pairs = fences(text), []
     for i, fence in enumerate(blocks):
@@ -109,7 +108,7 @@ def run_blocks(text: str, name: str = TUTORIAL.name, workdir: str | Path | None 
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="minilora-docs-"))
         stack.enter_context(contextlib.chdir(workdir))
         _seed()
-        for n, (fence, _) in enumerate(_pairs(text), 1):
+        for n, (fence, _) in enumerate(python_blocks(text), 1):
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 code = compile(fence.code, f"{name} block {n} (line {fence.line})", "exec")
@@ -129,7 +128,7 @@ def _seed() -> None:
 def render(text: str, name: str = TUTORIAL.name, workdir: str | Path | None = None) -> str:
     """The page with every output block recomputed: written under each python block that prints,
     removed under one that prints nothing."""
-    pairs = _pairs(text)
+    pairs = python_blocks(text)
     outputs = run_blocks(text, name, workdir)
     pieces, last = [], 0
     for (fence, shown), (_, printed) in zip(pairs, outputs):

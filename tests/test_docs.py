@@ -22,7 +22,6 @@ import notebooks  # noqa: E402  (docs/notebooks.py)
 from minilora.cli import build_parser  # noqa: E402
 
 PAGES = build.pages()
-IDS = [str(p.relative_to(ROOT)) for p in PAGES]
 README_LINES = 300
 
 

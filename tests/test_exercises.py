@@ -3,13 +3,11 @@ each of them (with NotImplementedError or an AssertionError, never by passing), 
 and test files come in threes with one docstring and one set of public signatures per exercise."""
 
 import ast
-import contextlib
 import functools
 import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 FOLDER = Path(__file__).resolve().parents[1] / "docs" / "exercises"
 STUBS = sorted(p.stem for p in FOLDER.glob("ex[0-9][0-9]_*.py"))
@@ -35,25 +33,18 @@ def load(path: Path, module_name: str):
     return module
 
 
+def conftest():
+    """docs/exercises/conftest.py: the exercises' own loader and thread setting."""
+    return load(FOLDER / "conftest.py", "minilora_exercises_conftest")
+
+
 def exercise_module(exercise: str, which: str):
     """The stub ("stub") or the solution ("solutions"), through the exercises' own conftest loader."""
-    conftest = load(FOLDER / "conftest.py", "minilora_exercises_conftest")
-    return conftest.load_exercise(exercise, which)
+    return conftest().load_exercise(exercise, which)
 
 
 def exercise_test(exercise: str, name: str):
     return getattr(load(FOLDER / f"test_{exercise}.py", f"minilora_exercises_test_{exercise}"), name)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """What the exercises' autouse fixture does: tiny tensors, one CPU thread; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_every_exercise_has_a_stub_a_solution_and_tests():
@@ -125,11 +116,11 @@ def test_each_test_takes_only_the_module_and_says_what_it_checks(exercise):
 
 @pytest.mark.parametrize("exercise, name", CASES)
 def test_the_solution_passes(exercise, name):
-    with one_thread():
+    with conftest().one_thread():
         exercise_test(exercise, name)(exercise_module(exercise, "solutions"))
 
 
 @pytest.mark.parametrize("exercise, name", CASES)
 def test_the_untouched_stub_fails(exercise, name):
-    with one_thread(), pytest.raises((NotImplementedError, AssertionError)):
+    with conftest().one_thread(), pytest.raises((NotImplementedError, AssertionError)):
         exercise_test(exercise, name)(exercise_module(exercise, "stub"))

@@ -52,7 +52,7 @@ def printed(cell) -> str:
 
 def test_the_notebooks_are_current_and_valid():
     assert notebooks.stale() == [], "docs/notebooks/ is stale: run `python docs/notebooks.py`"
-    for path, text in GENERATED.items():
+    for text in GENERATED.values():
         nbformat.validate(nbformat.reads(text, as_version=4))
     assert len(notebooks.exercises()) >= 10
     assert {p.name for p in GENERATED} >= {"00-lora-in-20-lines.ipynb", "01-tutorial.ipynb"}
@@ -71,7 +71,7 @@ def test_a_notebook_keeps_every_block_and_every_word_of_its_page():
 @pytest.mark.parametrize("stem", sorted(notebooks.PAGES))
 def test_a_page_s_notebook_prints_what_the_page_shows(stem, tmp_path):
     page = notebooks.PAGES[stem]
-    shown = [(shown.code if shown else "") for _, shown in build._pairs(page.read_text())]
+    shown = [(shown.code if shown else "") for _, shown in build.python_blocks(page.read_text())]
     run = execute(json.loads(GENERATED[notebooks.OUT / f"{stem}.ipynb"]), tmp_path)
     got = [printed(c) for c in run.cells if c.cell_type == "code"]
     assert len(got) == len(shown)

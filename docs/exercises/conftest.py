@@ -5,6 +5,7 @@ With the environment variable MINILORA_EXERCISES=solutions it checks `solutions/
 instead (how a teacher checks that the tests pass on the worked solutions).
 """
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -43,11 +44,19 @@ def ex(request):
     return load_exercise(name, which)
 
 
-@pytest.fixture(autouse=True)
+@contextlib.contextmanager
 def one_thread():
     """The exercises' tensors are tiny: one CPU thread computes them fastest (a pool of threads only
-    adds overhead, and a lot of it on a busy machine). The setting is restored after each test."""
+    adds overhead, and a lot of it on a busy machine). The setting is restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def each_test_on_one_thread():
+    with one_thread():
+        yield
