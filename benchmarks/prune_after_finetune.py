@@ -128,11 +128,11 @@ def after(base, adapter, calibration, measure) -> None:
                 mean_output_change=sum(changes) / len(changes))
     with tempfile.TemporaryDirectory() as tmp:
         export_rows = [("merged → NF4 export", {}),
-                       ("merged → 2:4 wanda → NF4 export", {"prune": 0.5, "pattern": "2:4", "prune_method": "wanda"})]
-        for name, prune in export_rows:
+                       ("merged → 2:4 wanda → NF4 export", {"sparsity": 0.5, "pattern": "2:4", "method": "wanda"})]
+        for name, pruning in export_rows:
             out = Path(tmp) / name.replace(" ", "_").replace(":", "")
-            report = ml.export(tuned_model(base, adapter), out=out, fmt="nf4", calibration=calibration,
-                               progressbar=False, print_report=False, **prune)
+            report = ml.export(tuned_model(base, adapter), out=out, format="nf4", calibration=calibration,
+                               progressbar=False, print_report=False, **pruning)
             exported = ml.load_quantized(out, model_class=type(base))
             measure(name, exported, bits_per_linear_weight=report.bits_per_linear_weight,
                     bytes_ratio=report.bytes_after / report.bytes_before, sparsity=report.sparsity)
