@@ -119,7 +119,7 @@ def exercise_cells(name: str, solution: bool) -> list[tuple[str, str]]:
 
 def exercises() -> list[str]:
     """The exercises' names (exNN_name), in order."""
-    return sorted(p.stem for p in EXERCISES.glob("ex[0-9]*.py"))
+    return sorted(p.stem for p in EXERCISES.glob("ex[0-9][0-9]_*.py"))
 
 
 def generate() -> dict[Path, str]:
